@@ -1,0 +1,1 @@
+"""protoserve.clients: Python clients and the command line."""

@@ -1,0 +1,47 @@
+"""protoserve.server: the gRPC inference server and the model runtime behind it.
+
+To serve your own model, subclass :class:`Model` and run
+``protoserve serve --model package.module:YourModel``.
+"""
+
+from __future__ import annotations
+
+from protoserve.server.app import InferenceServer
+from protoserve.server.config import ServerConfig
+from protoserve.server.errors import (
+    Cancelled,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ProtoserveError,
+    ResourceExhausted,
+    Unavailable,
+)
+from protoserve.server.runtime.core import Runtime
+from protoserve.server.runtime.model import (
+    GenerationParams,
+    Model,
+    Parameter,
+    Task,
+    TensorInfo,
+    Token,
+)
+
+__all__ = [
+    "Cancelled",
+    "GenerationParams",
+    "InferenceServer",
+    "Internal",
+    "InvalidArgument",
+    "Model",
+    "NotFound",
+    "Parameter",
+    "ProtoserveError",
+    "ResourceExhausted",
+    "Runtime",
+    "ServerConfig",
+    "Task",
+    "TensorInfo",
+    "Token",
+    "Unavailable",
+]

@@ -1,0 +1,144 @@
+"""Assembling the gRPC server: inference, health, reflection, limits, graceful shutdown.
+
+Shutdown (SIGTERM or SIGINT) goes in this order, so that load balancers and
+clients see it coming and no call ends without a status:
+
+1. Health turns NOT_SERVING for every service; Health and reflection keep
+   answering, new inference calls get UNAVAILABLE.
+2. Calls in flight get ``shutdown_grace`` seconds to finish. Shortly before the
+   grace runs out, generations still going are ended at their next step with
+   ``FINISH_REASON_CANCELLED`` (an orderly last message, status OK).
+3. The gRPC server stops and the process exits 0. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from protoserve.inference.v1 import inference_service_pb2 as pb
+from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from protoserve.server.config import ServerConfig
+from protoserve.server.runtime.core import Runtime
+from protoserve.server.runtime.loader import load_model_spec
+from protoserve.server.runtime.model import Model
+from protoserve.server.servicer import InferenceServicer
+
+__all__ = ["InferenceServer"]
+
+log = logging.getLogger("protoserve.server")
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+#: Seconds before the end of the grace period at which generations are ended.
+_STOP_MARGIN = 1.0
+
+
+class InferenceServer:
+    """A running gRPC server around a :class:`Runtime`.
+
+    Use ``await InferenceServer.create(config)`` then ``await server.start()``;
+    ``port`` is the port actually bound (useful with port 0).
+    """
+
+    def __init__(self, config: ServerConfig, models: Sequence[tuple[str, Model]]) -> None:
+        self.config = config
+        # grpc-stubs does not know the asyncio health servicer.
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.runtime = Runtime(
+            models,
+            max_queue=config.max_queue,
+            max_active=config.max_active,
+            on_change=self._update_health,
+        )
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+                ("grpc.max_send_message_length", config.max_send_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.runtime), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self._stopping: asyncio.Event | None = None
+        self._stopped = asyncio.Event()
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> InferenceServer:
+        """A server for the models the config names (built, not yet loaded)."""
+        return cls(config, [load_model_spec(spec) for spec in config.models])
+
+    def _update_health(self) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.runtime.ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", INFERENCE_SERVICE):
+            # set() is a coroutine on the aio servicer; it only records and notifies.
+            asyncio.get_running_loop().create_task(self.health.set(service, status))
+
+    async def start(self) -> None:
+        """Listen, then load the models; health turns SERVING once all are ready."""
+        self._update_health()
+        await self.server.start()
+        log.info("serving gRPC on %s:%d", self.config.host, self.port)
+        await self.runtime.start()
+        if self.config.port_file:
+            Path(self.config.port_file).write_text(f"{self.port}\n")  # noqa: ASYNC240 - once, tiny
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop, as the module docstring describes."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        log.info("shutting down: %d calls in flight, %.1fs grace", self.runtime.in_flight, grace)
+        await self.health.enter_graceful_shutdown()
+        self.runtime.begin_drain()
+        if not await self.runtime.wait_idle(max(grace - _STOP_MARGIN, 0.0)):
+            log.info("grace nearly over: ending %d calls", self.runtime.in_flight)
+            self.runtime.stop_generations()
+            await self.runtime.wait_idle(min(_STOP_MARGIN, grace))
+        await self.server.stop(0.5)
+        self.runtime.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+    async def serve_until_signal(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, drain, stop."""
+        loop = asyncio.get_running_loop()
+        signalled = asyncio.Event()
+        hurry = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if signalled.is_set():
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                hurry.set()
+            else:
+                log.info("%s received", signal.Signals(signum).name)
+                signalled.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        await self.start()
+        await signalled.wait()
+        stopping = asyncio.create_task(self.stop())
+        hurried = asyncio.create_task(hurry.wait())
+        await asyncio.wait({stopping, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():
+            stopping.cancel()
+            await self.server.stop(0)
+            self.runtime.close()
+        hurried.cancel()

@@ -1,0 +1,47 @@
+"""``protoserve serve``: run the gRPC inference server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from protoserve.server.app import InferenceServer
+from protoserve.server.config import add_arguments, from_arguments
+from protoserve.server.runtime.loader import ModelSpecError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="protoserve serve")
+    parser.description = (
+        "Serve models over gRPC (InferenceService, health, reflection). "
+        "Every flag can also be set by its PROTOSERVE_* environment variable."
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = from_arguments(args)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        server = InferenceServer.from_config(config)
+    except ModelSpecError as exc:
+        print(f"protoserve serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"protoserve serve: {exc}", file=sys.stderr)
+        return 1
+    asyncio.run(server.serve_until_signal())
+    return 0

@@ -1,0 +1,107 @@
+"""Server settings: flags, each with a ``PROTOSERVE_*`` environment variable behind it.
+
+A flag beats its environment variable, which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+__all__ = ["ServerConfig", "add_arguments", "from_arguments"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``protoserve serve`` can be told."""
+
+    #: Address to listen on; ``0.0.0.0`` or ``[::]`` to serve other machines.
+    host: str = "127.0.0.1"
+    #: Port to listen on; 0 picks a free one (see ``port_file``).
+    port: int = 50051
+    #: Model specs (see ``protoserve.server.runtime.loader``).
+    models: tuple[str, ...] = ("bytelm",)
+    #: Largest request message accepted, in bytes.
+    max_receive_message_bytes: int = 16 * MiB
+    #: Largest response message sent, in bytes.
+    max_send_message_bytes: int = 16 * MiB
+    #: Seconds that calls in flight get to finish after SIGTERM/SIGINT.
+    shutdown_grace: float = 10.0
+    #: Per model, most requests waiting to run; more get RESOURCE_EXHAUSTED.
+    max_queue: int = 64
+    #: Per model, most requests run in turn at once.
+    max_active: int = 8
+    #: Write the port actually bound to this file once serving (useful with port 0).
+    port_file: str | None = None
+    #: Logging level name.
+    log_level: str = "INFO"
+
+
+_HELP = {
+    "host": "address to listen on (default %(default)s)",
+    "port": "port to listen on; 0 picks a free port (default %(default)s)",
+    "models": "model to serve, repeatable: bytelm, package.module:Class, or a .pt/.pt2 "
+    "file, optionally as NAME=SPEC (default: bytelm)",
+    "max_receive_message_bytes": "largest request message in bytes (default %(default)s)",
+    "max_send_message_bytes": "largest response message in bytes (default %(default)s)",
+    "shutdown_grace": "seconds calls in flight get to finish on SIGTERM/SIGINT "
+    "(default %(default)s)",
+    "max_queue": "per model, most requests waiting before RESOURCE_EXHAUSTED (default %(default)s)",
+    "max_active": "per model, most requests run in turn at once (default %(default)s)",
+    "port_file": "write the bound port to this file once serving",
+    "log_level": "DEBUG, INFO, WARNING or ERROR (default %(default)s)",
+}
+
+
+def env_name(name: str) -> str:
+    """The environment variable behind a setting: ``PROTOSERVE_MAX_QUEUE`` for ``max_queue``."""
+    return f"PROTOSERVE_{name.upper()}"
+
+
+def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """Add one flag per setting, its default taken from the environment when set there."""
+    env = os.environ if env is None else env
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        flag = "--model" if f.name == "models" else "--" + f.name.replace("_", "-")
+        raw = env.get(env_name(f.name))
+        default = getattr(defaults, f.name)
+        help_text = _HELP[f.name] + f" [env {env_name(f.name)}]"
+        if f.name == "models":
+            parser.add_argument(
+                flag,
+                dest="models",
+                action="append",
+                metavar="SPEC",
+                help=help_text,
+                default=None,
+            )
+            continue
+        kind = {int: int, float: float}.get(type(default), str)
+        if raw is not None:
+            try:
+                default = kind(raw)
+            except ValueError:
+                parser.error(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}")
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=default,
+            help=help_text,
+            metavar=f.name.split("_")[-1].upper(),
+        )
+
+
+def from_arguments(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """The config the parsed flags (and, for models, ``PROTOSERVE_MODELS``) describe."""
+    env = os.environ if env is None else env
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if f.name != "models"}
+    models: Sequence[str] | None = args.models
+    if not models and env.get(env_name("models")):
+        models = [m.strip() for m in env[env_name("models")].split(",") if m.strip()]
+    return ServerConfig(models=tuple(models or ServerConfig.models), **values)

@@ -1,0 +1,70 @@
+"""The built-in model: a small byte-level transformer trained on Python's own source.
+
+It ships inside the package (``weights/``), so a server starts with a real
+model and nothing downloaded. Trained by ``python -m protoserve.server.models.train``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from protoserve.server.models import bytelm
+from protoserve.server.runtime.model import GenerationParams, Model, Token
+
+__all__ = ["ByteLMModel"]
+
+
+class ByteLMModel(Model):
+    """Text generation (token by token, KV cache) and embeddings (mean-pooled hidden states)."""
+
+    name = "bytelm"
+    version = "1"
+    description = (
+        "A small byte-level decoder-only transformer trained on the Python standard "
+        "library's source. Tokens are bytes (ids 0-255) plus end of text (256)."
+    )
+    default_max_new_tokens = 64
+    max_new_tokens_limit = 2048
+    max_input_tokens = 8192
+    max_batch_texts = 256
+
+    def __init__(self, weights: str | None = None) -> None:
+        self._weights = weights
+        self._model: bytelm.ByteLM | None = None
+        self.metadata: dict[str, Any] = {}
+
+    def load(self) -> None:
+        # Inference threads: the worker thread owns the model; intra-op threads
+        # are torch's default (one per core).
+        self._model = bytelm.load_pretrained(self._weights)
+        self.metadata = bytelm.read_metadata(self._weights)
+
+    @property
+    def model(self) -> bytelm.ByteLM:
+        if self._model is None:
+            raise RuntimeError("the model is not loaded")
+        return self._model
+
+    def count_tokens(self, text: str) -> int:
+        return len(bytelm.encode(text))
+
+    def generate(self, text: str, params: GenerationParams) -> Iterator[Token]:
+        for token_id in bytelm.generate_tokens(
+            self.model,
+            bytelm.encode(text),
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=params.seed,
+        ):
+            yield Token(token_id, bytes((token_id,)))
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        # Windows of the model's context: a longer text is embedded from its end.
+        # An empty text is embedded as the end-of-text token alone.
+        config = self.model.config
+        batch = [bytelm.encode(t)[-config.context_length :] or [config.eot_id] for t in texts]
+        return bytelm.embed(self.model, batch)

@@ -1,0 +1,104 @@
+"""Named tensors as raw little-endian bytes, and back, without per-element copies."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from protoserve.server.errors import FieldViolation, InvalidArgument
+
+__all__ = ["DTYPES", "RawTensor", "from_raw", "to_raw"]
+
+#: dtype names of the API, and the torch dtypes they stand for.
+DTYPES: dict[str, torch.dtype] = {
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+# The wire format is little-endian; every platform torch ships CPU wheels for is too.
+assert sys.byteorder == "little", "protoserve assumes a little-endian host"
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor as it travels: name, dtype name, shape, and row-major little-endian bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+def from_raw(tensors: Sequence[RawTensor], field: str = "inputs") -> dict[str, torch.Tensor]:
+    """Torch tensors from raw tensors, checking names, dtypes and byte counts.
+
+    Raises:
+        InvalidArgument: naming the offending ``inputs[i].<field>``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    violations: list[FieldViolation] = []
+    for i, raw in enumerate(tensors):
+        where = f"{field}[{i}]"
+        if not raw.name:
+            violations.append((f"{where}.name", "must not be empty"))
+            continue
+        if raw.name in out:
+            violations.append((f"{where}.name", f"tensor {raw.name!r} is given twice"))
+            continue
+        dtype = DTYPES.get(raw.dtype)
+        if dtype is None:
+            violations.append((f"{where}.data_type", f"{raw.dtype!r} is not a tensor data type"))
+            continue
+        if any(d < 0 for d in raw.shape):
+            violations.append((f"{where}.shape", "dimensions must not be negative"))
+            continue
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        expected = math.prod(raw.shape) * itemsize
+        if len(raw.data) != expected:
+            violations.append(
+                (
+                    f"{where}.raw_data",
+                    f"shape {list(raw.shape)} of {raw.dtype} needs {expected} bytes, "
+                    f"got {len(raw.data)}",
+                )
+            )
+            continue
+        # bytearray: torch.frombuffer needs a writable buffer; this is the one copy.
+        flat = (
+            torch.frombuffer(bytearray(raw.data), dtype=dtype)
+            if expected
+            else torch.empty(0, dtype=dtype)
+        )
+        out[raw.name] = flat.reshape(raw.shape)
+    if violations:
+        raise InvalidArgument(
+            "invalid tensors: " + "; ".join(f"{f} {d}" for f, d in violations), violations
+        )
+    return out
+
+
+def to_raw(name: str, tensor: torch.Tensor) -> RawTensor:
+    """A raw tensor from a torch tensor (moved to the CPU, made contiguous).
+
+    Raises:
+        TypeError: when the dtype has no name in the API (complex, for one).
+    """
+    if tensor.dtype not in _NAMES:
+        raise TypeError(f"output {name!r} has dtype {tensor.dtype}, which the API cannot carry")
+    flat = tensor.detach().to("cpu").contiguous()
+    size = flat.numel() * flat.element_size()
+    data = ctypes.string_at(flat.data_ptr(), size) if size else b""
+    return RawTensor(name, _NAMES[flat.dtype], tuple(flat.shape), data)

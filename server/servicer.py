@@ -1,0 +1,267 @@
+"""``protoserve.inference.v1.InferenceService``: messages in, runtime call, messages out.
+
+The servicer is thin (DESIGN rule 7): it converts protobuf messages to plain
+values, calls :class:`~protoserve.server.runtime.core.Runtime`, and converts
+back. Every call gets a request id (the caller's ``x-request-id``, or a new
+one), returned as ``x-request-id`` metadata. Errors become statuses with
+``google.rpc`` details; an unexpected exception is logged with its traceback
+and the request id, and the client gets INTERNAL with that id only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from protoserve.inference.v1 import inference_service_pb2 as pb
+from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from protoserve.server.errors import Internal, ProtoserveError, to_rpc_status
+from protoserve.server.runtime.core import ModelEntry, ModelState, Runtime
+from protoserve.server.runtime.generation import Chunk, FinishReason
+from protoserve.server.runtime.model import Parameter, Task, TensorInfo
+from protoserve.server.runtime.tensors import RawTensor
+
+__all__ = ["InferenceServicer"]
+
+log = logging.getLogger("protoserve.server")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_FINISH = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.END_OF_TEXT: pb.FINISH_REASON_END_OF_TEXT,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+_TASKS = {
+    Task.TEXT_GENERATION: pb.TASK_TEXT_GENERATION,
+    Task.EMBEDDING: pb.TASK_EMBEDDING,
+    Task.TENSOR_PREDICTION: pb.TASK_TENSOR_PREDICTION,
+}
+_STATES = {
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}
+_PARAMETER_TYPES = {
+    int: pb.PARAMETER_TYPE_INTEGER,
+    float: pb.PARAMETER_TYPE_FLOAT,
+    bool: pb.PARAMETER_TYPE_BOOLEAN,
+    str: pb.PARAMETER_TYPE_STRING,
+    list: pb.PARAMETER_TYPE_STRING_LIST,
+}
+# API dtype names <-> DataType; "string" only describes text in a TensorSpec.
+_DTYPES = {
+    "bool": pb.DATA_TYPE_BOOL,
+    "uint8": pb.DATA_TYPE_UINT8,
+    "int8": pb.DATA_TYPE_INT8,
+    "int16": pb.DATA_TYPE_INT16,
+    "int32": pb.DATA_TYPE_INT32,
+    "int64": pb.DATA_TYPE_INT64,
+    "float16": pb.DATA_TYPE_FLOAT16,
+    "bfloat16": pb.DATA_TYPE_BFLOAT16,
+    "float32": pb.DATA_TYPE_FLOAT32,
+    "float64": pb.DATA_TYPE_FLOAT64,
+    "string": pb.DATA_TYPE_STRING,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's ``x-request-id`` when it is sane, else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ProtoserveError) -> None:
+    status = to_rpc_status(error)
+    await context.abort(
+        error.code,
+        error.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _call(context: grpc.aio.ServicerContext[Any, Any], method: str) -> AsyncIterator[str]:
+    rid = request_id(context)
+    await context.send_initial_metadata((("x-request-id", rid),))
+    try:
+        yield rid
+    except ProtoserveError as error:
+        log.info("%s %s: %s %s", method, rid, error.code.name, error.message)
+        await _abort(context, error)
+    except Exception:
+        # Logged here with the traceback; the client sees INTERNAL and the id only.
+        log.exception("%s %s failed", method, rid)
+        await _abort(context, Internal(rid))
+
+
+def _unary(
+    fn: Callable[[Any, Req, str], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    async def handler(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        async with _call(context, fn.__name__) as rid:
+            return await fn(self, request, rid)
+        raise AssertionError("unreachable: _call aborts on every error")
+
+    handler.__name__ = fn.__name__
+    return handler
+
+
+def _tensor_spec(info: TensorInfo) -> pb.TensorSpec:
+    return pb.TensorSpec(
+        name=info.name,
+        data_type=_DTYPES.get(info.dtype, pb.DATA_TYPE_UNSPECIFIED),
+        shape=list(info.shape),
+        description=info.description,
+    )
+
+
+def _parameter_spec(spec: Parameter) -> pb.ParameterSpec:
+    message = pb.ParameterSpec(
+        name=spec.name,
+        task=_TASKS[spec.task],
+        type=_PARAMETER_TYPES.get(spec.type, pb.PARAMETER_TYPE_UNSPECIFIED),
+        description=spec.description,
+    )
+    default = struct_pb2.Value()
+    if spec.default is None:
+        default.null_value = struct_pb2.NULL_VALUE
+    else:
+        json_format.ParseDict(spec.default, default)
+    message.default_value.CopyFrom(default)
+    if spec.minimum is not None:
+        message.minimum = spec.minimum
+    if spec.maximum is not None:
+        message.maximum = spec.maximum
+    return message
+
+
+def model_message(entry: ModelEntry) -> pb.Model:
+    """The ``Model`` message describing a runtime entry."""
+    model = entry.model
+    return pb.Model(
+        name=entry.name,
+        version=model.version,
+        tasks=[_TASKS[t] for t in sorted(model.tasks(), key=lambda t: _TASKS[t])],
+        state=_STATES[entry.state],
+        state_message=entry.state_message,
+        description=model.description,
+        inputs=[_tensor_spec(i) for i in model.describe_inputs()],
+        outputs=[_tensor_spec(o) for o in model.describe_outputs()],
+        parameters=[_parameter_spec(p) for p in model.parameters()],
+    )
+
+
+def _generation_parameters(message: pb.GenerationParameters) -> dict[str, Any]:
+    """The parameters a request set; unset optional fields are left out (defaults apply)."""
+    given: dict[str, Any] = {}
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
+        if message.HasField(name):
+            given[name] = getattr(message, name)
+    if message.stop_sequences:
+        given["stop_sequences"] = list(message.stop_sequences)
+    return given
+
+
+def _usage(chunk_usage: Any) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=chunk_usage.prompt_tokens,
+        completion_tokens=chunk_usage.completion_tokens,
+        total_tokens=chunk_usage.total_tokens,
+    )
+
+
+def _stream_message(chunk: Chunk) -> pb.GenerateStreamResponse:
+    message = pb.GenerateStreamResponse(text=chunk.text, token_ids=chunk.token_ids)
+    if chunk.finish_reason is not None:
+        message.finish_reason = _FINISH[chunk.finish_reason]
+    if chunk.usage is not None:
+        message.usage.CopyFrom(_usage(chunk.usage))
+    return message
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """The gRPC face of a :class:`Runtime`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    @_unary
+    async def ListModels(self, request: pb.ListModelsRequest, rid: str) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_message(e) for e in self.runtime.list_models()])
+
+    @_unary
+    async def GetModel(self, request: pb.GetModelRequest, rid: str) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=model_message(self.runtime.get_model(request.name)))
+
+    @_unary
+    async def Generate(self, request: pb.GenerateRequest, rid: str) -> pb.GenerateResponse:
+        result = await self.runtime.generate(
+            request.model, request.inputs, _generation_parameters(request.parameters)
+        )
+        return pb.GenerateResponse(
+            generated_text=result.text,
+            token_ids=result.token_ids,
+            finish_reason=_FINISH[result.finish_reason],
+            usage=_usage(result.usage),
+            model=request.model,
+        )
+
+    async def GenerateStream(
+        self,
+        request: pb.GenerateStreamRequest,
+        context: grpc.aio.ServicerContext[pb.GenerateStreamRequest, pb.GenerateStreamResponse],
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async with _call(context, "GenerateStream"):
+            chunks = self.runtime.generate_stream(
+                request.model, request.inputs, _generation_parameters(request.parameters)
+            )
+            # aclosing: a cancelled call closes the generation at once, not at GC.
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield _stream_message(chunk)
+
+    @_unary
+    async def Embed(self, request: pb.EmbedRequest, rid: str) -> pb.EmbedResponse:
+        params = request.parameters
+        normalize = params.normalize if params.HasField("normalize") else True
+        vectors, usage = await self.runtime.embed(
+            request.model, list(request.inputs), normalize=normalize
+        )
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=row) for row in vectors.tolist()],
+            model=request.model,
+            usage=_usage(usage),
+        )
+
+    @_unary
+    async def Predict(self, request: pb.PredictRequest, rid: str) -> pb.PredictResponse:
+        inputs = [
+            RawTensor(
+                t.name, _DTYPE_NAMES.get(t.data_type, "unspecified"), tuple(t.shape), t.raw_data
+            )
+            for t in request.inputs
+        ]
+        parameters = json_format.MessageToDict(request.parameters)
+        outputs = await self.runtime.predict(request.model, inputs, parameters)
+        return pb.PredictResponse(
+            outputs=[
+                pb.Tensor(name=o.name, data_type=_DTYPES[o.dtype], shape=o.shape, raw_data=o.data)
+                for o in outputs
+            ],
+            model=request.model,
+        )
