@@ -22,11 +22,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server.config import ServerConfig
 from protoserve.server.runtime.core import Runtime
-from protoserve.server.runtime.loader import load_model_spec
 from protoserve.server.runtime.model import Model
 from protoserve.server.servicer import InferenceServicer
 
@@ -68,16 +68,15 @@ class InferenceServer:
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's way of saying the bind failed
+            raise OSError(f"cannot listen on {address} (in use, or not an address here)") from exc
         if self.port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+            raise OSError(f"cannot listen on {address}")
         self._stopping: asyncio.Event | None = None
         self._stopped = asyncio.Event()
-
-    @classmethod
-    def from_config(cls, config: ServerConfig) -> InferenceServer:
-        """A server for the models the config names (built, not yet loaded)."""
-        return cls(config, [load_model_spec(spec) for spec in config.models])
 
     def _update_health(self) -> None:
         status = (

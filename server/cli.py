@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from protoserve.server.app import InferenceServer
 from protoserve.server.config import add_arguments, from_arguments
-from protoserve.server.runtime.loader import ModelSpecError
+from protoserve.server.runtime.loader import ModelSpecError, load_model_spec
 
 __all__ = ["build_parser", "main"]
 
@@ -36,12 +36,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        server = InferenceServer.from_config(config)
+        models = [load_model_spec(spec) for spec in config.models]
     except ModelSpecError as exc:
         print(f"protoserve serve: {exc}", file=sys.stderr)
         return 2
+
+    async def serve() -> None:
+        # Built inside the running loop: a grpc.aio server belongs to the loop it is made in.
+        await InferenceServer(config, models).serve_until_signal()
+
+    try:
+        asyncio.run(serve())
     except OSError as exc:
         print(f"protoserve serve: {exc}", file=sys.stderr)
         return 1
-    asyncio.run(server.serve_until_signal())
     return 0

@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
     """Add one flag per setting, its default taken from the environment when set there."""
     env = os.environ if env is None else env
     defaults = ServerConfig()
+    bad: list[str] = []
     for f in fields(ServerConfig):
         flag = "--model" if f.name == "models" else "--" + f.name.replace("_", "-")
         raw = env.get(env_name(f.name))
@@ -86,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
             try:
                 default = kind(raw)
             except ValueError:
-                parser.error(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}")
+                bad.append(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}")
         parser.add_argument(
             flag,
             dest=f.name,
@@ -95,6 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
             help=help_text,
             metavar=f.name.split("_")[-1].upper(),
         )
+
+    if bad:
+        # Reported once every flag is known, so the usage line is whole.
+        parser.error("; ".join(bad))
 
 
 def from_arguments(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServerConfig:

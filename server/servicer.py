@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server.errors import Internal, ProtoserveError, to_rpc_status

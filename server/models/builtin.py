@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
 from protoserve.server.models import bytelm
 from protoserve.server.runtime.model import GenerationParams, Model, Token
 

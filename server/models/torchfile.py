@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
 from protoserve.server.runtime.model import Model
 
 __all__ = ["TorchFileModel"]
+
+log = logging.getLogger("protoserve.server")
 
 
 class TorchFileModel(Model):
@@ -31,7 +36,16 @@ class TorchFileModel(Model):
         if self.path.suffix == ".pt2":
             self._module = torch.export.load(str(self.path)).module()
         else:
-            self._module = torch.jit.load(str(self.path), map_location="cpu")  # type: ignore[no-untyped-call]
+            # torch 2.13 deprecates TorchScript but users still have such files: load
+            # them quietly, and say once in the log that .pt2 (torch.export) is the way on.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._module = torch.jit.load(str(self.path), map_location="cpu")  # type: ignore[no-untyped-call]
+            log.info(
+                "%s is TorchScript, which torch deprecates; torch.export (.pt2) "
+                "files are served too",
+                self.path,
+            )
             self._module.eval()
 
     def warmup(self) -> None:

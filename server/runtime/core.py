@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from protoserve.server.errors import InvalidArgument, NotFound, Unavailable
 from protoserve.server.runtime.generation import Chunk, FinishReason, Usage, run_generation
 from protoserve.server.runtime.model import Model, Task

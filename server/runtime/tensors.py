@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from protoserve.server.errors import FieldViolation, InvalidArgument
 
 __all__ = ["DTYPES", "RawTensor", "from_raw", "to_raw"]
