@@ -24,11 +24,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
-from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server.config import ServerConfig
 from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import Model
-from protoserve.server.servicer import InferenceServicer
+from protoserve.server.servicer import InferenceServicer, add_to_server
 
 __all__ = ["InferenceServer"]
 
@@ -63,7 +62,7 @@ class InferenceServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.runtime), self.server)
+        add_to_server(InferenceServicer(self.runtime), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

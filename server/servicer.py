@@ -15,20 +15,23 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from protoserve.server.errors import Internal, ProtoserveError, to_rpc_status
+from protoserve.server.errors import Internal, InvalidArgument, ProtoserveError, to_rpc_status
 from protoserve.server.runtime.core import ModelEntry, ModelState, Runtime
 from protoserve.server.runtime.generation import Chunk, FinishReason
 from protoserve.server.runtime.model import Parameter, Task, TensorInfo
 from protoserve.server.runtime.tensors import RawTensor
 
-__all__ = ["InferenceServicer"]
+__all__ = ["InferenceServicer", "add_to_server"]
 
 log = logging.getLogger("protoserve.server")
 
@@ -108,6 +111,54 @@ async def _call(context: grpc.aio.ServicerContext[Any, Any], method: str) -> Asy
         await _abort(context, Internal(rid))
 
 
+@dataclass(frozen=True)
+class Malformed:
+    """What a request that does not parse becomes, so the call can answer INVALID_ARGUMENT.
+
+    grpc's own handling of a deserializer error is UNKNOWN and a server-side
+    traceback; a client's bad bytes deserve neither.
+    """
+
+    type_name: str
+    error: str
+
+
+def _lenient(message_class: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Malformed(message_class.DESCRIPTOR.full_name, str(exc))
+
+    return parse
+
+
+def _parsed(request: Req | Malformed) -> Req:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"the request is not a valid {request.type_name}: {request.error}")
+    return request
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register every method of the service, from its descriptor, with lenient parsing."""
+    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    handlers = {}
+    for method in service.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(GetMessageClass(method.input_type)),
+            response_serializer=lambda message: message.SerializeToString(),
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
 def _unary(
     fn: Callable[[Any, Req, str], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
@@ -115,7 +166,7 @@ def _unary(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
         async with _call(context, fn.__name__) as rid:
-            return await fn(self, request, rid)
+            return await fn(self, _parsed(request), rid)
         raise AssertionError("unreachable: _call aborts on every error")
 
     handler.__name__ = fn.__name__
@@ -228,6 +279,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         context: grpc.aio.ServicerContext[pb.GenerateStreamRequest, pb.GenerateStreamResponse],
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async with _call(context, "GenerateStream"):
+            request = _parsed(request)
             chunks = self.runtime.generate_stream(
                 request.model, request.inputs, _generation_parameters(request.parameters)
             )
