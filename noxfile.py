@@ -75,6 +75,20 @@ def generate_stubs(session: nox.Session, out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *protos,
     )
+    # One descriptor set per proto package folder, with source info: the
+    # gateway's OpenAPI document takes the proto comments from it.
+    for folder in sorted({p.parent for p in PROTOS.rglob("*.proto")}):
+        files = sorted(str(p.relative_to(PROTOS)) for p in folder.glob("*.proto"))
+        session.run(
+            "python",
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTOS}",
+            f"-I{_googleapis_include(session)}",
+            "--include_source_info",
+            f"--descriptor_set_out={out / folder.relative_to(PROTOS) / 'descriptor_set.binpb'}",
+            *files,
+        )
     # protoc writes modules, not packages: every generated folder gets an
     # __init__.py, except `protoserve` itself, a namespace shared with
     # server/, gateway/ and clients/.

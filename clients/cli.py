@@ -15,6 +15,8 @@ __all__ = ["main", "run"]
 #: subcommand -> (module with a ``main(argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("protoserve.server.cli", "run the gRPC inference server"),
+    "gateway": ("protoserve.gateway.cli", "serve a gRPC server's methods as JSON/SSE over HTTP"),
+    "up": ("protoserve.clients.up", "run the server and the gateway together"),
 }
 
 _USAGE = """usage: protoserve COMMAND [ARGS...]

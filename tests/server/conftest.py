@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -12,8 +11,8 @@ import grpc
 import pytest
 
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from protoserve.server import InferenceServer, ServerConfig
-from protoserve.server.runtime.loader import load_model_spec
+from protoserve.server import InferenceServer
+from tests._threads import start_grpc_server, stop_grpc_server
 
 T = TypeVar("T")
 
@@ -43,24 +42,11 @@ class Running:
 
 @pytest.fixture(scope="session")
 def running() -> Iterator[Running]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    config = ServerConfig(port=0, max_queue=4, max_active=2, shutdown_grace=2)
-
-    async def make() -> InferenceServer:
-        server = InferenceServer(config, [load_model_spec(s) for s in MODELS])
-        await server.start()
-        return server
-
-    server = asyncio.run_coroutine_threadsafe(make(), loop).result(120)
+    thread, server = start_grpc_server(MODELS, max_queue=4, max_active=2, shutdown_grace=2)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    yield Running(server, loop, channel, pb_grpc.InferenceServiceStub(channel))
+    yield Running(server, thread.loop, channel, pb_grpc.InferenceServiceStub(channel))
     channel.close()
-    asyncio.run_coroutine_threadsafe(server.stop(1), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    stop_grpc_server(thread, server)
 
 
 @pytest.fixture

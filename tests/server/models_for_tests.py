@@ -82,3 +82,17 @@ class FailsToLoad(Model):
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         return torch.zeros(len(texts), 2)
+
+
+class Pausing(Model):
+    """Says "a", is silent for 1.2 s (thinking), then says "b"."""
+
+    name = "pausing"
+
+    def warmup(self) -> None:
+        pass
+
+    def generate(self, text: str, params: GenerationParams) -> Iterator[Token]:
+        yield Token(97, b"a")
+        time.sleep(1.2)
+        yield Token(98, b"b")

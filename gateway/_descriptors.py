@@ -1,0 +1,190 @@
+"""Where the gateway's routes come from: a pool of descriptors and the services in it.
+
+Three sources, one result (:class:`Descriptors`):
+
+- the stubs compiled into this package (``protoserve.inference.v1``), the default;
+- a ``FileDescriptorSet`` file (``protoc --include_imports --descriptor_set_out``),
+  for any gRPC service whose protos you have;
+- the upstream server's reflection service, for any gRPC server that has it.
+
+Descriptor sets built with ``--include_source_info`` also give the proto
+comments, which the OpenAPI document shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+__all__ = [
+    "DescriptorSourceError",
+    "Descriptors",
+    "from_compiled",
+    "from_descriptor_set",
+    "from_reflection",
+]
+
+#: Services never exposed over HTTP: they are about gRPC itself.
+_SKIPPED = frozenset(
+    {
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+
+
+class DescriptorSourceError(RuntimeError):
+    """The descriptors could not be loaded; the message says from where and why."""
+
+
+@dataclass(frozen=True)
+class Descriptors:
+    """The services to serve, the pool their messages live in, and their comments.
+
+    Attributes:
+        pool: resolves every message type the services use (and ``Any`` details).
+        services: the services to serve, in a stable order.
+        comments: full name -> leading proto comment, when the source had them.
+        source: where they came from, for logs and the OpenAPI document.
+    """
+
+    pool: descriptor_pool.DescriptorPool
+    services: tuple[ServiceDescriptor, ...]
+    comments: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+
+def _services(
+    pool: descriptor_pool.DescriptorPool, names: Iterable[str], source: str
+) -> tuple[ServiceDescriptor, ...]:
+    found = []
+    for name in sorted(set(names) - _SKIPPED):
+        try:
+            found.append(pool.FindServiceByName(name))
+        except KeyError as exc:
+            raise DescriptorSourceError(f"{source}: no service {name!r}") from exc
+    if not found:
+        raise DescriptorSourceError(f"{source}: no services to serve")
+    return tuple(found)
+
+
+def _comments(files: Sequence[descriptor_pb2.FileDescriptorProto]) -> dict[str, str]:
+    # Imported here: the OpenAPI module is only needed when comments exist.
+    from protoserve.gateway._openapi import comments_from_descriptor_set
+
+    data = descriptor_pb2.FileDescriptorSet(file=files).SerializeToString()
+    return comments_from_descriptor_set(data)
+
+
+def from_compiled() -> Descriptors:
+    """protoserve's own API, from the stubs in this package (comments from the shipped set)."""
+    from protoserve.inference.v1 import inference_service_pb2 as pb
+
+    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    comments: dict[str, str] = {}
+    try:
+        from importlib.resources import files
+
+        shipped = files("protoserve.inference.v1") / "descriptor_set.binpb"
+        if shipped.is_file():
+            from protoserve.gateway._openapi import comments_from_descriptor_set
+
+            comments = comments_from_descriptor_set(shipped.read_bytes())
+    except (ModuleNotFoundError, OSError):
+        comments = {}
+    return Descriptors(descriptor_pool.Default(), (service,), comments, "compiled-in stubs")
+
+
+def from_descriptor_set(
+    data: bytes, *, source: str = "descriptor set", services: Sequence[str] = ()
+) -> Descriptors:
+    """Every service in a serialized ``FileDescriptorSet`` (or only ``services``).
+
+    Raises:
+        DescriptorSourceError: the bytes are not a descriptor set, a file's imports
+            are missing (build it with ``--include_imports``), or a named service is absent.
+    """
+    try:
+        files = descriptor_pb2.FileDescriptorSet.FromString(data).file
+    except Exception as exc:  # DecodeError, and upb's variants of it
+        raise DescriptorSourceError(f"{source}: not a FileDescriptorSet ({exc})") from exc
+    pool = descriptor_pool.DescriptorPool()
+    try:
+        for proto in files:
+            pool.Add(proto)
+    except (TypeError, KeyError) as exc:
+        raise DescriptorSourceError(
+            f"{source}: {exc} (was it built with --include_imports?)"
+        ) from exc
+    names = services or [
+        f"{f.package}.{s.name}" if f.package else s.name for f in files for s in f.service
+    ]
+    has_source_info = any(f.HasField("source_code_info") for f in files)
+    return Descriptors(
+        pool, _services(pool, names, source), _comments(files) if has_source_info else {}, source
+    )
+
+
+def from_reflection(
+    target: str,
+    *,
+    services: Sequence[str] = (),
+    timeout: float = 10.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Descriptors:
+    """The services an upstream server lists through server reflection.
+
+    Raises:
+        DescriptorSourceError: the upstream is unreachable, or has no reflection service.
+    """
+    source = f"reflection at {target}"
+    channel = (
+        grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    )
+    try:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError as exc:
+            raise DescriptorSourceError(f"{source}: unreachable after {timeout:g}s") from exc
+        database = ProtoReflectionDescriptorDatabase(channel)
+        try:
+            names = services or database.get_services()
+            pool = descriptor_pool.DescriptorPool(database)
+            found = _services(pool, names, source)
+        except grpc.RpcError as exc:
+            raise DescriptorSourceError(
+                f"{source}: {exc.code().name}: {exc.details()} (does the server enable reflection?)"
+            ) from exc
+        # Touch every type now, while the channel is open: the pool fetches lazily.
+        for service in found:
+            for method in service.methods:
+                _ = (method.input_type.fields, method.output_type.fields)
+        # Files as the server sent them: the pool's own copies drop source_code_info.
+        files = [database.FindFileByName(name) for name in _file_names(found)]
+        has_source_info = any(f.HasField("source_code_info") for f in files)
+        return Descriptors(pool, found, _comments(files) if has_source_info else {}, source)
+    finally:
+        channel.close()
+
+
+def _file_names(services: Sequence[ServiceDescriptor]) -> list[str]:
+    """Names of the files defining ``services`` and all they import, dependencies first."""
+    seen: dict[str, None] = {}
+
+    def visit(file: Any) -> None:
+        if file.name not in seen:
+            for dependency in file.dependencies:
+                visit(dependency)
+            seen[file.name] = None
+
+    for service in services:
+        visit(service.file)
+    return list(seen)

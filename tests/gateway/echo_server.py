@@ -1,0 +1,119 @@
+"""A gRPC server for a service the gateway was never given: EchoService, with reflection.
+
+Run as a process: ``python -m tests.gateway.echo_server DESCRIPTOR_SET PORT_FILE``. The
+message classes come from the descriptor set at run time; there are no stubs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message_factory import GetMessageClass
+from grpc_reflection.v1alpha import reflection
+
+SERVICE = "protoserve.testing.echo.v1.EchoService"
+PROTOS = Path(__file__).parent / "protos"
+
+
+def build_descriptor_set(out: Path) -> Path:
+    """Compile the echo proto (with imports and comments) into ``out``."""
+    import google.api.annotations_pb2 as annotations
+
+    googleapis = Path(annotations.__file__).resolve().parents[2]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTOS}",
+            f"-I{googleapis}",
+            "--include_imports",
+            "--include_source_info",
+            f"--descriptor_set_out={out}",
+            "protoserve/testing/echo/v1/echo_service.proto",
+        ],
+        check=True,
+    )
+    return out
+
+
+async def serve(descriptor_set: bytes, port_file: Path) -> None:
+    pool = descriptor_pool.DescriptorPool()
+    for file in descriptor_pb2.FileDescriptorSet.FromString(descriptor_set).file:
+        pool.Add(file)
+    service = pool.FindServiceByName(SERVICE)
+    types = {
+        m.name: (GetMessageClass(m.input_type), GetMessageClass(m.output_type))
+        for m in service.methods
+    }
+
+    async def echo(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        delay = request.message.delay.ToTimedelta().total_seconds()
+        if delay:
+            await asyncio.sleep(delay)
+        await context.send_initial_metadata((("x-echo", "yes"),))
+        context.set_trailing_metadata((("x-echo-trailer", "done"),))
+        seen = sorted(
+            f"{k}={v}"
+            for k, v in context.invocation_metadata() or ()
+            if not k.startswith(":") and isinstance(v, str)
+        )
+        return types["Echo"][1](
+            request=request, metadata=seen, has_deadline=context.time_remaining() is not None
+        )
+
+    async def chant(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        for index in range(request.times):
+            yield types["Chant"][1](text=request.text, index=index)
+            await asyncio.sleep(0.01)
+
+    async def fail(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        code = next(c for c in grpc.StatusCode if c.value[0] == request.code)
+        await context.abort(code, "failing as asked")
+
+    async def plain(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return types["Plain"][1](value=request.value)
+
+    def unary(fn: Any, name: str) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn,
+            request_deserializer=types[name][0].FromString,
+            response_serializer=lambda m: m.SerializeToString(),
+        )
+
+    handlers = {
+        "Echo": unary(echo, "Echo"),
+        "Fail": unary(fail, "Fail"),
+        "Plain": unary(plain, "Plain"),
+        "Chant": grpc.unary_stream_rpc_method_handler(
+            chant,
+            request_deserializer=types["Chant"][0].FromString,
+            response_serializer=lambda m: m.SerializeToString(),
+        ),
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME), server, pool=pool)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await asyncio.to_thread(port_file.write_text, f"{port}\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(Path(sys.argv[1]).read_bytes(), Path(sys.argv[2])))

@@ -1,0 +1,200 @@
+"""`protoserve gateway --from-reflection` in front of a service it was never given."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gateway.echo_server import build_descriptor_set
+from tests.gateway.test_http import sse_events
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_port(process: subprocess.Popen[bytes], port_file: Path, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while not (port_file.exists() and port_file.read_text().strip()):
+        assert process.poll() is None, f"exited with {process.returncode}"
+        assert time.monotonic() < deadline, "did not start"
+        time.sleep(0.05)
+    return int(port_file.read_text())
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("reflection")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    echo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.gateway.echo_server",
+            str(build_descriptor_set(tmp / "echo.binpb")),
+            str(tmp / "echo.port"),
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    gateway = None
+    try:
+        upstream = f"127.0.0.1:{wait_port(echo, tmp / 'echo.port')}"
+        command = [
+            sys.executable,
+            "-m",
+            "protoserve.clients.cli",
+            "gateway",
+            "--upstream",
+            upstream,
+            "--from-reflection",
+            "--port",
+            "0",
+            "--port-file",
+            str(tmp / "gateway.port"),
+        ]
+        with (tmp / "gateway.log").open("wb") as log:
+            gateway = subprocess.Popen(command, cwd=tmp, stderr=log)
+        yield f"http://127.0.0.1:{wait_port(gateway, tmp / 'gateway.port')}"
+    finally:
+        if gateway is not None:
+            assert stop(gateway) == 0, (tmp / "gateway.log").read_text()
+        stop(echo)
+
+
+@pytest.fixture
+def http(gateway: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway, timeout=30) as client:
+        yield client
+
+
+def test_body_field_path_pattern_and_query_parameters(http: httpx.Client) -> None:
+    response = http.post(
+        "/v1/rooms/lobby/messages?tags=a&tags=b&count=5", json={"text": "hi", "mood": "MOOD_HAPPY"}
+    )
+    assert response.status_code == 200, response.text
+    request = response.json()["request"]
+    assert request["room"] == {"name": "rooms/lobby"}
+    assert request["message"]["text"] == "hi" and request["message"]["mood"] == "MOOD_HAPPY"
+    assert request["tags"] == ["a", "b"] and request["count"] == "5"
+
+
+def test_additional_binding_with_nested_path_fields(http: httpx.Client) -> None:
+    request = http.get("/v1/rooms/attic/messages/hello%20there").json()["request"]
+    assert request["room"]["name"] == "rooms/attic"
+    assert request["message"]["text"] == "hello there"
+
+
+def test_headers_become_metadata_and_metadata_comes_back(http: httpx.Client) -> None:
+    response = http.post(
+        "/v1/rooms/lobby/messages",
+        json={"text": "x"},
+        headers={
+            "Authorization": "Bearer t0ken",
+            "traceparent": "00-abc-def-01",
+            "Grpc-Metadata-Tenant": "blue",
+            "Cookie": "secret=1",
+            "X-Other": "no",
+            "X-Request-Id": "req-7",
+            "X-Request-Timeout": "5",
+        },
+    )
+    body = response.json()
+    seen = body["metadata"]
+    assert {
+        "authorization=Bearer t0ken",
+        "traceparent=00-abc-def-01",
+        "tenant=blue",
+        "x-request-id=req-7",
+    } <= set(seen)
+    assert not any(m.startswith(("cookie", "x-other")) for m in seen)
+    assert body["has_deadline"] is True
+    assert response.headers["grpc-metadata-x-echo"] == "yes"
+    assert response.headers["grpc-trailer-x-echo-trailer"] == "done"
+    assert response.headers["x-request-id"] == "req-7"
+    assert http.post("/v1/rooms/lobby/messages", json={}).json()["has_deadline"] is False
+
+
+def test_streaming_method_with_custom_verb_over_sse(http: httpx.Client) -> None:
+    with http.stream(
+        "GET", "/v1/chant/ho:chant", params={"times": 3}, headers={"Accept": "text/event-stream"}
+    ) as response:
+        events = list(sse_events(response.iter_lines()))
+    assert [e["event"] for e in events] == ["message"] * 3 + ["done"]
+    assert [json.loads(e["data"]) for e in events[:3]] == [
+        {"text": "ho", "index": i} for i in range(3)
+    ]
+
+
+def test_method_without_a_rule_is_served_at_its_grpc_path(http: httpx.Client) -> None:
+    response = http.post("/protoserve.testing.echo.v1.EchoService/Plain", json={"value": "v"})
+    assert response.json() == {"value": "v"}
+
+
+# Every row of the gRPC -> HTTP table, through real HTTP from a real upstream status.
+TABLE = {
+    1: 499,
+    2: 500,
+    3: 400,
+    4: 504,
+    5: 404,
+    6: 409,
+    7: 403,
+    8: 429,
+    9: 400,
+    10: 409,
+    11: 400,
+    12: 501,
+    13: 500,
+    14: 503,
+    15: 500,
+    16: 401,
+}
+
+
+@pytest.mark.parametrize(("code", "status"), sorted(TABLE.items()))
+def test_error_table(http: httpx.Client, code: int, status: int) -> None:
+    response = http.delete(f"/v1/failures/{code}")
+    assert response.status_code == status
+    body = response.json()
+    assert body["code"] == code and body["message"] == "failing as asked"
+
+
+def test_bad_path_value_names_the_field(http: httpx.Client) -> None:
+    response = http.delete("/v1/failures/three")
+    assert response.status_code == 400
+    assert "code" in response.json()["message"]
+
+
+def test_openapi_from_reflection_lists_every_rpc(http: httpx.Client) -> None:
+    document = http.get("/openapi.json").json()
+    operations = {
+        op["operationId"]
+        for item in document["paths"].values()
+        for op in item.values()
+        if isinstance(op, dict) and "operationId" in op
+    }
+    assert {
+        "EchoService_Echo",
+        "EchoService_Chant",
+        "EchoService_Fail",
+        "EchoService_Plain",
+    } <= operations
