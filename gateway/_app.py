@@ -29,6 +29,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as Message_
 
 from protoserve.gateway._descriptors import Descriptors, from_compiled
 from protoserve.gateway._errors import HTTP_STATUS, GatewayError, from_grpc_error, status_json
@@ -145,6 +147,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def _check_content_type(header: str) -> None:
+    """Bodies are read as JSON whatever the header says, except kinds that are surely not JSON.
+
+    ``curl -d`` labels every body ``application/x-www-form-urlencoded``: refusing
+    it would fail the most common way people try an API. A JSON syntax error
+    still names where the body went wrong.
+    """
+    kind = header.split(";")[0].strip().lower()
+    if kind.startswith("multipart/") or "protobuf" in kind or kind.startswith("application/grpc"):
+        raise GatewayError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the body must be JSON, not {kind}", http_status=415
+        )
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client has gone away (the body must already have been read)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -248,13 +264,7 @@ class _Gateway:
         binding = match.binding
         body = await _read_body(request, self.max_body_bytes)
         if body and binding.body:
-            kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
-            if kind not in ("application/json", "") and not kind.endswith("+json"):
-                raise GatewayError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the body must be application/json, not {kind}",
-                    http_status=415,
-                )
+            _check_content_type(request.headers.get("content-type", ""))
         message = build_request(
             binding,
             match.path_params,
@@ -404,6 +414,33 @@ class _Gateway:
         return JSONResponse({"status": name}, status_code=200 if name == "SERVING" else 503)
 
 
+class _RequestIdMiddleware:
+    """Gives every response an ``X-Request-Id``: the caller's when sane, else a new one.
+
+    The gateway's endpoints set it themselves (and send it upstream); this covers
+    the rest (health, OpenAPI, docs, errors from Starlette itself).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: Message_) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(key.lower() == b"x-request-id" for key, _ in headers):
+                    given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+                    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+                    message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 class _Streamed(Response):
     """A Starlette Response wrapping :class:`StreamResponse` (Starlette wants a Response)."""
 
@@ -508,7 +545,7 @@ def build_gateway(
         finally:
             await gateway.close()
 
-    middleware = []
+    middleware = [Middleware(_RequestIdMiddleware)]
     if cors_origins:
         middleware.append(
             Middleware(

@@ -141,13 +141,21 @@ def test_unknown_route_404_and_wrong_verb_405_with_allow(http: httpx.Client) -> 
     status_of(wrong)
 
 
-def test_wrong_content_type_is_415(http: httpx.Client) -> None:
-    response = http.post(
-        GENERATE.format("bytelm"),
-        content=b"inputs=x",
+def test_content_type_is_not_in_the_way_of_json_but_multipart_is_415(http: httpx.Client) -> None:
+    # curl -d says application/x-www-form-urlencoded: the body is JSON all the same.
+    body = b'{"parameters": {"max_new_tokens": 1}}'
+    curlish = http.post(
+        GENERATE.format("scripted"),
+        content=body,
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
-    assert response.status_code == 415
+    assert curlish.status_code == 200
+    for kind in ("multipart/form-data; boundary=x", "application/x-protobuf"):
+        response = http.post(
+            GENERATE.format("scripted"), content=body, headers={"content-type": kind}
+        )
+        assert response.status_code == 415
+        assert status_of(response)["code"] == 3
 
 
 def test_sse_streams_every_message_then_done(http: httpx.Client) -> None:
@@ -324,6 +332,9 @@ def test_unreachable_upstream_is_503_not_a_hang() -> None:
 
 def test_health_endpoints(http: httpx.Client) -> None:
     assert http.get("/healthz").json() == {"status": "ok"}
+    for path in ("/healthz", "/openapi.json", "/docs"):
+        assert len(http.get(path).headers["x-request-id"]) == 32
+    assert http.get("/docs", headers={"X-Request-Id": "mine"}).headers["x-request-id"] == "mine"
     ready = http.get("/readyz")
     assert ready.status_code == 200 and ready.json() == {"status": "SERVING"}
 
