@@ -111,14 +111,32 @@ def tests(session: nox.Session) -> None:
     install_project(session, "test")
     # buf (reflection calls, proto checks) and the Node gRPC client, pinned by package-lock.json.
     session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+    ensure_chromium(session)
     session.run("pytest", *session.posargs)
 
 
+def ensure_chromium(session: nox.Session) -> None:
+    """Headless Chromium for the browser tests: Debian's package, installed when missing.
+
+    Only where apt-get can run (root); elsewhere the browser tests skip, or fail under CI.
+    """
+    if shutil.which("chromium") or not shutil.which("apt-get") or os.geteuid() != 0:
+        return
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    if subprocess.run(install, env={**os.environ, **env}, capture_output=True).returncode:
+        session.run("apt-get", "update", "-q", external=True, env=env)
+        session.run(*install, external=True, env=env)
+
+
 @nox.session
-def serve(session: nox.Session) -> None:
-    """Install the project and serve the built-in model on 127.0.0.1:50051 (args go to serve)."""
+def up(session: nox.Session) -> None:
+    """Install the project; serve the built-in model over gRPC (50051) and HTTP (8080).
+
+    Arguments go to `protoserve up` (`nox -s up -- --http-port 9000`).
+    """
     install_project(session)
-    session.run("protoserve", "serve", *session.posargs)
+    session.run("protoserve", "up", *session.posargs)
 
 
 def _proto_files(protos_root: Path) -> list[str]:

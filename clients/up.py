@@ -1,0 +1,93 @@
+"""``protoserve up``: the gRPC server and the gateway in front of it, as two processes.
+
+Two processes, as they would run in production: a gateway problem cannot take
+the models down, and each can be restarted alone. ``up`` starts the server,
+waits until it is listening, starts the gateway against it, and forwards
+SIGTERM/SIGINT to both. If either exits, the other is stopped too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _wait_for_port(process: subprocess.Popen[bytes], port_file: Path, what: str,
+                   timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            print(f"protoserve up: the {what} exited with {process.returncode}", file=sys.stderr)
+            return None
+        text = port_file.read_text().strip() if port_file.exists() else ""
+        if text:
+            return int(text)
+        time.sleep(0.05)
+    print(f"protoserve up: the {what} did not start within {timeout:g}s", file=sys.stderr)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both until a signal, or until one of them exits; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="protoserve up",
+        description="Run the gRPC server (built-in model unless --model) and the HTTP gateway "
+        "in front of it. Extra arguments after -- go to `protoserve serve`.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address both listen on")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
+    parser.add_argument("--http-port", type=int, default=8080, help="HTTP port (default 8080)")
+    parser.add_argument("--model", action="append", default=[], metavar="SPEC",
+                        help="model to serve (repeatable), as for `protoserve serve`")
+    parser.add_argument("serve_args", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    command = [sys.executable, "-m", "protoserve.clients.cli"]
+    with tempfile.TemporaryDirectory(prefix="protoserve-up-") as scratch:
+        grpc_file, http_file = Path(scratch) / "grpc", Path(scratch) / "http"
+        server = subprocess.Popen([
+            *command, "serve", "--host", args.host, "--port", str(args.grpc_port),
+            "--port-file", str(grpc_file), *(f"--model={m}" for m in args.model),
+            *args.serve_args,
+        ])
+        children = [server]
+        stopping = False
+
+        def forward(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        grpc_port = _wait_for_port(server, grpc_file, "gRPC server", 300)
+        if grpc_port is None:
+            forward(signal.SIGTERM, None)
+            server.wait()
+            return 1
+        gateway = subprocess.Popen([
+            *command, "gateway", "--upstream", f"{args.host}:{grpc_port}", "--host", args.host,
+            "--port", str(args.http_port), "--port-file", str(http_file),
+        ])
+        children.append(gateway)
+        http_port = _wait_for_port(gateway, http_file, "gateway", 60)
+        if http_port is not None:
+            print(f"protoserve up: gRPC on {args.host}:{grpc_port}, "
+                  f"HTTP on http://{args.host}:{http_port} (docs at /docs)", flush=True)
+        # Whichever ends first (a signal, or a crash), the other follows.
+        while all(child.poll() is None for child in children) and http_port is not None:
+            time.sleep(0.2)
+        if not stopping:
+            forward(signal.SIGTERM, None)
+        codes = [child.wait() for child in children]
+        return 0 if stopping and all(code == 0 for code in codes) else max(1, *codes)

@@ -1,0 +1,69 @@
+"""`protoserve up`: the server and the gateway together, as the README runs them."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_up_serves_http_and_grpc_and_stops_cleanly(tmp_path: Path) -> None:
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "protoserve.clients.cli",
+                "up",
+                "--grpc-port",
+                "0",
+                "--http-port",
+                "0",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while not (
+            found := re.search(r"gRPC on ([\d.]+:\d+), HTTP on (http://[\d.:]+)", log.read_text())
+        ):
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        base = found.group(2)
+        with httpx.Client(base_url=base, timeout=30) as http:
+            reply = http.post(
+                "/v1/models/bytelm:generate",
+                json={"inputs": "def ", "parameters": {"max_new_tokens": 5}},
+            )
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
+            with http.stream(
+                "GET",
+                "/v1/models/bytelm:generateStream",
+                params={"inputs": "import ", "parameters.max_new_tokens": "4"},
+                headers={"Accept": "text/event-stream"},
+            ) as stream:
+                body = stream.read().decode()
+            assert body.count("event: message") == 5 and body.rstrip().endswith("data: {}")
+            data = [
+                json.loads(line[6:]) for line in body.splitlines() if line.startswith('data: {"')
+            ]
+            assert data[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+            assert http.get("/readyz").json() == {"status": "SERVING"}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    assert code == 0, log.read_text()
+    assert "stopped" in log.read_text()
