@@ -370,9 +370,25 @@ def test_closing_the_connection_during_a_unary_call_cancels_it(stack: Stack) -> 
     assert Slow.closed.wait(5), "the server kept generating after the client left"
 
 
-def test_openapi_and_docs(http: httpx.Client) -> None:
+def test_served_openapi_validates_and_lists_every_rpc_with_its_comment(
+    http: httpx.Client,
+) -> None:
+    from openapi_spec_validator import validate
+
+    from protoserve.inference.v1 import inference_service_pb2 as pb
+
     document = http.get("/openapi.json").json()
+    validate(document)
     assert document["openapi"].startswith("3.1")
-    assert "/v1/models/{model}:generate" in document["paths"]
+    operations = {
+        op["operationId"]: op
+        for item in document["paths"].values()
+        for op in item.values()
+        if isinstance(op, dict) and "operationId" in op
+    }
+    for method in pb.DESCRIPTOR.services_by_name["InferenceService"].methods:
+        operation = operations[f"InferenceService_{method.name}"]
+        text = operation.get("summary", "") + operation.get("description", "")
+        assert text.startswith(method.name), (method.name, text)
     docs = http.get("/docs")
     assert docs.status_code == 200 and "openapi.json" in docs.text
