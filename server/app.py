@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.server.config import ServerConfig
+from protoserve.server.reflection import enable_reflection
 from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import Model
 from protoserve.server.servicer import InferenceServicer, add_to_server
@@ -64,8 +65,8 @@ class InferenceServer:
         )
         add_to_server(InferenceServicer(self.runtime), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        enable_reflection(
+            self.server, (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         )
         address = f"{config.host}:{config.port}"
         try:
