@@ -14,66 +14,50 @@ path and the query, whose strings are first turned into the JSON the mapping exp
 so ``?seed=18446744073709551615``, ``?color=COLOR_RED`` and ``?ts=2024-05-01T12:00:00Z``
 mean what they mean in a body. Every failure is an INVALID_ARGUMENT
 :class:`GatewayError` carrying a ``google.rpc.BadRequest`` that names the field.
+
+This module holds the public functions and reads the body; the path and the query are
+set by :mod:`protoserve.gateway._urlvalues`, and both take their wording from
+:mod:`protoserve.gateway._fieldwords` and their type facts from
+:mod:`protoserve.gateway._jsonmapping`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn, cast
+from typing import Any
 
 import grpc
 from google.protobuf import json_format, message_factory
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from protoserve.gateway._errors import GatewayError, bad_request
+from protoserve.gateway._fieldwords import (
+    clean,
+    expected,
+    expected_message,
+    field_type_name,
+    join_path,
+    reason_of,
+    reject,
+    shown,
+)
+from protoserve.gateway._jsonmapping import (
+    INT_RANGES,
+    JSON_WKT,
+    containing_type,
+    descriptor_of,
+    is_map,
+    message_type,
+    parses,
+)
 from protoserve.gateway._rules import Binding
+from protoserve.gateway._urlvalues import Unaddressable, merge_query, resolve, set_leaf
 
 __all__ = ["build_request", "render_message", "render_response"]
 
-# Well-known types that a single query or path string can set, as in a JSON body.
-_WRAPPERS = frozenset(
-    f"google.protobuf.{name}"
-    for name in (
-        "DoubleValue", "FloatValue", "Int64Value", "UInt64Value", "Int32Value",
-        "UInt32Value", "BoolValue", "StringValue", "BytesValue",
-    )
-)  # fmt: skip
-_TIMESTAMP = "google.protobuf.Timestamp"
-_DURATION = "google.protobuf.Duration"
-_FIELD_MASK = "google.protobuf.FieldMask"
-_URL_SCALAR_MESSAGES = _WRAPPERS | {_TIMESTAMP, _DURATION, _FIELD_MASK}
-# Well-known types with a JSON form of their own that is not an object of their fields.
-_JSON_WKT = _URL_SCALAR_MESSAGES | {
-    "google.protobuf.Any",
-    "google.protobuf.Struct",
-    "google.protobuf.Value",
-    "google.protobuf.ListValue",
-}
-
-_INT_RANGES = {
-    FieldDescriptor.TYPE_INT32: ("int32", -(2**31), 2**31 - 1),
-    FieldDescriptor.TYPE_SINT32: ("sint32", -(2**31), 2**31 - 1),
-    FieldDescriptor.TYPE_SFIXED32: ("sfixed32", -(2**31), 2**31 - 1),
-    FieldDescriptor.TYPE_UINT32: ("uint32", 0, 2**32 - 1),
-    FieldDescriptor.TYPE_FIXED32: ("fixed32", 0, 2**32 - 1),
-    FieldDescriptor.TYPE_INT64: ("int64", -(2**63), 2**63 - 1),
-    FieldDescriptor.TYPE_SINT64: ("sint64", -(2**63), 2**63 - 1),
-    FieldDescriptor.TYPE_SFIXED64: ("sfixed64", -(2**63), 2**63 - 1),
-    FieldDescriptor.TYPE_UINT64: ("uint64", 0, 2**64 - 1),
-    FieldDescriptor.TYPE_FIXED64: ("fixed64", 0, 2**64 - 1),
-}
-_FLOATS = {FieldDescriptor.TYPE_FLOAT: "float", FieldDescriptor.TYPE_DOUBLE: "double"}
-# URL values are stricter than Python's int()/float(), which json_format uses and which
-# also take "1_000", " 7" and "infinity": a URL number is written as in JSON.
-_NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
-_FLOAT_WORDS = frozenset({"NaN", "Infinity", "-Infinity"})
-_BASE64 = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
-_FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Items parsed together while looking for the bad one in a long list or map.
@@ -114,7 +98,7 @@ def build_request(
     if binding.body == "*":
         _merge_body(_load_json(body), message, "")
     elif binding.body:
-        field = _descriptor(message).fields_by_name.get(binding.body)
+        field = descriptor_of(message).fields_by_name.get(binding.body)
         if field is None:
             raise _broken_rule(binding, f'its body "{binding.body}" is not a request field')
         _merge_body(_load_json(body), message, field.name)
@@ -129,13 +113,13 @@ def build_request(
     # The path after the body, so that the URL wins over a body that repeats a field.
     for field_path, text in path_params.items():
         try:
-            chain = _resolve(_descriptor(message), field_path)
-        except _Unaddressable as error:
+            chain = resolve(descriptor_of(message), field_path)
+        except Unaddressable as error:
             raise _broken_rule(binding, f'its path binds "{field_path}": {error}') from None
-        _set_leaf(message, chain, [text], f'path parameter "{field_path}"', check_oneof=False)
+        set_leaf(message, chain, [text], f'path parameter "{field_path}"', check_oneof=False)
     if query:
         bound = {*binding.template.fields, *path_params}
-        _merge_query(message, query, binding.body, bound)
+        merge_query(message, query, binding.body, bound)
     return message
 
 
@@ -173,11 +157,11 @@ def render_response(binding: Binding, message: Message, *, use_proto_names: bool
     """
     value: Any
     if binding.response_body:
-        field = _descriptor(message).fields_by_name.get(binding.response_body)
+        field = descriptor_of(message).fields_by_name.get(binding.response_body)
         if field is None:
             raise ValueError(
                 f"response_body {binding.response_body!r} of {binding.method.full_name} "
-                f"is not a field of {_descriptor(message).full_name}"
+                f"is not a field of {descriptor_of(message).full_name}"
             )
         if field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated:
             value = render_message(getattr(message, field.name), use_proto_names=use_proto_names)
@@ -187,6 +171,16 @@ def render_response(binding: Binding, message: Message, *, use_proto_names: bool
     else:
         value = render_message(message, use_proto_names=use_proto_names)
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _broken_rule(binding: Binding, problem: str) -> GatewayError:
+    # A rule that names a field the message lacks is the service's bug, not the
+    # client's: 500, and the message says which rule.
+    return GatewayError(
+        grpc.StatusCode.INTERNAL,
+        f"the HTTP rule {binding.verb} {binding.template.pattern} of "
+        f"{binding.method.full_name} is broken: {problem}",
+    )
 
 
 # The body ----------------------------------------------------------------------------
@@ -209,7 +203,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _BadJSON(f"the key {_shown(key)} appears twice in one object")
+            raise _BadJSON(f"the key {shown(key)} appears twice in one object")
         result[key] = value
     return result
 
@@ -287,19 +281,19 @@ def _merge_body(value: Any, message: Message, field_name: str) -> None:
     if value is _EMPTY:
         return
     js = {field_name: value} if field_name else value
-    descriptor = _descriptor(message)
-    if not field_name and descriptor.full_name not in _JSON_WKT and not isinstance(js, dict):
-        description = f"expected a JSON object ({descriptor.full_name}), not {_shown(js)}"
-        raise _reject("the request body must be a JSON object", "", description, "INVALID_TYPE")
+    descriptor = descriptor_of(message)
+    if not field_name and descriptor.full_name not in JSON_WKT and not isinstance(js, dict):
+        description = f"expected a JSON object ({descriptor.full_name}), not {shown(js)}"
+        raise reject("the request body must be a JSON object", "", description, "INVALID_TYPE")
     try:
         json_format.ParseDict(js, message, ignore_unknown_fields=False)
     except (json_format.ParseError, ValueError, TypeError) as error:
         if "too deep" in str(error):  # json_format's own limit of 100 nested messages
             description = "messages nested more than 100 deep"
-            raise _reject("invalid request body", "", description, "INVALID_JSON") from None
+            raise reject("invalid request body", "", description, "INVALID_JSON") from None
         field, description, reason = _locate(js, descriptor, "", 0, error)
         where = f'invalid field "{field}"' if field else "invalid request body"
-        raise _reject(where, field, description, reason) from None
+        raise reject(where, field, description, reason) from None
 
 
 def _locate(
@@ -312,10 +306,10 @@ def _locate(
     Only called on the error path.
     """
     name = descriptor.full_name
-    if name in _JSON_WKT or depth > _MAX_LOCATE_DEPTH:
-        return path, f"expected {_expected_message(descriptor)}, not {_shown(js)}", "INVALID_VALUE"
+    if name in JSON_WKT or depth > _MAX_LOCATE_DEPTH:
+        return path, f"expected {expected_message(descriptor)}, not {shown(js)}", "INVALID_VALUE"
     if not isinstance(js, dict):
-        return path, f"expected a JSON object ({name}), not {_shown(js)}", "INVALID_TYPE"
+        return path, f"expected a JSON object ({name}), not {shown(js)}", "INVALID_TYPE"
     fields = {
         **{f.name: f for f in descriptor.fields},
         **{f.json_name: f for f in descriptor.fields},
@@ -326,58 +320,58 @@ def _locate(
         field = fields.get(key)
         if field is None:
             return (
-                _join(path, _clean(key)),
-                f"unknown field {_shown(key)} in {name}",
+                join_path(path, clean(key)),
+                f"unknown field {shown(key)} in {name}",
                 "UNKNOWN_FIELD",
             )
         if field.name in spelled:
             # Both the proto and the JSON name of one field in one object.
-            description = f"given twice, as {_shown(spelled[field.name])} and {_shown(key)}"
-            return _join(path, field.name), description, "DUPLICATE_FIELD"
+            description = f"given twice, as {shown(spelled[field.name])} and {shown(key)}"
+            return join_path(path, field.name), description, "DUPLICATE_FIELD"
         spelled[field.name] = key
         oneof = field.containing_oneof
         if oneof is not None and value is not None:
             if oneof.name in in_oneof:
                 other = in_oneof[oneof.name]
                 description = f'"{other}" and "{field.name}" are both in oneof "{oneof.name}"'
-                return _join(path, field.name), f"{description}; set one", "ONEOF_CONFLICT"
+                return join_path(path, field.name), f"{description}; set one", "ONEOF_CONFLICT"
             in_oneof[oneof.name] = field.name
     message_class = message_factory.GetMessageClass(descriptor)
     for key, value in js.items():
         field = fields[key]
-        if _parses({key: value}, message_class):
+        if parses({key: value}, message_class):
             continue
-        here = _join(path, field.name)
-        if _is_map(field):
+        here = join_path(path, field.name)
+        if is_map(field):
             return _locate_map(field, value, here, depth, error)
         if field.is_repeated:
             if not isinstance(value, list):
-                return here, f"expected a JSON array, not {_shown(value)}", "INVALID_TYPE"
+                return here, f"expected a JSON array, not {shown(value)}", "INVALID_TYPE"
             index = _first_bad(field.name, value, message_class)
             if index is None:
-                return here, _reason(error), "INVALID_VALUE"
+                return here, reason_of(error), "INVALID_VALUE"
             return _locate_value(field, value[index], f"{here}[{index}]", depth, error)
         return _locate_value(field, value, here, depth, error)
     # Every key parses alone: a problem json_format found with the object as a whole.
-    return path, _reason(error), "INVALID_VALUE"
+    return path, reason_of(error), "INVALID_VALUE"
 
 
 def _locate_map(
     field: FieldDescriptor, value: Any, here: str, depth: int, error: Exception
 ) -> tuple[str, str, str]:
     if not isinstance(value, dict):
-        return here, f"expected a JSON object (a map), not {_shown(value)}", "INVALID_TYPE"
-    entry = _message_type(field)
+        return here, f"expected a JSON object (a map), not {shown(value)}", "INVALID_TYPE"
+    entry = message_type(field)
     key_field, value_field = entry.fields_by_name["key"], entry.fields_by_name["value"]
-    parent = message_factory.GetMessageClass(_containing_type(field))
+    parent = message_factory.GetMessageClass(containing_type(field))
     entries = list(value.items())
     index = _first_bad(field.name, entries, parent, as_map=True)
     if index is None:
-        return here, _reason(error), "INVALID_VALUE"
+        return here, reason_of(error), "INVALID_VALUE"
     key, item = entries[index]
-    at = f"{here}[{_clean(key)}]"
+    at = f"{here}[{clean(key)}]"
     if not _map_key_ok(key_field, key):
-        return at, f"expected a map key of type {_type_name(key_field)}", "INVALID_KEY"
+        return at, f"expected a map key of type {field_type_name(key_field)}", "INVALID_KEY"
     return _locate_value(value_field, item, at, depth, error)
 
 
@@ -387,8 +381,8 @@ def _locate_value(
     if value is None:
         return here, "null is not allowed here", "INVALID_VALUE"
     if field.type == FieldDescriptor.TYPE_MESSAGE:
-        return _locate(value, _message_type(field), here, depth + 1, error)
-    return here, f"expected {_expected(field)}, not {_shown(value)}", "INVALID_VALUE"
+        return _locate(value, message_type(field), here, depth + 1, error)
+    return here, f"expected {expected(field)}, not {shown(value)}", "INVALID_VALUE"
 
 
 def _first_bad(
@@ -403,7 +397,7 @@ def _first_bad(
 
     def bad(start: int, stop: int) -> bool:
         chunk = items[start:stop]
-        return not _parses({name: dict(chunk) if as_map else chunk}, message_class)
+        return not parses({name: dict(chunk) if as_map else chunk}, message_class)
 
     for start in range(0, len(items), _CHUNK):
         stop = min(start + _CHUNK, len(items))
@@ -414,340 +408,10 @@ def _first_bad(
     return None
 
 
-def _parses(js: dict[str, Any], message_class: type[Message]) -> bool:
-    try:
-        json_format.ParseDict(js, message_class(), ignore_unknown_fields=False)
-    except (json_format.ParseError, ValueError, TypeError):
-        return False
-    return True
-
-
 def _map_key_ok(key_field: FieldDescriptor, key: str) -> bool:
     if key_field.type == FieldDescriptor.TYPE_BOOL:
         return key in ("true", "false")
-    if key_field.type in _INT_RANGES:
-        _, low, high = _INT_RANGES[key_field.type]
+    if key_field.type in INT_RANGES:
+        _, low, high = INT_RANGES[key_field.type]
         return re.fullmatch(r"-?\d+", key) is not None and low <= int(key) <= high
     return True
-
-
-# The path and the query --------------------------------------------------------------
-
-
-class _Unaddressable(ValueError):
-    """A dotted field path that names no field a URL can set."""
-
-    def __init__(self, description: str, reason: str = "UNSUPPORTED_FIELD") -> None:
-        super().__init__(description)
-        self.reason = reason
-
-
-def _resolve(descriptor: Descriptor, dotted: str) -> list[FieldDescriptor]:
-    """The fields along ``dotted`` (proto or JSON names), ending at one a URL can set.
-
-    Raises:
-        _Unaddressable: no such field, or one a single string cannot set: a map, a
-            repeated message (http.proto forbids both in URLs), a message other than
-            the well-known types with a string form (set its fields one by one), or
-            Struct/Value/ListValue/Any (only a JSON body can hold them).
-    """
-    chain: list[FieldDescriptor] = []
-    current: Descriptor | None = descriptor
-    parts = dotted.split(".")
-    for index, part in enumerate(parts):
-        so_far = ".".join(f.name for f in chain)
-        if current is None:
-            kind = _type_name(chain[-1])
-            raise _Unaddressable(f'"{so_far}" ({kind}) has no fields', "UNKNOWN_FIELD")
-        field = current.fields_by_name.get(part) or _by_json_name(current, part)
-        if field is None:
-            raise _Unaddressable(
-                f"{current.full_name} has no field {_shown(part)}", "UNKNOWN_FIELD"
-            )
-        chain.append(field)
-        here = ".".join(f.name for f in chain)
-        last = index == len(parts) - 1
-        if _is_map(field):
-            raise _Unaddressable(f'"{here}" is a map: those cannot be set from the URL')
-        if field.type != FieldDescriptor.TYPE_MESSAGE:
-            current = None
-            continue
-        if field.is_repeated:
-            raise _Unaddressable(f'"{here}" is a repeated message: those cannot be set from '
-                                 "the URL (google/api/http.proto)")  # fmt: skip
-        type_name = _message_type(field).full_name
-        if type_name in _URL_SCALAR_MESSAGES:
-            current = None
-        elif type_name in _JSON_WKT:
-            raise _Unaddressable(f'"{here}" is a {type_name}: it cannot be set from the URL')
-        elif last:
-            raise _Unaddressable(f'"{here}" is a message: set its fields, as in "{here}.<field>"')
-        else:
-            current = _message_type(field)
-    return chain
-
-
-def _merge_query(
-    message: Message, query: Sequence[tuple[str, str]], body: str, bound: set[str]
-) -> None:
-    grouped: dict[str, list[str]] = {}
-    for key, value in query:
-        grouped.setdefault(key, []).append(value)
-    for key, values in grouped.items():
-        source = f"query parameter {_shown(key)}"
-        try:
-            chain = _resolve(_descriptor(message), key)
-        except _Unaddressable as error:
-            what = "unknown" if error.reason == "UNKNOWN_FIELD" else "unusable"
-            raise bad_request(
-                f"{what} {source}: {error}", _clean(key), str(error), reason=error.reason
-            ) from None
-        path = ".".join(f.name for f in chain)
-        if path in bound or any(path.startswith(f"{b}.") for b in bound):
-            description = f'"{path}" is set by the URL path, not the query string'
-            raise _reject(source, path, description, "FIELD_BOUND_BY_PATH")
-        if body == "*" or chain[0].name == body:
-            # http.proto: with body "*" there are no query parameters at all.
-            description = f'"{path}" is set by the request body, not the query string'
-            raise _reject(source, path, description, "FIELD_BOUND_BY_BODY")
-        _set_leaf(message, chain, values, source, check_oneof=True)
-
-
-def _set_leaf(
-    message: Message,
-    chain: Sequence[FieldDescriptor],
-    values: Sequence[str],
-    source: str,
-    *,
-    check_oneof: bool,
-) -> None:
-    """Set the field at the end of ``chain`` from URL strings (one per value).
-
-    ``check_oneof`` makes setting a member of a oneof whose other member is already
-    set an error (the query); the path, which wins over the body, sets it regardless.
-    """
-    path = ".".join(f.name for f in chain)
-    leaf = chain[-1]
-    target = message
-    for depth, field in enumerate(chain):
-        if check_oneof:
-            _check_oneof(target, field, path, source)
-        if depth < len(chain) - 1:
-            target = getattr(target, field.name)
-    if not leaf.is_repeated and len(values) > 1:
-        description = f'"{path}" takes one value, not {len(values)}'
-        raise _reject(source, path, description, "TOO_MANY_VALUES")
-    if leaf.type == FieldDescriptor.TYPE_MESSAGE and _message_type(leaf).full_name == _FIELD_MASK:
-        mask = getattr(target, leaf.name)
-        mask.SetInParent()
-        mask.paths[:] = _mask_paths(values[0], path, source)
-        return
-    converted = [_url_json(leaf, value, path, source) for value in values]
-    try:
-        json_format.ParseDict({leaf.name: converted if leaf.is_repeated else converted[0]}, target)
-    except (json_format.ParseError, ValueError, TypeError):
-        # Name the value that failed: try them one by one (error path only).
-        for value, js in zip(values, converted, strict=True):
-            if not _parses({leaf.name: [js] if leaf.is_repeated else js}, type(target)):
-                _invalid(leaf, value, path, source)
-        _invalid(leaf, values[-1], path, source)
-
-
-def _check_oneof(target: Message, field: FieldDescriptor, path: str, source: str) -> None:
-    oneof = field.containing_oneof
-    if oneof is None:
-        return
-    current = target.WhichOneof(oneof.name)
-    if current is not None and current != field.name:
-        description = (
-            f'"{field.name}" and "{current}" are both in oneof "{oneof.name}", '
-            f'and "{current}" is already set'
-        )
-        raise _reject(source, path, description, "ONEOF_CONFLICT")
-
-
-def _url_json(field: FieldDescriptor, text: str, path: str, source: str) -> Any:
-    """The JSON value a URL string stands for, for json_format to convert."""
-    scalar = field
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        if _message_type(field).full_name not in _WRAPPERS:
-            return text  # Timestamp, Duration: their JSON form is this very string
-        scalar = _message_type(field).fields_by_name["value"]
-    kind = scalar.type
-    if kind == FieldDescriptor.TYPE_BOOL:
-        # Only JSON's spelling: "1", "yes" or "True" might be meant as anything.
-        if text in ("true", "false"):
-            return text == "true"
-        _invalid(field, text, path, source)
-    if kind in _FLOATS:
-        if text in _FLOAT_WORDS:
-            return text
-        if not _NUMBER.fullmatch(text):
-            _invalid(field, text, path, source)
-        # A number, not the string: json_format range-checks floats only when given
-        # numbers ("1e40" would silently become infinity in a float field).
-        return float(text)
-    if kind in _INT_RANGES:
-        if not _NUMBER.fullmatch(text):
-            _invalid(field, text, path, source)
-        return text  # a string: int64 digits stay exact
-    if kind == FieldDescriptor.TYPE_BYTES:
-        return _url_base64(field, text, path, source)
-    return text  # strings; enums by name or number, which json_format both accepts
-
-
-def _url_base64(field: FieldDescriptor, text: str, path: str, source: str) -> str:
-    # A "+" of standard base64 that was not percent-encoded arrives as a space (form
-    # decoding); a space is never base64, so it can only have been a "+".
-    text = text.replace(" ", "+")
-    if _BASE64.fullmatch(text):
-        standard = text.replace("-", "+").replace("_", "/").rstrip("=")
-        try:
-            raw = base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
-        except binascii.Error:
-            pass
-        else:
-            return base64.b64encode(raw).decode("ascii")
-    _invalid(field, text, path, source)
-
-
-def _mask_paths(text: str, path: str, source: str) -> list[str]:
-    """A FieldMask from a URL: comma-separated paths, snake_case or lowerCamelCase."""
-    paths = []
-    for part in filter(None, text.split(",")):
-        if not _FIELD_PATH.fullmatch(part):
-            raise _reject(f"invalid {source}", path, f"{_shown(part)} is not a field path")
-        # The JSON mapping writes mask paths in lowerCamelCase, URLs and people often
-        # in the proto's snake_case: take both, as the paths themselves are snake_case.
-        snake = part if "_" in part else re.sub(r"[A-Z]", lambda m: "_" + m[0].lower(), part)
-        paths.append(snake)
-    return paths
-
-
-def _invalid(field: FieldDescriptor, text: str, path: str, source: str) -> NoReturn:
-    description = f"expected {_expected(field)}, not {_shown(text)}"
-    raise _reject(f"invalid {source}", path, description)
-
-
-def _reject(where: str, path: str, description: str, reason: str = "INVALID_VALUE") -> GatewayError:
-    return bad_request(f"{where}: {description}", path, description, reason=reason)
-
-
-def _broken_rule(binding: Binding, problem: str) -> GatewayError:
-    # A rule that names a field the message lacks is the service's bug, not the
-    # client's: 500, and the message says which rule.
-    return GatewayError(
-        grpc.StatusCode.INTERNAL,
-        f"the HTTP rule {binding.verb} {binding.template.pattern} of "
-        f"{binding.method.full_name} is broken: {problem}",
-    )
-
-
-# Words for messages -------------------------------------------------------------------
-
-
-def _expected(field: FieldDescriptor) -> str:
-    """What a value of a (singular) field must look like, for error messages."""
-    kind = field.type
-    if kind == FieldDescriptor.TYPE_MESSAGE:
-        return _expected_message(_message_type(field))
-    if kind == FieldDescriptor.TYPE_ENUM:
-        return f"a {_enum_type(field).full_name} name or number"
-    if kind in _INT_RANGES:
-        name, low, high = _INT_RANGES[kind]
-        return f"an integer from {low} to {high} ({name})"
-    if kind in _FLOATS:
-        return f'a number ({_FLOATS[kind]}), "NaN", "Infinity" or "-Infinity"'
-    if kind == FieldDescriptor.TYPE_BOOL:
-        return "true or false"
-    if kind == FieldDescriptor.TYPE_BYTES:
-        return "base64 (standard or URL-safe)"
-    return "a string"
-
-
-def _expected_message(descriptor: Descriptor) -> str:
-    name = descriptor.full_name
-    if name in _WRAPPERS:
-        return _expected(descriptor.fields_by_name["value"])
-    return {
-        _TIMESTAMP: 'an RFC 3339 timestamp such as "2024-05-01T12:00:00Z"',
-        _DURATION: 'a duration in seconds such as "1.5s"',
-        _FIELD_MASK: 'comma-separated lowerCamelCase field paths such as "fooBar,baz"',
-        "google.protobuf.Struct": "a JSON object",
-        "google.protobuf.ListValue": "a JSON array",
-        "google.protobuf.Value": "a JSON value",
-        "google.protobuf.Any": 'a JSON object with a resolvable "@type"',
-    }.get(name, f"a JSON object ({name})")
-
-
-def _type_name(field: FieldDescriptor) -> str:
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        return _message_type(field).full_name
-    if field.type == FieldDescriptor.TYPE_ENUM:
-        return _enum_type(field).full_name
-    if field.type in _INT_RANGES:
-        return _INT_RANGES[field.type][0]
-    if field.type in _FLOATS:
-        return _FLOATS[field.type]
-    return {FieldDescriptor.TYPE_BOOL: "bool", FieldDescriptor.TYPE_BYTES: "bytes"}.get(
-        field.type, "string"
-    )
-
-
-def _shown(value: Any) -> str:
-    """A client's value as JSON (a string in quotes), short, for a message."""
-    return _clean(json.dumps(value, ensure_ascii=False))
-
-
-def _clean(text: str, limit: int = 60) -> str:
-    """Client text fit for a message: short, and without lone surrogates (which
-    would not encode as UTF-8) from JSON's ``\\ud800`` escapes."""
-    text = text.encode("utf-8", "replace").decode("utf-8")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _reason(error: Exception) -> str:
-    """The innermost message of a json_format error, without its ' at Path' tail."""
-    while error.__cause__ is not None and isinstance(error.__cause__, Exception):
-        error = error.__cause__
-    return _clean(re.sub(r'\s+at\s+"?[\w.\[\]]*"?\.?$', "", str(error)), limit=200)
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _is_map(field: FieldDescriptor) -> bool:
-    return (
-        field.type == FieldDescriptor.TYPE_MESSAGE
-        and field.is_repeated
-        and _message_type(field).GetOptions().map_entry
-    )
-
-
-def _by_json_name(descriptor: Descriptor, name: str) -> FieldDescriptor | None:
-    for field in descriptor.fields:
-        if field.json_name == name:
-            return field
-    return None
-
-
-# The stubs type these as optional (or as a union with upb's classes); in the places
-# they are read here they are always set.
-def _descriptor(message: Message) -> Descriptor:
-    return cast(Descriptor, message.DESCRIPTOR)
-
-
-def _message_type(field: FieldDescriptor) -> Descriptor:
-    assert field.message_type is not None, field.full_name
-    return field.message_type
-
-
-def _containing_type(field: FieldDescriptor) -> Descriptor:
-    assert field.containing_type is not None, field.full_name
-    return field.containing_type
-
-
-def _enum_type(field: FieldDescriptor) -> EnumDescriptor:
-    assert field.enum_type is not None, field.full_name
-    return field.enum_type
