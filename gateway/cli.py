@@ -9,11 +9,17 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["build_parser", "main"]
 
@@ -85,6 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the bound port to this file once listening (with --port 0)",
     )
     parser.add_argument(
+        "--http2",
+        action="store_true",
+        default=_env("HTTP2", "") in ("1", "true", "yes"),
+        help="serve with hypercorn instead of uvicorn: HTTP/2 and HTTP/1.1 on the same port "
+        "(cleartext HTTP/2 by prior knowledge or h2c upgrade; over TLS, ALPN offers h2 and "
+        "http/1.1)",
+    )
+    parser.add_argument(
+        "--certfile",
+        metavar="PEM",
+        default=_env("CERTFILE", "") or None,
+        help="serve HTTPS with this certificate chain (needs --keyfile); works with or without "
+        "--http2, but only --http2 negotiates HTTP/2 over TLS",
+    )
+    parser.add_argument(
+        "--keyfile",
+        metavar="PEM",
+        default=_env("KEYFILE", "") or None,
+        help="the private key of --certfile (unencrypted PEM)",
+    )
+    parser.add_argument(
         "--camel-case",
         action="store_true",
         help="answer with lowerCamelCase JSON names instead of the .proto names",
@@ -95,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the gateway until SIGTERM/SIGINT; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.certfile is None) != (args.keyfile is None):
+        parser.error("--certfile and --keyfile go together")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -124,10 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_body_bytes=args.max_body_bytes,
             use_proto_names=not args.camel_case,
         )
+        if args.certfile:
+            # Load the pair now so that a bad file is a one-line error (exit 2), not a
+            # traceback from inside the server after it has started; ssl.SSLError is an OSError.
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                args.certfile, args.keyfile
+            )
     except (DescriptorSourceError, OSError, ValueError) as exc:
         print(f"protoserve gateway: {exc}", file=sys.stderr)
         return 2
-    # The socket is bound here, not by uvicorn, so that --port 0 can report its port.
+    # The socket is bound here, not by the server, so that --port 0 can report its port.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -141,23 +177,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     sock.listen(2048)
     port = sock.getsockname()[1]
+    port_file = Path(args.port_file) if args.port_file else None
+    scheme = "HTTPS" if args.certfile else "HTTP"
+    protocols = "HTTP/2 and HTTP/1.1" if args.http2 else "HTTP/1.1"
+    logging.getLogger("protoserve.gateway").info(
+        "serving %s (%s) on %s:%d", scheme, protocols, args.host, port
+    )
+    if args.http2:
+        return _serve_hypercorn(app, sock, args, port_file)
+    return _serve_uvicorn(app, sock, args, port_file)
+
+
+def _serve_uvicorn(
+    app: Starlette, sock: socket.socket, args: argparse.Namespace, port_file: Path | None
+) -> int:
+    """Serve HTTP/1.1 (HTTPS with --certfile) on ``sock`` with uvicorn until signalled."""
+    port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
         log_level=args.log_level.lower(),
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=_GRACE_SECONDS,
+        ssl_certfile=args.certfile,
+        ssl_keyfile=args.keyfile,
     )
     server = _Server(config)
-    if args.port_file:
+    if port_file is not None:
         original_startup = server.startup
 
         async def startup(sockets: list[socket.socket] | None = None) -> None:
             await original_startup(sockets)
-            Path(args.port_file).write_text(f"{port}\n")  # noqa: ASYNC240 - once, tiny
+            port_file.write_text(f"{port}\n")  # noqa: ASYNC240 - once, tiny
 
         server.startup = startup  # type: ignore[method-assign]
-    logging.getLogger("protoserve.gateway").info("serving HTTP on %s:%d", args.host, port)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -174,6 +227,124 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     asyncio.run(serve())
     return 0 if server.started else 1
+
+
+def _serve_hypercorn(
+    app: Starlette, sock: socket.socket, args: argparse.Namespace, port_file: Path | None
+) -> int:
+    """Serve HTTP/2 and HTTP/1.1 on ``sock`` with hypercorn until signalled.
+
+    Same contract as uvicorn's path: the port file is written once requests are
+    accepted; the first SIGTERM/SIGINT stops accepting and lets requests in flight
+    finish (up to ``_GRACE_SECONDS``), a second one ends them now; both exit 0.
+    Returns 1 when the app's startup fails.
+    """
+    # Imported here: only --http2 pays for hypercorn (and h2) at startup.
+    import hypercorn.asyncio
+    import hypercorn.config
+    import hypercorn.typing
+    import hypercorn.utils
+
+    port = sock.getsockname()[1]
+    config = hypercorn.config.Config()
+    # hypercorn takes an inherited descriptor as "fd://N" and wraps it in a socket of
+    # its own; detach() hands the descriptor over, so it has one owner that closes it
+    # (two socket objects on one number would close it twice).
+    config.bind = [f"fd://{sock.detach()}"]
+    config.backlog = 2048  # asyncio listen()s again with this backlog; keep uvicorn's
+    config.certfile = args.certfile
+    config.keyfile = args.keyfile
+    # _Drain ends requests at the grace; hypercorn's own cancelling is only a backstop.
+    config.graceful_timeout = _GRACE_SECONDS + _BACKSTOP_SECONDS
+    config.accesslog = None  # as uvicorn's access_log=False
+    # A Logger object is used as is, so hypercorn's lines go through basicConfig's format
+    # (given "-", hypercorn would install a handler and format of its own).
+    config.errorlog = logging.getLogger("hypercorn.error")
+    drain = _Drain(app)
+    started = False
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        async def shutdown_trigger() -> None:
+            # hypercorn awaits the trigger once its listeners accept, after the app's
+            # lifespan startup: the moment uvicorn's path writes the port file too.
+            nonlocal started
+            started = True
+            if port_file is not None:
+                port_file.write_text(f"{port}\n")  # noqa: ASYNC240 - once, tiny
+            await stop.wait()
+
+        def on_signal() -> None:
+            # The first signal drains (hypercorn stops accepting, waits for requests);
+            # the end of the grace or a second signal hurries what is left.
+            if stop.is_set():
+                drain.hurry.set()
+                return
+            stop.set()
+            loop.call_later(_GRACE_SECONDS, drain.hurry.set)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
+        # The cast: hypercorn types the ASGI callable with its TypedDict events, Starlette
+        # with plain mappings; the two describe the same protocol but do not unify.
+        asgi = cast("hypercorn.typing.ASGIFramework", drain)
+        await hypercorn.asyncio.serve(asgi, config, shutdown_trigger=shutdown_trigger, mode="asgi")
+
+    try:
+        asyncio.run(serve())
+    except (hypercorn.utils.LifespanFailureError, hypercorn.utils.LifespanTimeoutError) as exc:
+        logging.getLogger("protoserve.gateway").error("startup failed: %s", exc)
+        return 1
+    return 0 if started else 1
+
+
+#: Seconds requests in flight get to finish after the first SIGTERM/SIGINT.
+_GRACE_SECONDS = 10
+#: Seconds after the grace before hypercorn cancels what still runs (see _Drain).
+_BACKSTOP_SECONDS = 5
+
+
+class _Drain:
+    """ASGI glue between hypercorn and the gateway: ends requests when the grace is over.
+
+    hypercorn 0.18 drains by waiting ``graceful_timeout`` for its connections and
+    then cancelling them; a connection cancelled while a response streams makes
+    hypercorn raise "TaskGroup ... is shutting down" out of ``serve`` (a traceback,
+    exit 1, and no lifespan shutdown). So requests are ended here instead: once
+    ``hurry`` is set (the grace is over, or a second signal came), ``receive``
+    answers ``http.disconnect``, and the gateway does what it does when a client
+    leaves: it cancels the upstream call and returns.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.hurry = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def receive_until_hurry() -> Message:
+            if not self.hurry.is_set():
+                message = asyncio.ensure_future(receive())
+                hurry = asyncio.ensure_future(self.hurry.wait())
+                try:
+                    await asyncio.wait({message, hurry}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    # Also when this receive is itself cancelled: a receive() left
+                    # running would swallow the request's next message.
+                    hurry.cancel()
+                    if not message.done():
+                        message.cancel()
+                # A message that came with the hurry is still the request's to read.
+                if message.done() and not message.cancelled():
+                    return message.result()
+            return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_until_hurry, send)
 
 
 class _Server(uvicorn.Server):
