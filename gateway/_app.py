@@ -479,6 +479,7 @@ def build_gateway(
     use_proto_names: bool = True,
     max_message_bytes: int = 16 * MiB,
     title: str = "protoserve gateway",
+    playground: bool | None = None,
 ) -> Starlette:
     """A Starlette app serving every method of ``descriptors`` over HTTP, calling ``upstream``.
 
@@ -495,12 +496,15 @@ def build_gateway(
             False for lowerCamelCase (``generatedText``). Input accepts both.
         max_message_bytes: largest gRPC message sent or received upstream.
         title: the OpenAPI document's title.
+        playground: serve the text-generation playground page at ``/``; by default
+            only when ``descriptors`` include ``protoserve.inference.v1.InferenceService``.
 
     Raises:
         ValueError: a method's ``google.api.http`` rule is invalid.
     """
     from protoserve.gateway._docs import docs_html
     from protoserve.gateway._openapi import build_openapi
+    from protoserve.gateway._playground import playground_html
 
     descriptors = descriptors or from_compiled()
     gateway = _Gateway(
@@ -528,6 +532,13 @@ def build_gateway(
 
     async def docs(request: Request) -> Response:
         return HTMLResponse(docs_html("/openapi.json", title))
+
+    async def playground_page(request: Request) -> Response:
+        return HTMLResponse(playground_html(title))
+
+    if playground is None:
+        names = {service.full_name for service in descriptors.services}
+        playground = "protoserve.inference.v1.InferenceService" in names
 
     verbs = sorted({*_METHODS, *(b.verb for b in gateway.bindings)})
 
@@ -562,6 +573,7 @@ def build_gateway(
             Route("/readyz", gateway.readyz, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),
+            *([Route("/", playground_page, methods=["GET"])] if playground else []),
             Route("/{path:path}", gateway.dispatch, methods=verbs),
         ],
         middleware=middleware,
