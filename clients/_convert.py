@@ -9,12 +9,13 @@ model answers with the same Python values over either transport.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 
@@ -22,6 +23,9 @@ from protoserve.inference.v1 import inference_service_pb2 as pb
 
 from ._errors import InvalidArgument
 from ._types import FinishReason, Generation, ModelInfo, ParameterInfo, Usage
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "GENERATION_PARAMETERS",
@@ -47,27 +51,57 @@ GENERATION_PARAMETERS = (
     "stop_sequences",
 )
 
-# torch dtype -> (wire type, the numpy dtype whose bytes carry it). bfloat16 has
-# no numpy dtype: its bits travel as int16, which has the same size and order.
-_TORCH: dict[torch.dtype, tuple[pb.DataType, np.dtype[Any]]] = {
-    torch.bool: (pb.DATA_TYPE_BOOL, np.dtype(np.bool_)),
-    torch.uint8: (pb.DATA_TYPE_UINT8, np.dtype("u1")),
-    torch.int8: (pb.DATA_TYPE_INT8, np.dtype("i1")),
-    torch.int16: (pb.DATA_TYPE_INT16, np.dtype("<i2")),
-    torch.int32: (pb.DATA_TYPE_INT32, np.dtype("<i4")),
-    torch.int64: (pb.DATA_TYPE_INT64, np.dtype("<i8")),
-    torch.float16: (pb.DATA_TYPE_FLOAT16, np.dtype("<f2")),
-    torch.bfloat16: (pb.DATA_TYPE_BFLOAT16, np.dtype("<i2")),
-    torch.float32: (pb.DATA_TYPE_FLOAT32, np.dtype("<f4")),
-    torch.float64: (pb.DATA_TYPE_FLOAT64, np.dtype("<f8")),
+# wire type -> the numpy dtype whose bytes carry it. bfloat16 has no numpy
+# dtype: its bits travel as int16, which has the same size and order.
+_WIRE_NUMPY: dict[pb.DataType, np.dtype[Any]] = {
+    pb.DATA_TYPE_BOOL: np.dtype(np.bool_),
+    pb.DATA_TYPE_UINT8: np.dtype("u1"),
+    pb.DATA_TYPE_INT8: np.dtype("i1"),
+    pb.DATA_TYPE_INT16: np.dtype("<i2"),
+    pb.DATA_TYPE_INT32: np.dtype("<i4"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+    pb.DATA_TYPE_BFLOAT16: np.dtype("<i2"),
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
 }
-_WIRE_TORCH = {wire: dtype for dtype, (wire, _) in _TORCH.items()}
-_WIRE_NUMPY = {wire: np_dtype for _, (wire, np_dtype) in _TORCH.items()}
 _NUMPY_WIRE = {
     np_dtype.newbyteorder("="): wire
-    for dtype, (wire, np_dtype) in _TORCH.items()
-    if dtype is not torch.bfloat16
+    for wire, np_dtype in _WIRE_NUMPY.items()
+    if wire != pb.DATA_TYPE_BFLOAT16
 }
+
+
+# torch is imported only by the calls that need it (embed, predict): a client that
+# only generates text, and the command line, start in a tenth of the time.
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+@functools.cache
+def _torch_wire() -> dict[Any, pb.DataType]:
+    """torch dtype -> wire type."""
+    torch = _torch()
+    return {
+        torch.bool: pb.DATA_TYPE_BOOL,
+        torch.uint8: pb.DATA_TYPE_UINT8,
+        torch.int8: pb.DATA_TYPE_INT8,
+        torch.int16: pb.DATA_TYPE_INT16,
+        torch.int32: pb.DATA_TYPE_INT32,
+        torch.int64: pb.DATA_TYPE_INT64,
+        torch.float16: pb.DATA_TYPE_FLOAT16,
+        torch.bfloat16: pb.DATA_TYPE_BFLOAT16,
+        torch.float32: pb.DATA_TYPE_FLOAT32,
+        torch.float64: pb.DATA_TYPE_FLOAT64,
+    }
+
+
+def _is_torch(value: object) -> bool:
+    """A torch tensor? (If torch was never imported, the value cannot be one.)"""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def _enum_name(prefix: str, name: str) -> str:
@@ -230,15 +264,18 @@ def embeddings(response: pb.EmbedResponse, single: bool) -> torch.Tensor:
         if len({row.shape[0] for row in rows}) != 1:
             raise ValueError("the server returned vectors of different lengths")
         matrix = np.stack(rows)
-    tensor = torch.from_numpy(matrix)
+    tensor: torch.Tensor = _torch().from_numpy(matrix)
     return tensor[0] if single and len(rows) == 1 else tensor
 
 
 def _tensor_message(name: str, value: torch.Tensor | npt.NDArray[Any]) -> pb.Tensor:
-    if isinstance(value, torch.Tensor):
-        if value.dtype not in _TORCH:
+    if _is_torch(value):
+        assert not isinstance(value, np.ndarray)
+        torch = _torch()
+        if value.dtype not in _torch_wire():
             raise TypeError(f"tensor {name!r}: dtype {value.dtype} is not supported")
-        wire, carrier = _TORCH[value.dtype]
+        wire = _torch_wire()[value.dtype]
+        carrier = _WIRE_NUMPY[wire]
         source = value.detach().contiguous().cpu()
         if source.dtype is torch.bfloat16:
             source = source.view(torch.int16)
@@ -276,7 +313,7 @@ def predict_request(
     request = pb.PredictRequest(model=model)
     all_numpy = bool(tensors)
     for name, value in tensors.items():
-        all_numpy = all_numpy and not isinstance(value, torch.Tensor)
+        all_numpy = all_numpy and not _is_torch(value)
         request.inputs.append(_tensor_message(name, value))
     if parameters:
         json_format.ParseDict(dict(parameters), request.parameters)
@@ -298,11 +335,11 @@ def _tensor_value(tensor: pb.Tensor, as_numpy: bool) -> torch.Tensor | npt.NDArr
     # output is (torch warns on non-writable numpy arrays).
     array = np.frombuffer(bytearray(tensor.raw_data), dtype=carrier).reshape(shape)
     array = array.astype(carrier.newbyteorder("="), copy=False)
-    if tensor.data_type == pb.DATA_TYPE_BFLOAT16:
-        return torch.from_numpy(array).view(torch.bfloat16)
-    if as_numpy:
+    if as_numpy and tensor.data_type != pb.DATA_TYPE_BFLOAT16:
         return array
-    return torch.from_numpy(array)
+    module = _torch()
+    value: torch.Tensor = module.from_numpy(array)
+    return value.view(module.bfloat16) if tensor.data_type == pb.DATA_TYPE_BFLOAT16 else value
 
 
 def predict_outputs(

@@ -13,12 +13,11 @@ import json
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 import numpy.typing as npt
-import torch
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -27,11 +26,15 @@ from . import _convert
 from ._errors import from_grpc_error
 from ._types import FinishReason, Generation, ModelInfo, Usage
 
+if TYPE_CHECKING:
+    import torch
+
+    Tensors = Mapping[str, torch.Tensor | npt.NDArray[Any]]
+
 __all__ = ["AsyncClient", "AsyncTextStream", "Client", "TextStream", "service_config"]
 
 _SERVICE = "protoserve.inference.v1.InferenceService"
 Metadata = Sequence[tuple[str, str]]
-Tensors = Mapping[str, torch.Tensor | npt.NDArray[Any]]
 
 
 def _is_ip(host: str) -> bool:

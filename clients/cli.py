@@ -12,11 +12,14 @@ from collections.abc import Sequence
 
 __all__ = ["main", "run"]
 
-#: subcommand -> (module with a ``main(argv) -> int``, one-line help)
+#: subcommand -> ("module" with a ``main(argv) -> int``, or "module:function"; one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("protoserve.server.cli", "run the gRPC inference server"),
     "gateway": ("protoserve.gateway.cli", "serve a gRPC server's methods as JSON/SSE over HTTP"),
     "up": ("protoserve.clients.up", "run the server and the gateway together"),
+    "models": ("protoserve.clients.commands:models_main", "list a server's models"),
+    "generate": ("protoserve.clients.commands:generate_main", "generate text (--stream: live)"),
+    "embed": ("protoserve.clients.commands:embed_main", "embed texts as vectors"),
 }
 
 _USAGE = """usage: protoserve COMMAND [ARGS...]
@@ -41,8 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"protoserve: unknown command {name!r}; try `protoserve --help`", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    status: int = module.main(rest)
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    status: int = getattr(module, function or "main")(rest)
     return status
 
 
