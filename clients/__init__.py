@@ -1,1 +1,69 @@
-"""protoserve.clients: Python clients and the command line."""
+"""protoserve.clients: call a model the same way wherever it runs.
+
+``Client`` / ``AsyncClient`` speak gRPC, ``HttpClient`` / ``AsyncHttpClient``
+go through the gateway, ``LocalClient`` runs the model in this process. All
+share their methods (``models``, ``generate``, ``generate_stream``, ``embed``,
+``predict``), return types and exceptions, so moving a model behind the network
+changes only the line that builds the client.
+"""
+
+from __future__ import annotations
+
+from protoserve.clients._errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ProtoserveError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    Unknown,
+)
+from protoserve.clients._grpc import AsyncClient, AsyncTextStream, Client, TextStream
+from protoserve.clients._http import AsyncHttpClient, HttpClient
+from protoserve.clients._local import LocalClient, LocalTextStream
+from protoserve.clients._types import FinishReason, Generation, ModelInfo, ParameterInfo, Usage
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "AsyncClient",
+    "AsyncHttpClient",
+    "AsyncTextStream",
+    "Cancelled",
+    "Client",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "FieldViolation",
+    "FinishReason",
+    "Generation",
+    "HttpClient",
+    "Internal",
+    "InvalidArgument",
+    "LocalClient",
+    "LocalTextStream",
+    "ModelInfo",
+    "NotFound",
+    "OutOfRange",
+    "ParameterInfo",
+    "PermissionDenied",
+    "ProtoserveError",
+    "ResourceExhausted",
+    "TextStream",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "Usage",
+]
