@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
@@ -116,14 +117,72 @@ def test_error_example_is_what_the_gateway_answers(up: Up) -> None:
     assert json.loads(done.stdout) == json.loads(shown)
 
 
-def test_python_example_runs(up: Up) -> None:
-    (example,) = [b for b in blocks("python") if "grpc.insecure_channel" in b]
+@pytest.mark.parametrize("index", range(3))
+def test_python_client_examples_run(up: Up, index: int) -> None:
+    examples = [b for b in blocks("python") if "from protoserve.clients import" in b]
+    assert len(examples) == 3
     done = subprocess.run(
-        [sys.executable, "-c", up.localize(example)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", up.localize(examples[index])],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "FINISH_REASON_" in done.stdout and "completion_tokens" in done.stdout
-    assert re.search(r"2 vectors of \d+", done.stdout)
+    out = done.stdout
+    if index == 0:
+        assert " length Usage(prompt_tokens=4, completion_tokens=40)" in out
+        assert "torch.Size([2," in out
+    elif index == 1:
+        # The same seeded generation, over HTTP and in-process: printed twice, identical.
+        half = len(out) // 2
+        assert out.strip() and out[:half] == out[half:]
+    else:
+        assert "parameters.temperature" in out and "parameters.top_p" in out
+        assert "NOT_FOUND" in out and "gpt-9" in out
+
+
+def test_command_line_examples_run(up: Up) -> None:
+    (block,) = [b for b in blocks("sh") if "protoserve generate" in b]
+    env = {**os.environ, "PROTOSERVE_SERVER": up.grpc}
+    outputs = []
+    for command in commands(block):
+        argv = shlex.split(up.localize(command))
+        assert argv[0] == "protoserve"
+        done = subprocess.run(
+            [sys.executable, "-m", "protoserve.clients.cli", *argv[1:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done)
+    assert outputs[0].stdout.startswith("bytelm\t1\tready")
+    assert outputs[1].stdout.strip() and "finish: length; tokens: 7 in, 20 out" in outputs[2].stderr
+    assert len(outputs[3].stdout.splitlines()) == 2
+
+
+def test_bring_your_own_model_example_runs(tmp_path: Path) -> None:
+    (model_code,) = [b for b in blocks("python") if "class Echo(Model)" in b]
+    (tmp_path / "readme_models.py").write_text(model_code)
+    code = (
+        "from protoserve.clients import LocalClient\n"
+        "import numpy as np\n"
+        "with LocalClient('readme_models:Echo') as client:\n"
+        "    print(client.generate('hello', max_new_tokens=3))\n"
+        "    print(client.embed(['a b c'], normalize=False).tolist())\n"
+        "    print(client.predict({'x': np.ones(2, dtype=np.float32)})['y'].tolist())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["hel", "[[5.0, 2.0]]", "[2.0, 2.0]"]
 
 
 def test_buf_curl_examples_run(up: Up) -> None:
