@@ -29,8 +29,10 @@ from protoserve.clients._errors import (
     Unimplemented,
     Unknown,
 )
-from protoserve.clients._grpc import AsyncClient, AsyncTextStream, Client, TextStream
-from protoserve.clients._http import AsyncHttpClient, HttpClient
+from protoserve.clients._grpc import Client, TextStream
+from protoserve.clients._grpc_aio import AsyncClient, AsyncTextStream
+from protoserve.clients._http import HttpClient
+from protoserve.clients._http_aio import AsyncHttpClient
 from protoserve.clients._local import LocalClient, LocalTextStream
 from protoserve.clients._types import FinishReason, Generation, ModelInfo, ParameterInfo, Usage
 

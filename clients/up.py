@@ -20,8 +20,9 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _wait_for_port(process: subprocess.Popen[bytes], port_file: Path, what: str,
-                   timeout: float) -> int | None:
+def _wait_for_port(
+    process: subprocess.Popen[bytes], port_file: Path, what: str, timeout: float
+) -> int | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -45,19 +46,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address both listen on")
     parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
     parser.add_argument("--http-port", type=int, default=8080, help="HTTP port (default 8080)")
-    parser.add_argument("--model", action="append", default=[], metavar="SPEC",
-                        help="model to serve (repeatable), as for `protoserve serve`")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="model to serve (repeatable), as for `protoserve serve`",
+    )
     parser.add_argument("serve_args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     command = [sys.executable, "-m", "protoserve.clients.cli"]
     with tempfile.TemporaryDirectory(prefix="protoserve-up-") as scratch:
         grpc_file, http_file = Path(scratch) / "grpc", Path(scratch) / "http"
-        server = subprocess.Popen([
-            *command, "serve", "--host", args.host, "--port", str(args.grpc_port),
-            "--port-file", str(grpc_file), *(f"--model={m}" for m in args.model),
-            *args.serve_args,
-        ])
+        server = subprocess.Popen(
+            [
+                *command,
+                "serve",
+                "--host",
+                args.host,
+                "--port",
+                str(args.grpc_port),
+                "--port-file",
+                str(grpc_file),
+                *(f"--model={m}" for m in args.model),
+                *args.serve_args,
+            ]
+        )
         children = [server]
         stopping = False
 
@@ -75,15 +90,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             forward(signal.SIGTERM, None)
             server.wait()
             return 1
-        gateway = subprocess.Popen([
-            *command, "gateway", "--upstream", f"{args.host}:{grpc_port}", "--host", args.host,
-            "--port", str(args.http_port), "--port-file", str(http_file),
-        ])
+        gateway = subprocess.Popen(
+            [
+                *command,
+                "gateway",
+                "--upstream",
+                f"{args.host}:{grpc_port}",
+                "--host",
+                args.host,
+                "--port",
+                str(args.http_port),
+                "--port-file",
+                str(http_file),
+            ]
+        )
         children.append(gateway)
         http_port = _wait_for_port(gateway, http_file, "gateway", 60)
         if http_port is not None:
-            print(f"protoserve up: gRPC on {args.host}:{grpc_port}, "
-                  f"HTTP on http://{args.host}:{http_port} (docs at /docs)", flush=True)
+            print(
+                f"protoserve up: gRPC on {args.host}:{grpc_port}, "
+                f"HTTP on http://{args.host}:{http_port} (docs at /docs)",
+                flush=True,
+            )
         # Whichever ends first (a signal, or a crash), the other follows.
         while all(child.poll() is None for child in children) and http_port is not None:
             time.sleep(0.2)

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from protoserve.clients._channel import service_config
 from protoserve.clients._errors import (
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
-from protoserve.clients._grpc import AsyncClient, Client, service_config
+from protoserve.clients._grpc import Client
+from protoserve.clients._grpc_aio import AsyncClient
 from protoserve.clients._types import FinishReason, Generation
 from tests._threads import LoopThread, start_grpc_server, stop_grpc_server
 from tests.server.models_for_tests import Slow

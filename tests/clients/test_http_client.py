@@ -21,8 +21,11 @@ from protoserve.clients._errors import (
     ProtoserveError,
     Unavailable,
 )
-from protoserve.clients._grpc import AsyncClient, Client
-from protoserve.clients._http import AsyncHttpClient, HttpClient, _SSEParser
+from protoserve.clients._grpc import Client
+from protoserve.clients._grpc_aio import AsyncClient
+from protoserve.clients._http import HttpClient
+from protoserve.clients._http_aio import AsyncHttpClient
+from protoserve.clients._sse import _SSEParser
 from protoserve.clients._types import FinishReason, Generation
 from protoserve.gateway import build_gateway
 from tests._threads import UvicornThread, start_grpc_server, stop_grpc_server

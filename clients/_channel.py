@@ -1,0 +1,138 @@
+"""How the gRPC clients reach the server: the target, the service config, credentials.
+
+:class:`ChannelSettings` is what :class:`~protoserve.clients.Client` and
+:class:`~protoserve.clients.AsyncClient` both derive from their constructor
+arguments: the channel target (one endpoint, or several to balance over),
+TLS and token credentials, metadata, and channel options including the retry
+policy of :func:`service_config`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+__all__ = ["ChannelSettings", "Metadata", "service_config"]
+
+_SERVICE = "protoserve.inference.v1.InferenceService"
+Metadata = Sequence[tuple[str, str]]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _target(target: str | Sequence[str]) -> tuple[str, bool]:
+    """The channel target for one endpoint or several, and whether it balances.
+
+    Several ``host:port`` endpoints become one ``ipv4:`` (or ``ipv6:``) target,
+    gRPC's static address list, so round robin sees each as a backend. Names
+    cannot be listed that way: one ``dns:///name:port`` target with several
+    addresses does the same.
+    """
+    if isinstance(target, str):
+        return target, target.startswith("dns:")
+    endpoints = list(target)
+    if not endpoints:
+        raise ValueError("target: give at least one endpoint")
+    if len(endpoints) == 1:
+        return endpoints[0], endpoints[0].startswith("dns:")
+    hosts = [endpoint.rpartition(":")[0] for endpoint in endpoints]
+    if not all(_is_ip(host) for host in hosts):
+        raise ValueError(
+            "several endpoints must be IP addresses ('10.0.0.1:50051'); "
+            "for names use one 'dns:///name:port' target"
+        )
+    scheme = "ipv6" if all(host.startswith("[") for host in hosts) else "ipv4"
+    return f"{scheme}:{','.join(endpoints)}", True
+
+
+def service_config(retries: int, balance: bool) -> dict[str, Any]:
+    """The gRPC service config the clients use.
+
+    Calls that end UNAVAILABLE (server down, restarting, model loading) are
+    retried up to ``retries`` times with exponential backoff. gRPC retries a
+    stream only until its first response arrives, so a stream is never
+    replayed after text has reached the caller.
+    """
+    config: dict[str, Any] = {}
+    if balance:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    if retries > 0:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": _SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": retries + 1,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    return config
+
+
+class ChannelSettings:
+    """What both clients derive from their constructor arguments."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        model: str | None,
+        timeout: float | None,
+        retries: int,
+        tls: bool,
+        root_certificates: bytes | None,
+        token: str | None,
+        metadata: Metadata,
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        if retries < 0:
+            raise ValueError("retries must be 0 or more")
+        self.target, balance = _target(target)
+        self.model = model
+        self.timeout = timeout
+        self.tls = tls or root_certificates is not None
+        self.metadata: tuple[tuple[str, str], ...] = tuple(metadata)
+        self.credentials: grpc.ChannelCredentials | None = None
+        if self.tls:
+            self.credentials = grpc.ssl_channel_credentials(root_certificates)
+            if token is not None:
+                # Call credentials are only ever sent over TLS: gRPC's guard
+                # against leaking a token in clear text.
+                self.credentials = grpc.composite_channel_credentials(
+                    self.credentials, grpc.access_token_call_credentials(token)
+                )
+        elif token is not None:
+            self.metadata += (("authorization", f"Bearer {token}"),)
+        defaults: dict[str, Any] = {
+            "grpc.enable_retries": 1,
+            "grpc.service_config": json.dumps(service_config(retries, balance)),
+            # gRPC waits 1 s or more before reconnecting to a server that was
+            # down; retries would all fail inside that wait. Reconnect sooner.
+            "grpc.initial_reconnect_backoff_ms": 100,
+            "grpc.min_reconnect_backoff_ms": 100,
+            "grpc.max_reconnect_backoff_ms": 2000,
+            # Tokens and tensors can be large.
+            "grpc.max_receive_message_length": 64 * 1024 * 1024,
+            "grpc.max_send_message_length": 64 * 1024 * 1024,
+        }
+        defaults.update(dict(options))  # the caller's options win
+        self.options = list(defaults.items())
+
+    def call_metadata(self, extra: Metadata) -> tuple[tuple[str, str], ...]:
+        return self.metadata + tuple(extra)
+
+    def deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
