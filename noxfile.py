@@ -139,6 +139,20 @@ def up(session: nox.Session) -> None:
     session.run("protoserve", "up", *session.posargs)
 
 
+BETTERPROTO = ("betterproto2==0.10.0", "betterproto2-compiler==0.10.1")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks in bench/ (so far: protobuf vs betterproto2, ADR 0009).
+
+    Ratios of two things measured in one run, never absolute timings alone.
+    """
+    install_project(session)
+    session.install(GRPCIO_TOOLS, *BETTERPROTO)
+    session.run("python", "bench/betterproto_layer.py", *session.posargs)
+
+
 def _proto_files(protos_root: Path) -> list[str]:
     """Every .proto under `protos_root`, as paths relative to it (buf's --path)."""
     return sorted(p.relative_to(protos_root).as_posix() for p in protos_root.rglob("*.proto"))
