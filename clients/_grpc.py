@@ -11,12 +11,13 @@ share, in :mod:`protoserve.clients._channel`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy.typing as npt
+from google.protobuf.message import Message
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     Tensors = Mapping[str, torch.Tensor | npt.NDArray[Any]]
 
 __all__ = ["Client", "TextStream"]
+
+
+T = TypeVar("T")
 
 
 class TextStream:
@@ -176,30 +180,29 @@ class Client:
                 self._default_model = only_model(self.models())
             return self._default_model
 
-    def models(self, *, timeout: float | None = None, metadata: Metadata = ()) -> list[ModelInfo]:
-        """Every model the server holds, ready or not."""
+    def _call(
+        self, rpc: Callable[..., T], request: Message, timeout: float | None, metadata: Metadata
+    ) -> T:
+        """One unary call with the client's deadline and metadata; failures as typed errors."""
         try:
-            response = self._stub.ListModels(
-                pb.ListModelsRequest(),
+            return rpc(
+                request,
                 timeout=self._settings.deadline(timeout),
                 metadata=self._settings.call_metadata(metadata),
             )
         except grpc.RpcError as error:
             raise from_grpc_error(error) from None
+
+    def models(self, *, timeout: float | None = None, metadata: Metadata = ()) -> list[ModelInfo]:
+        """Every model the server holds, ready or not."""
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout, metadata)
         return [_convert.model_info(m) for m in response.models]
 
     def model(
         self, name: str, *, timeout: float | None = None, metadata: Metadata = ()
     ) -> ModelInfo:
         """One model's description. Raises ``NotFound`` for an unknown name."""
-        try:
-            response = self._stub.GetModel(
-                pb.GetModelRequest(name=name),
-                timeout=self._settings.deadline(timeout),
-                metadata=self._settings.call_metadata(metadata),
-            )
-        except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+        response = self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout, metadata)
         return _convert.model_info(response.model)
 
     def generate(
@@ -222,14 +225,7 @@ class Client:
             ProtoserveError: the typed error of a failed call.
         """
         request = _convert.generate_request(self._model(model), text, parameters)
-        try:
-            response = self._stub.Generate(
-                request,
-                timeout=self._settings.deadline(timeout),
-                metadata=self._settings.call_metadata(metadata),
-            )
-        except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+        response = self._call(self._stub.Generate, request, timeout, metadata)
         return _convert.generation(response)
 
     def generate_stream(
@@ -265,14 +261,7 @@ class Client:
     ) -> torch.Tensor:
         """Embed a text (a ``[D]`` float32 tensor) or a batch of texts (``[N, D]``)."""
         request = _convert.embed_request(self._model(model), texts, normalize)
-        try:
-            response = self._stub.Embed(
-                request,
-                timeout=self._settings.deadline(timeout),
-                metadata=self._settings.call_metadata(metadata),
-            )
-        except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+        response = self._call(self._stub.Embed, request, timeout, metadata)
         return _convert.embeddings(response, isinstance(texts, str))
 
     def predict(
@@ -290,14 +279,7 @@ class Client:
         (bfloat16 outputs are always torch: numpy has no such type).
         """
         request, as_numpy = _convert.predict_request(self._model(model), tensors, parameters)
-        try:
-            response = self._stub.Predict(
-                request,
-                timeout=self._settings.deadline(timeout),
-                metadata=self._settings.call_metadata(metadata),
-            )
-        except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+        response = self._call(self._stub.Predict, request, timeout, metadata)
         return _convert.predict_outputs(response, as_numpy)
 
     def close(self) -> None:

@@ -6,13 +6,14 @@ The same arguments, methods, values and exceptions as the blocking
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
 import numpy.typing as npt
+from google.protobuf.message import Message
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     Tensors = Mapping[str, torch.Tensor | npt.NDArray[Any]]
 
 __all__ = ["AsyncClient", "AsyncTextStream"]
+
+
+T = TypeVar("T")
 
 
 class AsyncTextStream:
@@ -170,6 +174,23 @@ class AsyncClient:
             self._default_model = only_model(await self.models())
         return self._default_model
 
+    async def _call(
+        self,
+        rpc: Callable[..., Awaitable[T]],
+        request: Message,
+        deadline: float | None,
+        metadata: Metadata,
+    ) -> T:
+        """One unary call with the client's deadline and metadata; failures as typed errors."""
+        try:
+            return await rpc(
+                request,
+                timeout=self._settings.deadline(deadline),
+                metadata=self._settings.call_metadata(metadata),
+            )
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from None
+
     async def models(
         self,
         *,
@@ -177,14 +198,9 @@ class AsyncClient:
         metadata: Metadata = (),
     ) -> list[ModelInfo]:
         """Every model the server holds, ready or not."""
-        try:
-            response = await self._stub.ListModels(
-                pb.ListModelsRequest(),
-                timeout=self._settings.deadline(timeout),
-                metadata=self._settings.call_metadata(metadata),
-            )
-        except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+        response = await self._call(
+            self._stub.ListModels, pb.ListModelsRequest(), timeout, metadata
+        )
         return [_convert.model_info(m) for m in response.models]
 
     async def model(
@@ -195,14 +211,9 @@ class AsyncClient:
         metadata: Metadata = (),
     ) -> ModelInfo:
         """One model's description. Raises ``NotFound`` for an unknown name."""
-        try:
-            response = await self._stub.GetModel(
-                pb.GetModelRequest(name=name),
-                timeout=self._settings.deadline(timeout),
-                metadata=self._settings.call_metadata(metadata),
-            )
-        except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+        response = await self._call(
+            self._stub.GetModel, pb.GetModelRequest(name=name), timeout, metadata
+        )
         return _convert.model_info(response.model)
 
     async def generate(
@@ -216,14 +227,7 @@ class AsyncClient:
     ) -> Generation:
         """Continue ``text``; see :meth:`Client.generate`."""
         request = _convert.generate_request(await self._model(model), text, parameters)
-        try:
-            response = await self._stub.Generate(
-                request,
-                timeout=self._settings.deadline(timeout),
-                metadata=self._settings.call_metadata(metadata),
-            )
-        except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+        response = await self._call(self._stub.Generate, request, timeout, metadata)
         return _convert.generation(response)
 
     def generate_stream(
@@ -264,14 +268,7 @@ class AsyncClient:
     ) -> torch.Tensor:
         """Embed a text (``[D]``) or a batch of texts (``[N, D]``), float32."""
         request = _convert.embed_request(await self._model(model), texts, normalize)
-        try:
-            response = await self._stub.Embed(
-                request,
-                timeout=self._settings.deadline(timeout),
-                metadata=self._settings.call_metadata(metadata),
-            )
-        except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+        response = await self._call(self._stub.Embed, request, timeout, metadata)
         return _convert.embeddings(response, isinstance(texts, str))
 
     async def predict(
@@ -285,14 +282,7 @@ class AsyncClient:
     ) -> dict[str, torch.Tensor | npt.NDArray[Any]]:
         """Run the model on named tensors; see :meth:`Client.predict`."""
         request, as_numpy = _convert.predict_request(await self._model(model), tensors, parameters)
-        try:
-            response = await self._stub.Predict(
-                request,
-                timeout=self._settings.deadline(timeout),
-                metadata=self._settings.call_metadata(metadata),
-            )
-        except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+        response = await self._call(self._stub.Predict, request, timeout, metadata)
         return _convert.predict_outputs(response, as_numpy)
 
     async def aclose(self) -> None:
