@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from starlette.types import Message as Message_
 
 from protoserve.gateway._descriptors import Descriptors, from_compiled
 from protoserve.gateway._errors import HTTP_STATUS, GatewayError, from_grpc_error, status_json
+from protoserve.gateway._metrics import UNMATCHED, GatewayMetrics
 from protoserve.gateway._routing import MethodNotAllowed, RouteNotFound, Router
 from protoserve.gateway._rules import Binding, bindings_for
 from protoserve.gateway._streaming import (
@@ -195,6 +197,7 @@ class _Gateway:
         )
         self._owns_channel = self.channel is None
         self._callables: dict[str, Any] = {}
+        self.metrics = GatewayMetrics()
 
     # Life cycle (Starlette lifespan): a grpc.aio channel belongs to the loop it is made in.
     async def open(self) -> None:
@@ -231,6 +234,7 @@ class _Gateway:
         )
 
     def grpc_error_response(self, error: grpc.aio.AioRpcError, request_id: str) -> JSONResponse:
+        self.metrics.upstream_errors.labels(error.code().name).inc()
         status, body, headers = from_grpc_error(error, self.descriptors.pool)
         return JSONResponse(
             body, status_code=status, headers={**headers, "X-Request-Id": request_id}
@@ -238,10 +242,15 @@ class _Gateway:
 
     async def dispatch(self, request: Request) -> Response:
         request_id = _request_id(request)
+        started = time.perf_counter()
         try:
-            return await self._dispatch(request, request_id)
+            response = await self._dispatch(request, request_id)
         except GatewayError as error:
-            return self.error_response(error, request_id)
+            response = self.error_response(error, request_id)
+        # The binding's template, set by _dispatch once matched: bounded, unlike the path.
+        route = getattr(request.state, "route", UNMATCHED)
+        self.metrics.observe(route, request.method, response.status_code, started)
+        return response
 
     async def _dispatch(self, request: Request, request_id: str) -> Response:
         raw_path = request.scope.get("raw_path") or request.scope["path"].encode()
@@ -262,6 +271,7 @@ class _Gateway:
                 headers={"Allow": ", ".join(exc.allowed)},
             ) from None
         binding = match.binding
+        request.state.route = binding.template.pattern
         body = await _read_body(request, self.max_body_bytes)
         if body and binding.body:
             _check_content_type(request.headers.get("content-type", ""))
@@ -352,9 +362,11 @@ class _Gateway:
             return self.grpc_error_response(error, request_id)
         render = self._render
         pool = self.descriptors.pool
+        metrics = self.metrics
 
         async def events() -> AsyncIterator[bytes]:
             count = 0
+            metrics.streams_in_flight.inc()
             try:
                 pending = [first] if first is not None else []
                 async for item in _chain(pending, messages):
@@ -364,9 +376,11 @@ class _Gateway:
                 if sse:
                     yield sse_done()
             except grpc.aio.AioRpcError as error:
+                metrics.upstream_errors.labels(error.code().name).inc()
                 _, body, _ = from_grpc_error(error, pool)
                 yield sse_error(body) if sse else ndjson_error(body)
             finally:
+                metrics.streams_in_flight.dec()
                 call.cancel()  # a no-op once the call has ended
 
         headers = {
@@ -573,6 +587,7 @@ def build_gateway(
             Route("/readyz", gateway.readyz, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),
+            Route("/metrics", gateway.metrics.endpoint, methods=["GET"]),
             *([Route("/", playground_page, methods=["GET"])] if playground else []),
             Route("/{path:path}", gateway.dispatch, methods=verbs),
         ],

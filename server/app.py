@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.server.config import ServerConfig
+from protoserve.server.metrics import Metrics, MetricsEndpoint
 from protoserve.server.reflection import enable_reflection
 from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import Model
@@ -43,18 +44,24 @@ class InferenceServer:
     """A running gRPC server around a :class:`Runtime`.
 
     Use ``await InferenceServer.create(config)`` then ``await server.start()``;
-    ``port`` is the port actually bound (useful with port 0).
+    ``port`` is the port actually bound (useful with port 0); ``metrics_port``
+    likewise for the ``/metrics`` endpoint once started (None when it is off).
     """
 
     def __init__(self, config: ServerConfig, models: Sequence[tuple[str, Model]]) -> None:
         self.config = config
         # grpc-stubs does not know the asyncio health servicer.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        # Counted always (cheap); exposed over HTTP only with ``metrics_port``.
+        self.metrics = Metrics()
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        self.metrics_port: int | None = None
         self.runtime = Runtime(
             models,
             max_queue=config.max_queue,
             max_active=config.max_active,
             on_change=self._update_health,
+            metrics=self.metrics,
         )
         self.server = grpc.aio.server(
             options=[
@@ -63,7 +70,7 @@ class InferenceServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        add_to_server(InferenceServicer(self.runtime), self.server)
+        add_to_server(InferenceServicer(self.runtime, metrics=self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(
             self.server, (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -93,6 +100,13 @@ class InferenceServer:
         self._update_health()
         await self.server.start()
         log.info("serving gRPC on %s:%d", self.config.host, self.port)
+        if self.config.metrics_port is not None:
+            host = self.config.host.strip("[]")  # "[::]" is gRPC's spelling
+            self._metrics_endpoint = MetricsEndpoint(
+                self.metrics.registry, host, self.config.metrics_port
+            )
+            self.metrics_port = self._metrics_endpoint.port
+            log.info("serving metrics on http://%s:%d/metrics", host, self.metrics_port)
         await self.runtime.start()
         if self.config.port_file:
             Path(self.config.port_file).write_text(f"{self.port}\n")  # noqa: ASYNC240 - once, tiny
@@ -109,8 +123,14 @@ class InferenceServer:
             await self.runtime.wait_idle(min(_STOP_MARGIN, grace))
         await self.server.stop(0.5)
         self.runtime.close()
+        self._close_metrics()
         self._stopped.set()
         log.info("stopped")
+
+    def _close_metrics(self) -> None:
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
+            self._metrics_endpoint = None
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
@@ -140,4 +160,5 @@ class InferenceServer:
             stopping.cancel()
             await self.server.stop(0)
             self.runtime.close()
+            self._close_metrics()
         hurried.cancel()

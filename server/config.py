@@ -39,6 +39,9 @@ class ServerConfig:
     port_file: str | None = None
     #: Logging level name.
     log_level: str = "INFO"
+    #: Port of the Prometheus ``/metrics`` HTTP endpoint (on ``host``); 0 picks a
+    #: free one; None (the default) serves no metrics.
+    metrics_port: int | None = None
 
 
 _HELP = {
@@ -54,7 +57,11 @@ _HELP = {
     "max_active": "per model, most requests run in turn at once (default %(default)s)",
     "port_file": "write the bound port to this file once serving",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default %(default)s)",
+    "metrics_port": "serve Prometheus metrics over HTTP at /metrics on this port; "
+    "0 picks a free port (default: off)",
 }
+#: Settings that are None by default and an int when given.
+_OPTIONAL_INTS = frozenset({"metrics_port"})
 
 
 def env_name(name: str) -> str:
@@ -82,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                 default=None,
             )
             continue
-        kind = {int: int, float: float}.get(type(default), str)
+        kind = int if f.name in _OPTIONAL_INTS else {int: int, float: float}.get(type(default), str)
         if raw is not None:
             try:
                 default = kind(raw)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from google.protobuf.message_factory import GetMessageClass
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server.errors import Internal, InvalidArgument, ProtoserveError, to_rpc_status
+from protoserve.server.metrics import Metrics
 from protoserve.server.runtime.core import ModelEntry, ModelState, Runtime
 from protoserve.server.runtime.generation import Chunk, FinishReason
 from protoserve.server.runtime.model import Parameter, Task, TensorInfo
@@ -97,18 +99,31 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ProtoserveE
 
 
 @contextlib.asynccontextmanager
-async def _call(context: grpc.aio.ServicerContext[Any, Any], method: str) -> AsyncIterator[str]:
-    rid = request_id(context)
-    await context.send_initial_metadata((("x-request-id", rid),))
+async def _call(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, metrics: Metrics | None = None
+) -> AsyncIterator[str]:
+    started = time.perf_counter()
+    # Anything that is neither a result nor an error of ours (the call was cancelled).
+    code = grpc.StatusCode.CANCELLED
     try:
-        yield rid
-    except ProtoserveError as error:
-        log.info("%s %s: %s %s", method, rid, error.code.name, error.message)
-        await _abort(context, error)
-    except Exception:
-        # Logged here with the traceback; the client sees INTERNAL and the id only.
-        log.exception("%s %s failed", method, rid)
-        await _abort(context, Internal(rid))
+        rid = request_id(context)
+        await context.send_initial_metadata((("x-request-id", rid),))
+        try:
+            yield rid
+            code = grpc.StatusCode.OK
+        except ProtoserveError as error:
+            code = error.code
+            log.info("%s %s: %s %s", method, rid, error.code.name, error.message)
+            await _abort(context, error)
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            # Logged here with the traceback; the client sees INTERNAL and the id only.
+            log.exception("%s %s failed", method, rid)
+            await _abort(context, Internal(rid))
+    finally:
+        if metrics is not None:
+            metrics.requests.labels(method, code.name).inc()
+            metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -165,7 +180,7 @@ def _unary(
     async def handler(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
-        async with _call(context, fn.__name__) as rid:
+        async with _call(context, fn.__name__, self.metrics) as rid:
             return await fn(self, _parsed(request), rid)
         raise AssertionError("unreachable: _call aborts on every error")
 
@@ -249,8 +264,9 @@ def _stream_message(chunk: Chunk) -> pb.GenerateStreamResponse:
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """The gRPC face of a :class:`Runtime`."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, metrics: Metrics | None = None) -> None:
         self.runtime = runtime
+        self.metrics = metrics
 
     @_unary
     async def ListModels(self, request: pb.ListModelsRequest, rid: str) -> pb.ListModelsResponse:
@@ -278,7 +294,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request: pb.GenerateStreamRequest,
         context: grpc.aio.ServicerContext[pb.GenerateStreamRequest, pb.GenerateStreamResponse],
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async with _call(context, "GenerateStream"):
+        async with _call(context, "GenerateStream", self.metrics):
             request = _parsed(request)
             chunks = self.runtime.generate_stream(
                 request.model, request.inputs, _generation_parameters(request.parameters)

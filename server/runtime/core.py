@@ -15,11 +15,12 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from protoserve.server.errors import InvalidArgument, NotFound, Unavailable
+from protoserve.server.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from protoserve.server.metrics import Metrics
 from protoserve.server.runtime.generation import Chunk, FinishReason, Usage, run_generation
 from protoserve.server.runtime.model import Model, Task
 from protoserve.server.runtime.params import validate_generation
@@ -29,6 +30,8 @@ from protoserve.server.runtime.tensors import RawTensor, from_raw, to_raw
 __all__ = ["GenerateResult", "ModelEntry", "ModelState", "Runtime"]
 
 log = logging.getLogger("protoserve.server")
+
+T = TypeVar("T")
 
 _TASK_NAMES = {
     Task.TEXT_GENERATION: "text generation (Generate, GenerateStream)",
@@ -75,6 +78,8 @@ class Runtime:
         max_active: per model, most requests stepped in turn at once.
         on_change: called (on the event loop) whenever a model's state or the
             server's readiness changes; the health service listens here.
+        metrics: where to count queueing, tokens, cancellations and rejections;
+            None for no metrics.
     """
 
     def __init__(
@@ -84,13 +89,17 @@ class Runtime:
         max_queue: int = 64,
         max_active: int = 8,
         on_change: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._entries: dict[str, ModelEntry] = {}
+        self.metrics = metrics
         for name, model in models:
             if name in self._entries:
                 raise ValueError(f"two models are named {name!r}")
             scheduler = Scheduler(name, max_queue=max_queue, max_active=max_active)
             self._entries[name] = ModelEntry(name, model, scheduler)
+            if metrics is not None:
+                metrics.add_model(name, _depth_of(scheduler))
         self._on_change = on_change or (lambda: None)
         self._draining = False
         self._in_flight = 0
@@ -220,15 +229,91 @@ class Runtime:
             params = validate_generation(entry.model, parameters)
             prompt_tokens = self._prompt_tokens(entry, text, "inputs")
             job: Any = None
+            metrics = self.metrics
+            submitted = time.perf_counter()
 
             def factory() -> Iterator[Chunk]:
+                if metrics is not None:
+                    metrics.queue_seconds.labels(model).observe(time.perf_counter() - submitted)
                 return run_generation(
                     entry.model, text, params, prompt_tokens=prompt_tokens, stop=job.stop
                 )
 
-            job = entry.scheduler.submit(factory)
-            async for chunk in entry.scheduler.stream(job):
+            job = self._submit(entry, factory)
+            if metrics is None:
+                async for chunk in entry.scheduler.stream(job):
+                    yield chunk
+                return
+            # aclosing: leaving early reaches the job (and cancels it) at once, not at GC.
+            measured = self._measured(model, submitted, entry.scheduler.stream(job))
+            async with contextlib.aclosing(measured):
+                async for chunk in measured:
+                    yield chunk
+
+    async def _measured(
+        self, model: str, submitted: float, chunks: AsyncGenerator[Chunk, None]
+    ) -> AsyncGenerator[Chunk, None]:
+        """``chunks``, timed and counted: tokens, time to first token, inter-token latency."""
+        assert self.metrics is not None
+        m = self.metrics
+        in_flight = m.streams_in_flight.labels(model)
+        tokens, ttft, gaps = (
+            m.tokens.labels(model),
+            m.time_to_first_token.labels(model),
+            m.inter_token_seconds.labels(model),
+        )
+        last: float | None = None
+        finished = cancelled = False
+        in_flight.inc()
+        try:
+            async for chunk in chunks:
+                if chunk.token_ids:
+                    now = time.perf_counter()
+                    tokens.inc(len(chunk.token_ids))
+                    if last is None:
+                        ttft.observe(now - submitted)
+                    else:
+                        gaps.observe(now - last)
+                    last = now
+                if chunk.finish_reason is not None:
+                    finished = True
+                    # Shutdown ended it early (stop_generations).
+                    cancelled = chunk.finish_reason is FinishReason.CANCELLED
                 yield chunk
+        except (GeneratorExit, asyncio.CancelledError):
+            # The caller left before the end; a model error is not a cancellation.
+            cancelled = cancelled or not finished
+            raise
+        finally:
+            await chunks.aclose()
+            in_flight.dec()
+            if cancelled:
+                m.cancellations.labels(model).inc()
+
+    def _submit(self, entry: ModelEntry, factory: Callable[[], Iterator[Any]]) -> Any:
+        try:
+            return entry.scheduler.submit(factory)
+        except ResourceExhausted:
+            if self.metrics is not None:
+                self.metrics.rejections.labels(entry.name).inc()
+            raise
+
+    async def _run(self, entry: ModelEntry, fn: Callable[[], T]) -> T:
+        """``fn`` as one step in the model's thread, its queue time and rejection counted."""
+        metrics = self.metrics
+        if metrics is None:
+            return await entry.scheduler.run(fn)
+        submitted = time.perf_counter()
+
+        def timed() -> T:
+            metrics.queue_seconds.labels(entry.name).observe(time.perf_counter() - submitted)
+            return fn()
+
+        try:
+            return await entry.scheduler.run(timed)
+        except ResourceExhausted:
+            metrics.rejections.labels(entry.name).inc()
+            raise
 
     async def generate(
         self, model: str, text: str, parameters: Mapping[str, Any]
@@ -272,7 +357,7 @@ class Runtime:
                     vectors = torch.nn.functional.normalize(vectors, dim=-1)
                 return vectors
 
-            return await entry.scheduler.run(run), Usage(tokens, 0)
+            return await self._run(entry, run), Usage(tokens, 0)
 
     async def predict(
         self, model: str, inputs: Sequence[RawTensor], parameters: Mapping[str, Any]
@@ -288,7 +373,11 @@ class Runtime:
                 outputs = entry.model.predict(tensors, params)
                 return [to_raw(name, value) for name, value in outputs.items()]
 
-            return await entry.scheduler.run(run)
+            return await self._run(entry, run)
+
+
+def _depth_of(scheduler: Scheduler) -> Callable[[], int]:
+    return lambda: scheduler.depth
 
 
 def _check_declared(model: Model, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Generic, TypeVar
 
 from protoserve.server.errors import ResourceExhausted, Unavailable
@@ -154,7 +154,7 @@ class Scheduler:
             job.cancel()
         raise AssertionError("a one-step job ended without a result")
 
-    async def stream(self, job: Job[T]) -> AsyncIterator[T]:
+    async def stream(self, job: Job[T]) -> AsyncGenerator[T, None]:
         """The items of a submitted job; leaving early cancels it."""
         try:
             async for item in job:
