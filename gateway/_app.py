@@ -15,9 +15,8 @@ import contextlib
 import logging
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
@@ -30,12 +29,12 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.types import Message as Message_
 
 from protoserve.gateway._descriptors import Descriptors, from_compiled
 from protoserve.gateway._errors import HTTP_STATUS, GatewayError, from_grpc_error, status_json
 from protoserve.gateway._metrics import UNMATCHED, GatewayMetrics
+from protoserve.gateway._request_id import RequestIdMiddleware
+from protoserve.gateway._request_id import request_id as sane_request_id
 from protoserve.gateway._routing import MethodNotAllowed, RouteNotFound, Router
 from protoserve.gateway._rules import Binding, bindings_for
 from protoserve.gateway._streaming import (
@@ -50,13 +49,13 @@ from protoserve.gateway._transcode import build_request, render_message, render_
 
 __all__ = ["DEFAULT_FORWARDED_HEADERS", "build_gateway"]
 
+T = TypeVar("T")
 log = logging.getLogger("protoserve.gateway")
 
 MiB = 1024 * 1024
 #: Request headers passed upstream as gRPC metadata (plus every ``Grpc-Metadata-*``).
 DEFAULT_FORWARDED_HEADERS = ("authorization", "traceparent", "tracestate")
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
 _GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 # Metadata that is gRPC's own business, never echoed as response headers.
@@ -73,11 +72,6 @@ _RESERVED_METADATA = frozenset(
 )
 #: HTTP status for a client that went away (nginx's convention, as grpc-gateway uses).
 CLIENT_CLOSED = 499
-
-
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 def _timeout(request: Request) -> float | None:
@@ -169,6 +163,26 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+async def _unless_gone(
+    request: Request, call: Any, pending: Awaitable[T]
+) -> asyncio.Future[T] | None:
+    """``pending``, finished, or None when the client went away first.
+
+    Then the gRPC ``call`` is cancelled, so the server stops working on it.
+    """
+    task = asyncio.ensure_future(pending)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task
+    call.cancel()
+    task.cancel()
+    return None
+
+
 class _Gateway:
     """The per-app state behind the endpoints."""
 
@@ -241,7 +255,7 @@ class _Gateway:
         )
 
     async def dispatch(self, request: Request) -> Response:
-        request_id = _request_id(request)
+        request_id = sane_request_id(request.headers.get("x-request-id", ""))
         started = time.perf_counter()
         try:
             response = await self._dispatch(request, request_id)
@@ -298,16 +312,8 @@ class _Gateway:
         request_id: str,
     ) -> Response:
         call = self._callable(binding.method)(message, timeout=deadline, metadata=metadata)
-        answer = asyncio.ensure_future(call)
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not answer.done():
-            # The client left: cancel the call, so the server stops working on it.
-            call.cancel()
-            answer.cancel()
+        answer = await _unless_gone(request, call, call)
+        if answer is None:
             log.info("%s %s: client went away; call cancelled", request_id, binding.method.name)
             return Response(status_code=CLIENT_CLOSED)
         try:
@@ -343,15 +349,9 @@ class _Gateway:
         messages = call.__aiter__()
         # Wait for the first message (or the error) before answering, so that a call
         # refused at once (bad parameters, unknown model) gets its own HTTP status.
-        first_task = asyncio.ensure_future(anext(messages))
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({first_task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not first_task.done():
-            call.cancel()
-            first_task.cancel()
+        first_task = await _unless_gone(request, call, anext(messages))
+        if first_task is None:
+            log.info("%s %s: client went away; call cancelled", request_id, binding.method.name)
             return Response(status_code=CLIENT_CLOSED)
         first: Message | None
         try:
@@ -426,33 +426,6 @@ class _Gateway:
             )
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
         return JSONResponse({"status": name}, status_code=200 if name == "SERVING" else 503)
-
-
-class _RequestIdMiddleware:
-    """Gives every response an ``X-Request-Id``: the caller's when sane, else a new one.
-
-    The gateway's endpoints set it themselves (and send it upstream); this covers
-    the rest (health, OpenAPI, docs, errors from Starlette itself).
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_id(message: Message_) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                if not any(key.lower() == b"x-request-id" for key, _ in headers):
-                    given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-                    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-                    message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 class _Streamed(Response):
@@ -570,7 +543,7 @@ def build_gateway(
         finally:
             await gateway.close()
 
-    middleware = [Middleware(_RequestIdMiddleware)]
+    middleware = [Middleware(RequestIdMiddleware)]
     if cors_origins:
         middleware.append(
             Middleware(
