@@ -26,7 +26,8 @@ from . import _convert
 from ._channel import ChannelSettings, Metadata
 from ._default_model import only_model
 from ._errors import from_grpc_error
-from ._types import FinishReason, Generation, ModelInfo, Usage
+from ._record import StreamRecord
+from ._types import FinishReason, Generation, ModelInfo
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +40,7 @@ __all__ = ["Client", "TextStream"]
 T = TypeVar("T")
 
 
-class TextStream:
+class TextStream(StreamRecord):
     """The text of a streamed generation, chunk by chunk, as it is produced.
 
     Iterate it once: ``for chunk in stream`` yields non-empty ``str`` chunks.
@@ -53,24 +54,11 @@ class TextStream:
     """
 
     def __init__(self, call: Any) -> None:
+        super().__init__()
         self._call = call
         self._cancelled = False
         self._done = False
-        self._ids: list[int] = []
-        self._parts: list[str] = []
         self._next: Iterator[str] | None = None
-        self.finish_reason: FinishReason | None = None
-        self.usage: Usage | None = None
-
-    @property
-    def token_ids(self) -> tuple[int, ...]:
-        """The ids of the tokens received so far."""
-        return tuple(self._ids)
-
-    @property
-    def text(self) -> str:
-        """The text received so far."""
-        return "".join(self._parts)
 
     def __iter__(self) -> Iterator[str]:
         # A generator, so that a `for` loop that breaks drops it and its
@@ -78,14 +66,8 @@ class TextStream:
         # referenced by the caller.
         try:
             for message in self._call:
-                text, ids, finish_reason, usage = _convert.stream_part(message)
-                self._ids.extend(ids)
-                if finish_reason is not None:
-                    self.finish_reason = finish_reason
-                if usage is not None:
-                    self.usage = usage
+                text = self._record(message)
                 if text:
-                    self._parts.append(text)
                     yield text
             self._done = True
         except grpc.RpcError as error:

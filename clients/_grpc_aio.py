@@ -22,7 +22,8 @@ from . import _convert
 from ._channel import ChannelSettings, Metadata
 from ._default_model import only_model
 from ._errors import from_grpc_error
-from ._types import FinishReason, Generation, ModelInfo, Usage
+from ._record import StreamRecord
+from ._types import FinishReason, Generation, ModelInfo
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,7 @@ __all__ = ["AsyncClient", "AsyncTextStream"]
 T = TypeVar("T")
 
 
-class AsyncTextStream:
+class AsyncTextStream(StreamRecord):
     """The asyncio twin of :class:`TextStream`: ``async for chunk in stream``.
 
     The call starts on the first iteration. Leaving the loop early cancels it
@@ -44,27 +45,14 @@ class AsyncTextStream:
     """
 
     def __init__(self, client: AsyncClient, model: str | None, start: Any) -> None:
+        super().__init__()
         self._client = client
         self._model = model
         self._start = start
         self._call: Any = None
         self._cancelled = False
         self._done = False
-        self._ids: list[int] = []
-        self._parts: list[str] = []
         self._next: AsyncIterator[str] | None = None
-        self.finish_reason: FinishReason | None = None
-        self.usage: Usage | None = None
-
-    @property
-    def token_ids(self) -> tuple[int, ...]:
-        """The ids of the tokens received so far."""
-        return tuple(self._ids)
-
-    @property
-    def text(self) -> str:
-        """The text received so far."""
-        return "".join(self._parts)
 
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
@@ -73,14 +61,8 @@ class AsyncTextStream:
                 return
             self._call = self._start(model)
             async for message in self._call:
-                text, ids, finish_reason, usage = _convert.stream_part(message)
-                self._ids.extend(ids)
-                if finish_reason is not None:
-                    self.finish_reason = finish_reason
-                if usage is not None:
-                    self.usage = usage
+                text = self._record(message)
                 if text:
-                    self._parts.append(text)
                     yield text
             self._done = True
         except grpc.RpcError as error:

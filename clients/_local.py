@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from ._convert import GENERATION_PARAMETERS
 from ._errors import DeadlineExceeded, ProtoserveError, from_status
+from ._record import StreamRecord
 from ._types import FinishReason, Generation, ModelInfo, ParameterInfo, Usage
 
 if TYPE_CHECKING:
@@ -63,27 +64,17 @@ def _typed(error: Exception) -> Exception:
     return error
 
 
-class LocalTextStream:
+class LocalTextStream(StreamRecord):
     """Text chunks of a local generation as they are produced; ``break`` cancels it.
 
     After the end: ``finish_reason``, ``usage``, ``token_ids``, ``text``.
     """
 
     def __init__(self, client: LocalClient, chunks: AsyncGenerator[Any, None]) -> None:
+        super().__init__()
         self._client = client
         self._chunks = chunks
-        self._parts: list[str] = []
-        self._ids: list[int] = []
-        self.finish_reason: FinishReason | None = None
         self.usage = Usage()
-
-    @property
-    def token_ids(self) -> tuple[int, ...]:
-        return tuple(self._ids)
-
-    @property
-    def text(self) -> str:
-        return "".join(self._parts)
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -92,13 +83,17 @@ class LocalTextStream:
                     chunk = self._client._run(anext(self._chunks), None)
                 except StopAsyncIteration:
                     return
-                self._ids.extend(chunk.token_ids)
-                if chunk.finish_reason is not None:
-                    self.finish_reason = FinishReason(chunk.finish_reason.value)
-                    self.usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                if chunk.text:
-                    self._parts.append(chunk.text)
-                    yield chunk.text
+                finished = chunk.finish_reason is not None
+                text = self._add(
+                    chunk.text,
+                    chunk.token_ids,
+                    FinishReason(chunk.finish_reason.value) if finished else None,
+                    Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    if finished
+                    else None,
+                )
+                if text:
+                    yield text
         finally:
             self.cancel()
 

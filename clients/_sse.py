@@ -15,10 +15,10 @@ import httpx
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
 
-from . import _convert
 from ._errors import Unavailable, from_http_error
 from ._http_wire import error_of, parse_json
-from ._types import FinishReason, Usage
+from ._record import StreamRecord
+from ._types import FinishReason
 
 __all__ = ["SSEStream"]
 
@@ -53,30 +53,17 @@ class _SSEParser:
         return None
 
 
-class SSEStream:
+class SSEStream(StreamRecord):
     """What both stream classes share: reading events, and what they said."""
 
     def __init__(self, base_url: str) -> None:
+        super().__init__()
         self._base_url = base_url
         self._parser = _SSEParser()
         self._response: httpx.Response | None = None
         self._started = False
         self._cancelled = False
         self._done = False
-        self._ids: list[int] = []
-        self._parts: list[str] = []
-        self.finish_reason: FinishReason | None = None
-        self.usage: Usage | None = None
-
-    @property
-    def token_ids(self) -> tuple[int, ...]:
-        """The ids of the tokens received so far."""
-        return tuple(self._ids)
-
-    @property
-    def text(self) -> str:
-        """The text received so far."""
-        return "".join(self._parts)
 
     def _opened(self, response: httpx.Response) -> None:
         self._response = response
@@ -104,14 +91,8 @@ class SSEStream:
             raise from_http_error(response.status_code, status, response.headers)
         elif kind == "message":
             part = parse_json(json.loads(data), pb.GenerateStreamResponse())
-            text, ids, finish_reason, usage = _convert.stream_part(part)
-            self._ids.extend(ids)
-            if finish_reason is not None:
-                self.finish_reason = finish_reason
-            if usage is not None:
-                self.usage = usage
+            text = self._record(part)
             if text:
-                self._parts.append(text)
                 return text
         return ""  # an event type this client does not know, from a newer gateway
 
