@@ -56,19 +56,23 @@ def _googleapis_include(session: nox.Session) -> str:
     return out.strip().splitlines()[-1]
 
 
-def generate_stubs(session: nox.Session, out: Path) -> None:
-    """Compile every .proto under protos/ into `out` (messages, grpc, .pyi)."""
+def generate_stubs(session: nox.Session, out: Path, googleapis: str | None = None) -> None:
+    """Compile every .proto under protos/ into `out` (messages, grpc, .pyi).
+
+    `googleapis` is the folder holding google/api/*.proto, when the caller knows it.
+    """
     protos = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     # Start from nothing, so that the stubs of a deleted .proto disappear too
     # (and the drift check sees it).
     shutil.rmtree(out / "protoserve", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    googleapis = googleapis or _googleapis_include(session)  # a subprocess: ask once
     session.run(
         "python",
         "-m",
         "grpc_tools.protoc",
         f"-I{PROTOS}",
-        f"-I{_googleapis_include(session)}",
+        f"-I{googleapis}",
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
@@ -84,7 +88,7 @@ def generate_stubs(session: nox.Session, out: Path) -> None:
             "-m",
             "grpc_tools.protoc",
             f"-I{PROTOS}",
-            f"-I{_googleapis_include(session)}",
+            f"-I{googleapis}",
             "--include_source_info",
             f"--descriptor_set_out={out / folder.relative_to(PROTOS) / 'descriptor_set.binpb'}",
             *files,
@@ -344,7 +348,7 @@ def protos(session: nox.Session) -> None:
     )
     check_breaking(session, new_image, googleapis)
 
-    generate_stubs(session, GEN)
+    generate_stubs(session, GEN, googleapis)
     status = subprocess.run(
         ["git", "status", "--porcelain", "--", "gen"],
         cwd=ROOT,
