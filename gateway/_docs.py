@@ -14,12 +14,9 @@ Everything that comes from the document or the server goes into the DOM as text
 
 from __future__ import annotations
 
-import html
-import re
+from protoserve.gateway._page import HEAD, fill
 
 __all__ = ["docs_html"]
-
-_PLACEHOLDER = re.compile(r"\{\{(TITLE|OPENAPI_URL)\}\}")
 
 
 def docs_html(openapi_url: str, title: str) -> str:
@@ -33,20 +30,12 @@ def docs_html(openapi_url: str, title: str) -> str:
     Returns:
         A complete HTML document; both arguments appear HTML-escaped.
     """
-    values = {"TITLE": html.escape(title), "OPENAPI_URL": html.escape(openapi_url)}
-    # One pass, so a title that contains a placeholder is not substituted again.
-    return _PLACEHOLDER.sub(lambda match: values[match[1]], _PAGE)
+    return fill(_PAGE, {"TITLE": title, "OPENAPI_URL": openapi_url})
 
 
-_PAGE = """\
-<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; \
-script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; \
-base-uri 'none'; form-action 'none'">
+_PAGE = (
+    HEAD
+    + """\
 <title>{{TITLE}}</title>
 <style>
 :root { --fg: #1d2330; --muted: #5b6475; --bg: #fff; --panel: #f5f7fa; --line: #dde2ea;
@@ -543,3 +532,4 @@ button:disabled { opacity: .5; cursor: default; }
 </body>
 </html>
 """
+)

@@ -24,12 +24,9 @@ Everything from the server goes into the DOM as text (``textContent``,
 
 from __future__ import annotations
 
-import html
-import re
+from protoserve.gateway._page import HEAD, fill
 
 __all__ = ["playground_html"]
-
-_PLACEHOLDER = re.compile(r"\{\{TITLE\}\}")
 
 
 def playground_html(title: str) -> str:
@@ -41,20 +38,12 @@ def playground_html(title: str) -> str:
     Returns:
         A complete HTML document.
     """
-    escaped = html.escape(title)
-    # One pass, so a title that contains the placeholder is not substituted again.
-    return _PLACEHOLDER.sub(lambda _: escaped, _PAGE)
+    return fill(_PAGE, {"TITLE": title})
 
 
-_PAGE = """\
-<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; \
-script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; \
-base-uri 'none'; form-action 'none'">
+_PAGE = (
+    HEAD
+    + """\
 <title>{{TITLE}} · playground</title>
 <style>
 :root { --fg: #1d2330; --muted: #5b6475; --bg: #fff; --panel: #f5f7fa; --line: #dde2ea;
@@ -331,3 +320,4 @@ body[data-state=done] #status { color: var(--ok); }
 </body>
 </html>
 """
+)
