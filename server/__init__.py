@@ -19,6 +19,7 @@ from protoserve.server.errors import (
 )
 from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import (
+    BatchDecoder,
     GenerationParams,
     Model,
     Parameter,
@@ -28,6 +29,7 @@ from protoserve.server.runtime.model import (
 )
 
 __all__ = [
+    "BatchDecoder",
     "Cancelled",
     "GenerationParams",
     "InferenceServer",

@@ -31,11 +31,18 @@ from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import Model
 from protoserve.server.servicer import InferenceServicer, add_to_server
 
-__all__ = ["InferenceServer"]
+__all__ = ["InferenceServer", "model_health_name"]
 
 log = logging.getLogger("protoserve.server")
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+def model_health_name(model: str) -> str:
+    """The Health service name that reports one model: ``models/NAME``."""
+    return f"models/{model}"
+
+
 #: Seconds before the end of the grace period at which generations are ended.
 _STOP_MARGIN = 1.0
 
@@ -60,6 +67,12 @@ class InferenceServer:
             models,
             max_queue=config.max_queue,
             max_active=config.max_active,
+            batching=config.batching,
+            max_batch_size=config.max_batch_size,
+            max_batch_delay=(
+                None if config.max_batch_delay_ms is None else config.max_batch_delay_ms / 1000
+            ),
+            max_streams=config.max_streams,
             on_change=self._update_health,
             metrics=self.metrics,
         )
@@ -82,18 +95,26 @@ class InferenceServer:
             raise OSError(f"cannot listen on {address} (in use, or not an address here)") from exc
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+        self._health_updates: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Event | None = None
         self._stopped = asyncio.Event()
 
     def _update_health(self) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if self.runtime.ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", INFERENCE_SERVICE):
+        """Health per model (``models/NAME``) and for the whole server ("" and the service)."""
+        statuses = {service: self.runtime.ready for service in ("", INFERENCE_SERVICE)}
+        for entry in self.runtime.list_models():
+            statuses[model_health_name(entry.name)] = self.runtime.model_ready(entry.name)
+        loop = asyncio.get_running_loop()
+        for service, ready in statuses.items():
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             # set() is a coroutine on the aio servicer; it only records and notifies.
-            asyncio.get_running_loop().create_task(self.health.set(service, status))
+            task = loop.create_task(self.health.set(service, status))
+            self._health_updates.add(task)  # held until done: the loop keeps weak references
+            task.add_done_callback(self._health_updates.discard)
 
     async def start(self) -> None:
         """Listen, then load the models; health turns SERVING once all are ready."""

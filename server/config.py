@@ -33,12 +33,25 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     #: Per model, most requests waiting to run; more get RESOURCE_EXHAUSTED.
     max_queue: int = 64
-    #: Per model, most requests run in turn at once.
-    max_active: int = 8
+    #: Per model, most requests run at once: generations decoded together in one
+    #: batch (continuous batching), or taking turns a step at a time.
+    max_active: int = 32
+    #: Batch requests together: Embed/Predict requests that arrive together run as
+    #: one model call, generations decode together. Off: one request per model call.
+    batching: bool = True
+    #: Largest dynamic batch (texts for Embed, rows for Predict); None: each model's own.
+    max_batch_size: int | None = None
+    #: Milliseconds to wait for more requests to fill a batch while the model is
+    #: idle; None: each model's own.
+    max_batch_delay_ms: float | None = None
+    #: Most streaming calls in flight on the whole server; more get RESOURCE_EXHAUSTED.
+    max_streams: int = 256
     #: Write the port actually bound to this file once serving (useful with port 0).
     port_file: str | None = None
     #: Logging level name.
     log_level: str = "INFO"
+    #: ``text`` (for people) or ``json`` (one object per line, for log pipelines).
+    log_format: str = "text"
     #: Port of the Prometheus ``/metrics`` HTTP endpoint (on ``host``); 0 picks a
     #: free one; None (the default) serves no metrics.
     metrics_port: int | None = None
@@ -54,14 +67,26 @@ _HELP = {
     "shutdown_grace": "seconds calls in flight get to finish on SIGTERM/SIGINT "
     "(default %(default)s)",
     "max_queue": "per model, most requests waiting before RESOURCE_EXHAUSTED (default %(default)s)",
-    "max_active": "per model, most requests run in turn at once (default %(default)s)",
+    "max_active": "per model, most requests run at once; generations decode together "
+    "(default %(default)s)",
+    "batching": "batch requests that arrive together into one model call, and decode "
+    "generations together (default: on)",
+    "max_batch_size": "largest dynamic batch: texts for Embed, rows for Predict "
+    "(default: each model's own; 1 turns dynamic batching off)",
+    "max_batch_delay_ms": "milliseconds an idle model waits for more requests to fill "
+    "a batch (default: each model's own)",
+    "max_streams": "most streaming calls in flight on the server before "
+    "RESOURCE_EXHAUSTED (default %(default)s)",
     "port_file": "write the bound port to this file once serving",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default %(default)s)",
+    "log_format": "text, or json for one JSON object per line (default %(default)s)",
     "metrics_port": "serve Prometheus metrics over HTTP at /metrics on this port; "
     "0 picks a free port (default: off)",
 }
-#: Settings that are None by default and an int when given.
-_OPTIONAL_INTS = frozenset({"metrics_port"})
+#: Settings that are None by default and a number when given.
+_OPTIONAL = {"metrics_port": int, "max_batch_size": int, "max_batch_delay_ms": float}
+_CHOICES = {"log_format": ("text", "json")}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def env_name(name: str) -> str:
@@ -89,19 +114,40 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                 default=None,
             )
             continue
-        kind = int if f.name in _OPTIONAL_INTS else {int: int, float: float}.get(type(default), str)
+        if isinstance(default, bool):
+            if raw is not None:
+                if raw.strip().lower() not in _TRUE + _FALSE:
+                    bad.append(
+                        f"{env_name(f.name)}={raw!r} is not one of {'/'.join(_TRUE)} "
+                        f"or {'/'.join(_FALSE)}"
+                    )
+                default = raw.strip().lower() in _TRUE
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
+            continue
+        kind = _OPTIONAL.get(f.name) or {int: int, float: float}.get(type(default), str)
         if raw is not None:
             try:
                 default = kind(raw)
             except ValueError:
                 bad.append(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}")
+            if f.name in _CHOICES and default not in _CHOICES[f.name]:
+                bad.append(
+                    f"{env_name(f.name)}={raw!r} is not one of {', '.join(_CHOICES[f.name])}"
+                )
         parser.add_argument(
             flag,
             dest=f.name,
             type=kind,
             default=default,
+            choices=_CHOICES.get(f.name),
             help=help_text,
-            metavar=f.name.split("_")[-1].upper(),
+            metavar=None if f.name in _CHOICES else f.name.split("_")[-1].upper(),
         )
 
     if bad:

@@ -21,6 +21,7 @@ __all__ = ["Metrics", "MetricsEndpoint"]
 
 #: Seconds; from sub-millisecond steps up to long generations.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -48,6 +49,14 @@ class Metrics:
             "Seconds a job waited in its model's queue before its first step.",
             ("model",),
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "protoserve_batch_size",
+            "Items per model call: texts per embed batch, rows per predict batch, "
+            "sequences per decode step (generate).",
+            ("model", "kind"),
+            buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.queue_depth = Gauge(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from protoserve.server.runtime.core import GenerateResult, ModelEntry, ModelState, Runtime
 from protoserve.server.runtime.generation import Chunk, FinishReason, Usage
 from protoserve.server.runtime.model import (
+    BatchDecoder,
     GenerationParams,
     Model,
     Parameter,
@@ -14,6 +15,7 @@ from protoserve.server.runtime.model import (
 )
 
 __all__ = [
+    "BatchDecoder",
     "Chunk",
     "FinishReason",
     "GenerateResult",

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ import torch
 from protoserve.server.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from protoserve.server.metrics import Metrics
 from protoserve.server.runtime.generation import Chunk, FinishReason, Usage, run_generation
-from protoserve.server.runtime.model import Model, Task
+from protoserve.server.runtime.model import BatchDecoder, GenerationParams, Model, Task
 from protoserve.server.runtime.params import validate_generation
 from protoserve.server.runtime.scheduler import Scheduler
 from protoserve.server.runtime.tensors import RawTensor, from_raw, to_raw
@@ -87,16 +88,32 @@ class Runtime:
         models: Sequence[tuple[str, Model]],
         *,
         max_queue: int = 64,
-        max_active: int = 8,
+        max_active: int = 32,
+        batching: bool = True,
+        max_batch_size: int | None = None,
+        max_batch_delay: float | None = None,
+        max_streams: int = 256,
         on_change: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._entries: dict[str, ModelEntry] = {}
         self.metrics = metrics
+        self.batching = batching
+        self.max_streams = max_streams
+        self._streams = 0
         for name, model in models:
             if name in self._entries:
                 raise ValueError(f"two models are named {name!r}")
-            scheduler = Scheduler(name, max_queue=max_queue, max_active=max_active)
+            batch_size = max_batch_size if max_batch_size is not None else model.max_batch_size
+            delay = max_batch_delay if max_batch_delay is not None else model.max_batch_delay
+            scheduler = Scheduler(
+                name,
+                max_queue=max_queue,
+                max_active=max_active,
+                max_batch_size=batch_size if batching else 1,
+                max_batch_delay=delay,
+                metrics=metrics,
+            )
             self._entries[name] = ModelEntry(name, model, scheduler)
             if metrics is not None:
                 metrics.add_model(name, _depth_of(scheduler))
@@ -117,12 +134,19 @@ class Runtime:
     async def _load(self, entry: ModelEntry) -> None:
         started = time.perf_counter()
 
+        scheduler = entry.scheduler
+        batching = self.batching
+
         def load() -> None:
             entry.model.load()
             entry.model.warmup()
+            decoder = entry.model.batch_decoder(scheduler.max_active) if batching else None
+            if decoder is not None:
+                _warm_up_decoder(decoder)
+                scheduler.decoder = decoder
 
         try:
-            await entry.scheduler.run(load)
+            await entry.scheduler.run(load, request=False)
         except Exception as exc:
             log.exception("model %s failed to load", entry.name)
             entry.state, entry.state_message = ModelState.FAILED, f"failed to load: {exc}"
@@ -137,6 +161,11 @@ class Runtime:
         return not self._draining and all(
             e.state is ModelState.READY for e in self._entries.values()
         )
+
+    def model_ready(self, name: str) -> bool:
+        """True when the model is READY (loaded and run once) and the server is not draining."""
+        entry = self._entries.get(name)
+        return entry is not None and not self._draining and entry.state is ModelState.READY
 
     @property
     def in_flight(self) -> int:
@@ -222,32 +251,51 @@ class Runtime:
     ) -> AsyncGenerator[Chunk, None]:
         """Chunks of a generation as they are produced; the last has finish reason and usage.
 
-        Leaving the iteration early cancels the generation before its next step.
+        Counts toward ``max_streams``. Leaving the iteration early cancels the
+        generation before its next step.
         """
+        if self._streams >= self.max_streams:
+            if self.metrics is not None and model in self._entries:
+                self.metrics.rejections.labels(model).inc()
+            raise ResourceExhausted(
+                f"the server has {self._streams} streams in flight, its limit; retry later",
+                retry_after=1.0,
+            )
+        self._streams += 1
+        try:
+            async with contextlib.aclosing(self._generation(model, text, parameters)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self._streams -= 1
+
+    async def _generation(
+        self, model: str, text: str, parameters: Mapping[str, Any]
+    ) -> AsyncGenerator[Chunk, None]:
         with self._request():
             entry = self._serving(model, Task.TEXT_GENERATION)
             params = validate_generation(entry.model, parameters)
             prompt_tokens = self._prompt_tokens(entry, text, "inputs")
-            job: Any = None
-            metrics = self.metrics
-            submitted = time.perf_counter()
-
-            def factory() -> Iterator[Chunk]:
-                if metrics is not None:
-                    metrics.queue_seconds.labels(model).observe(time.perf_counter() - submitted)
-                return run_generation(
-                    entry.model, text, params, prompt_tokens=prompt_tokens, stop=job.stop
+            scheduler = entry.scheduler
+            job: Any
+            if scheduler.decoder is not None:
+                job = self._submit(
+                    entry, lambda: scheduler.submit_sequence(text, params, prompt_tokens)
                 )
+            else:
 
-            job = self._submit(entry, factory)
-            if metrics is None:
-                async for chunk in entry.scheduler.stream(job):
-                    yield chunk
-                return
+                def factory() -> Iterator[Chunk]:
+                    return run_generation(
+                        entry.model, text, params, prompt_tokens=prompt_tokens, stop=job.stop
+                    )
+
+                job = self._submit(entry, lambda: scheduler.submit(factory))
+            chunks = scheduler.stream(job)
+            if self.metrics is not None:
+                chunks = self._measured(model, job.submitted, chunks)
             # aclosing: leaving early reaches the job (and cancels it) at once, not at GC.
-            measured = self._measured(model, submitted, entry.scheduler.stream(job))
-            async with contextlib.aclosing(measured):
-                async for chunk in measured:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
                     yield chunk
 
     async def _measured(
@@ -290,30 +338,41 @@ class Runtime:
             if cancelled:
                 m.cancellations.labels(model).inc()
 
-    def _submit(self, entry: ModelEntry, factory: Callable[[], Iterator[Any]]) -> Any:
+    def _submit(self, entry: ModelEntry, submit: Callable[[], T]) -> T:
+        """``submit()``, a rejection (the model is full) counted."""
         try:
-            return entry.scheduler.submit(factory)
+            return submit()
         except ResourceExhausted:
-            if self.metrics is not None:
-                self.metrics.rejections.labels(entry.name).inc()
+            self._rejected(entry)
             raise
 
     async def _run(self, entry: ModelEntry, fn: Callable[[], T]) -> T:
-        """``fn`` as one step in the model's thread, its queue time and rejection counted."""
-        metrics = self.metrics
-        if metrics is None:
-            return await entry.scheduler.run(fn)
-        submitted = time.perf_counter()
-
-        def timed() -> T:
-            metrics.queue_seconds.labels(entry.name).observe(time.perf_counter() - submitted)
-            return fn()
-
+        """``fn`` as one step in the model's thread; a rejection counted."""
         try:
-            return await entry.scheduler.run(timed)
+            return await entry.scheduler.run(fn)
         except ResourceExhausted:
-            metrics.rejections.labels(entry.name).inc()
+            self._rejected(entry)
             raise
+
+    async def _run_batched(
+        self,
+        entry: ModelEntry,
+        kind: str,
+        key: Hashable,
+        payload: Any,
+        weight: int,
+        run_batch: Callable[[list[Any]], list[T]],
+    ) -> T:
+        """``payload`` in a dynamic batch on the model's thread; a rejection counted."""
+        try:
+            return await entry.scheduler.run_batched(kind, key, payload, weight, run_batch)
+        except ResourceExhausted:
+            self._rejected(entry)
+            raise
+
+    def _rejected(self, entry: ModelEntry) -> None:
+        if self.metrics is not None:
+            self.metrics.rejections.labels(entry.name).inc()
 
     async def generate(
         self, model: str, text: str, parameters: Mapping[str, Any]
@@ -321,7 +380,7 @@ class Runtime:
         """A whole generation at once."""
         result = GenerateResult("")
         parts: list[str] = []
-        async for chunk in self.generate_stream(model, text, parameters):
+        async for chunk in self._generation(model, text, parameters):
             parts.append(chunk.text)
             result.token_ids.extend(chunk.token_ids)
             if chunk.finish_reason is not None and chunk.usage is not None:
@@ -343,21 +402,22 @@ class Runtime:
                     "inputs", f"holds {len(texts)} texts; the model takes at most {limit}"
                 )
             tokens = sum(self._prompt_tokens(entry, t, f"inputs[{i}]") for i, t in enumerate(texts))
-            batch = list(texts)
+            model_ = entry.model
 
-            def run() -> torch.Tensor:
-                vectors = entry.model.embed(batch)
-                if not isinstance(vectors, torch.Tensor) or vectors.shape[:1] != (len(batch),):
-                    raise TypeError(
-                        f"{type(entry.model).__name__}.embed returned "
-                        f"{getattr(vectors, 'shape', type(vectors))} for {len(batch)} texts"
-                    )
-                vectors = vectors.detach().to("cpu", torch.float32).reshape(len(batch), -1)
-                if normalize:
-                    vectors = torch.nn.functional.normalize(vectors, dim=-1)
-                return vectors
+            def run_batch(payloads: list[tuple[list[str], bool]]) -> list[torch.Tensor]:
+                vectors = _embeddings(model_, [t for texts, _ in payloads for t in texts])
+                out, start = [], 0
+                for part, normalize_part in payloads:
+                    rows = vectors[start : start + len(part)]
+                    start += len(part)
+                    if normalize_part:
+                        rows = torch.nn.functional.normalize(rows, dim=-1)
+                    out.append(rows.clone())
+                return out
 
-            return await self._run(entry, run), Usage(tokens, 0)
+            payload = (list(texts), normalize)
+            vectors = await self._run_batched(entry, "embed", (), payload, len(texts), run_batch)
+            return vectors, Usage(tokens, 0)
 
     async def predict(
         self, model: str, inputs: Sequence[RawTensor], parameters: Mapping[str, Any]
@@ -368,16 +428,88 @@ class Runtime:
             tensors = from_raw(inputs)
             _check_declared(entry.model, tensors)
             params = dict(parameters)
+            model_ = entry.model
+            key = None
+            if model_.predict_batches and entry.scheduler.max_batch_size > 1:
+                key = _predict_batch_key(tensors, params)
+            if key is None:
 
-            def run() -> list[RawTensor]:
-                outputs = entry.model.predict(tensors, params)
-                return [to_raw(name, value) for name, value in outputs.items()]
+                def run() -> list[RawTensor]:
+                    outputs = model_.predict(tensors, params)
+                    return [to_raw(name, value) for name, value in outputs.items()]
 
-            return await self._run(entry, run)
+                return await self._run(entry, run)
+            rows = next(iter(tensors.values())).shape[0]
+            return await self._run_batched(
+                entry,
+                "predict",
+                key,
+                tensors,
+                rows,
+                lambda batch: _predict_batch(model_, batch, params),
+            )
 
 
 def _depth_of(scheduler: Scheduler) -> Callable[[], int]:
     return lambda: scheduler.depth
+
+
+def _warm_up_decoder(decoder: BatchDecoder) -> None:
+    """Prefill one sequence and step it once, so the first request pays no one-off costs."""
+    params = GenerationParams(max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0, seed=0)
+    state, _ = decoder.prefill("warm up", params)
+    try:
+        decoder.step([state])
+    finally:
+        decoder.release(state)
+
+
+def _embeddings(model: Model, texts: list[str]) -> torch.Tensor:
+    """``model.embed(texts)`` as float32 rows on the CPU; a wrong shape is the model's error."""
+    vectors = model.embed(texts)
+    if not isinstance(vectors, torch.Tensor) or vectors.shape[:1] != (len(texts),):
+        raise TypeError(
+            f"{type(model).__name__}.embed returned "
+            f"{getattr(vectors, 'shape', type(vectors))} for {len(texts)} texts"
+        )
+    return vectors.detach().to("cpu", torch.float32).reshape(len(texts), -1)
+
+
+def _predict_batch_key(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Hashable:
+    """What requests must share to be run together: input dtypes and shapes but the
+    first dimension, and the parameters. None when this request cannot be batched."""
+    if not tensors or any(t.ndim == 0 for t in tensors.values()):
+        return None
+    if len({t.shape[0] for t in tensors.values()}) != 1:
+        return None  # inputs disagree on the rows; the model will say what it thinks
+    try:
+        params_key = json.dumps(params, sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+    inputs = tuple(sorted((n, str(t.dtype), tuple(t.shape[1:])) for n, t in tensors.items()))
+    return inputs, params_key
+
+
+def _predict_batch(
+    model: Model, batch: list[Mapping[str, torch.Tensor]], params: Mapping[str, Any]
+) -> list[list[RawTensor]]:
+    """One ``predict`` call on requests' inputs joined along dimension 0, split back per request."""
+    rows = [next(iter(tensors.values())).shape[0] for tensors in batch]
+    if len(batch) == 1:
+        joined = batch[0]
+    else:
+        joined = {name: torch.cat([tensors[name] for tensors in batch]) for name in batch[0]}
+    outputs = model.predict(joined, params)
+    results: list[list[RawTensor]] = [[] for _ in batch]
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != sum(rows):
+            raise RuntimeError(
+                f"{type(model).__name__} sets predict_batches, but its output {name!r} has "
+                f"shape {list(value.shape)} for {sum(rows)} input rows"
+            )
+        for result, part in zip(results, torch.split(value, rows), strict=True):
+            result.append(to_raw(name, part))
+    return results
 
 
 def _check_declared(model: Model, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -14,9 +14,9 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from protoserve.server.runtime.model import GenerationParams, Model
+from protoserve.server.runtime.model import GenerationParams, Model, Token
 
-__all__ = ["Chunk", "FinishReason", "Usage", "run_generation"]
+__all__ = ["Chunk", "FinishReason", "TextAssembly", "Usage", "run_generation"]
 
 
 class FinishReason(enum.Enum):
@@ -67,6 +67,57 @@ def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     return min(found) if found else None
 
 
+class TextAssembly:
+    """One generation's text, assembled token by token; the model is driven elsewhere.
+
+    :meth:`push` takes each token as the model chooses it (None at end of text)
+    and returns the chunk that is now certain. The chunk is the last one (it
+    has a finish reason and usage) when the token ends the generation: end of
+    text, a stop sequence, or ``max_new_tokens``. Both ways of generating use
+    it: :func:`run_generation` pulling from :meth:`Model.generate`, and the
+    scheduler's continuous batching pushing from a batch decoder.
+    """
+
+    def __init__(self, params: GenerationParams, prompt_tokens: int) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = tuple(s for s in params.stop_sequences if s)
+        self._limit = params.max_new_tokens
+        self._prompt_tokens = prompt_tokens
+        self._pending = ""  # decoded, not yet emitted
+        self.generated = 0
+        self.done = False
+
+    def push(self, token: Token | None) -> Chunk:
+        """The chunk ``token`` completes; None means the model ended the text."""
+        assert not self.done, "the generation already ended"
+        if token is None:
+            return self._finish([], FinishReason.END_OF_TEXT)
+        self.generated += 1
+        ids = [token.id]
+        self._pending += self._decoder.decode(token.data)
+        hit = _first_stop(self._pending, self._stops)
+        if hit is not None:
+            self._pending = self._pending[:hit]
+            return self._finish(ids, FinishReason.STOP_SEQUENCE)
+        if self.generated >= self._limit:
+            return self._finish(ids, FinishReason.LENGTH)
+        keep = _held_back(self._pending, self._stops)
+        cut = len(self._pending) - keep
+        ready, self._pending = self._pending[:cut], self._pending[cut:]
+        return Chunk(ready, ids)
+
+    def cancel(self) -> Chunk:
+        """The last chunk of a generation ended early (FinishReason.CANCELLED)."""
+        return self._finish([], FinishReason.CANCELLED)
+
+    def _finish(self, ids: list[int], reason: FinishReason) -> Chunk:
+        self.done = True
+        if reason is not FinishReason.STOP_SEQUENCE:
+            # A token cut off mid-character at the end shows as U+FFFD, never as an error.
+            self._pending += self._decoder.decode(b"", final=True)
+        return Chunk(self._pending, ids, reason, Usage(self._prompt_tokens, self.generated))
+
+
 def run_generation(
     model: Model,
     text: str,
@@ -81,42 +132,15 @@ def run_generation(
     ``FinishReason.CANCELLED`` (the server does that when it shuts down).
     Closing the iterator closes the model's token iterator too.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stops = tuple(s for s in params.stop_sequences if s)
-    pending = ""  # decoded, not yet emitted
-    ids: list[int] = []
-    generated = 0
+    assembly = TextAssembly(params, prompt_tokens)
     tokens = iter(model.generate(text, params))
     try:
-        while True:
+        while not assembly.done:
             if stop.is_set():
-                finish = FinishReason.CANCELLED
-                break
-            if generated >= params.max_new_tokens:
-                finish = FinishReason.LENGTH
-                break
-            try:
-                token = next(tokens)
-            except StopIteration:
-                finish = FinishReason.END_OF_TEXT
-                break
-            generated += 1
-            ids.append(token.id)
-            pending += decoder.decode(token.data)
-            hit = _first_stop(pending, stops)
-            if hit is not None:
-                pending = pending[:hit]
-                finish = FinishReason.STOP_SEQUENCE
-                break
-            keep = _held_back(pending, stops)
-            ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-            yield Chunk(ready, ids)
-            ids = []
+                yield assembly.cancel()
+                return
+            yield assembly.push(next(tokens, None))
     finally:
         close = getattr(tokens, "close", None)
         if close is not None:
             close()
-    if finish is not FinishReason.STOP_SEQUENCE:
-        # A token cut off mid-character at the end shows as U+FFFD, never as an error.
-        pending += decoder.decode(b"", final=True)
-    yield Chunk(pending, ids, finish, Usage(prompt_tokens, generated))

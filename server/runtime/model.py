@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 __all__ = [
+    "BatchDecoder",
     "GenerationParams",
     "Model",
     "Parameter",
@@ -95,8 +96,51 @@ class Token:
     data: bytes
 
 
+class BatchDecoder:
+    """Continuous batching: many sequences decode together, one step for all of them.
+
+    A model that can decode several sequences in one forward pass returns one
+    of these from :meth:`Model.batch_decoder`. The runtime then admits a new
+    request with :meth:`prefill` (which also chooses its first token), steps
+    every running sequence with one :meth:`step` call, and calls
+    :meth:`release` as soon as a sequence finishes, is cancelled or times
+    out. All calls come from the model's worker thread, one at a time.
+
+    Each sequence keeps its own parameters and seed: its tokens must be the
+    same whether it decodes alone or beside others.
+    """
+
+    #: Most sequences held at once; the runtime never prefills more.
+    max_sequences: int = 1
+
+    def prefill(self, text: str, params: GenerationParams) -> tuple[Any, Token | None]:
+        """Start a sequence: read the prompt and choose the first token.
+
+        Returns an opaque state for :meth:`step` and :meth:`release`, and the
+        first token (None: the model ended the text at once).
+        """
+        raise NotImplementedError
+
+    def step(self, states: Sequence[Any]) -> list[Token | None]:
+        """One decode step for each sequence: its next token, or None at end of text.
+
+        ``states`` may be any subset of the live sequences, in any order; the
+        result is in the same order.
+        """
+        raise NotImplementedError
+
+    def release(self, state: Any) -> None:
+        """The sequence left the batch; free what it holds. Called once per sequence."""
+
+
 class Model:
     """Base class of a servable model. Override the methods of the tasks it serves.
+
+    Text generation: :meth:`generate` (one sequence at a time, steps taking
+    turns) or :meth:`batch_decoder` (continuous batching), or both.
+    Embeddings: :meth:`embed`; requests arriving together are joined into one
+    call (dynamic batching, :attr:`max_batch_size`). Tensors: :meth:`predict`,
+    joined the same way when :attr:`predict_batches` is set.
 
     Class attributes describe the model; override them in a subclass or set
     them on an instance. Methods run in the model's worker thread.
@@ -113,13 +157,33 @@ class Model:
     max_new_tokens_limit: ClassVar[int] = 1024
     max_input_tokens: ClassVar[int] = 4096
     max_stop_sequences: ClassVar[int] = 8
-    #: Most texts in one ``embed`` call.
+    #: Most texts in one ``embed`` request.
     max_batch_texts: ClassVar[int] = 256
+    #: Dynamic batching: most items in one model call -- texts for ``embed``,
+    #: rows (dimension 0) for ``predict`` when :attr:`predict_batches` is set.
+    #: Requests that arrive together are run as one call up to this size; 1 turns it off.
+    max_batch_size: ClassVar[int] = 32
+    #: Seconds the runtime may wait for more requests to fill a batch, and only
+    #: while the model has nothing else to do.
+    max_batch_delay: ClassVar[float] = 0.002
+    #: True when every ``predict`` input and output has the batch as dimension 0
+    #: and rows do not affect each other, so that requests whose inputs agree in
+    #: dtype and in every other dimension may be concatenated into one call.
+    predict_batches: ClassVar[bool] = False
 
     served_name: str = ""
 
     def load(self) -> None:
         """Load weights and get ready. Called once, before anything else."""
+
+    def batch_decoder(self, max_sequences: int) -> BatchDecoder | None:
+        """A decoder for continuous batching of generations, or None (the default).
+
+        Called once, after :meth:`load`. ``max_sequences`` is the most the
+        runtime will run at once. Without a decoder, generations run through
+        :meth:`generate` and take turns one step at a time.
+        """
+        return None
 
     def warmup(self) -> None:
         """Run every task once on a tiny input, so the first request pays no one-off costs.
@@ -144,7 +208,7 @@ class Model:
         """The tasks this model serves: those whose method the subclass overrides."""
         kind = type(self)
         found = set()
-        if kind.generate is not Model.generate:
+        if kind.generate is not Model.generate or kind.batch_decoder is not Model.batch_decoder:
             found.add(Task.TEXT_GENERATION)
         if kind.embed is not Model.embed:
             found.add(Task.EMBEDDING)
@@ -225,8 +289,20 @@ class Model:
         Stop (return) at the end of text. The runtime stops iterating at
         ``max_new_tokens`` or a stop sequence, and closes the iterator when
         the request is cancelled, so each ``next()`` should be one step.
+
+        The default decodes one sequence alone with :meth:`batch_decoder`, so a
+        model with a decoder need not write this too.
         """
-        raise NotImplementedError
+        decoder = self.batch_decoder(1)
+        if decoder is None:
+            raise NotImplementedError(f"{type(self).__name__} does not generate text")
+        state, token = decoder.prefill(text, params)
+        try:
+            while token is not None:
+                yield token
+                token = decoder.step([state])[0]
+        finally:
+            decoder.release(state)
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """One vector per text: a float tensor of shape ``[len(texts), dim]``."""

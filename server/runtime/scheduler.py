@@ -1,42 +1,58 @@
-"""A model's worker thread: bounded queue in, one step at a time, results out to asyncio.
+"""A model's worker thread: bounded queues in, batched model work, results out to asyncio.
 
-The event loop never runs a model. Request handlers submit a *job* (a
-function that returns an iterator; each ``next()`` is one step of model work)
-and await its items. The worker thread owns the model: it admits up to
-``max_active`` jobs and steps them round-robin, so a long generation never
-starves a short one, and a cancelled job is dropped before its next step.
+The event loop never runs a model. Request handlers submit work and await its
+results; the worker thread owns the model and, round after round, does:
 
-Every queue is bounded: the admission queue by ``max_queue`` (a full queue
-raises ResourceExhausted at once), and each job's output by ``buffer`` items
-(a slow reader pauses its own job, not the others).
+1. **Dynamic batches** (Embed, Predict): requests submitted with the same
+   batch key wait together, and one model call serves up to
+   ``max_batch_size`` items of them. A batch that is not full waits at most
+   ``max_batch_delay`` for stragglers, and only while the model has nothing
+   else to do.
+2. **Continuous batching** (generation with a :class:`BatchDecoder`): a new
+   sequence is prefilled, then joins the running ones; one decode step serves
+   them all. A sequence that finishes, is cancelled or times out leaves before
+   the next step.
+3. **Step jobs** (everything else: loading, models without batching, and
+   generation through ``Model.generate``): iterators stepped once per round,
+   in turn, so a long generation never starves a short request.
+
+Every queue is bounded: work waiting to start and work running together are
+at most ``max_queue + max_active`` (beyond that ResourceExhausted at once),
+and each job's unread output at most ``buffer`` items (a slow reader pauses
+its own job, not the others).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterator
+from typing import Any, Generic, TypeVar
 
 from protoserve.server.errors import ResourceExhausted, Unavailable
+from protoserve.server.metrics import Metrics
+from protoserve.server.runtime.generation import Chunk, TextAssembly
+from protoserve.server.runtime.model import BatchDecoder, GenerationParams
 
 __all__ = ["Job", "Scheduler"]
 
 T = TypeVar("T")
 
 _ITEM, _DONE, _ERROR = range(3)
+#: What the worker hands to the event loop: (job, kind, value).
+_Delivery = tuple["Job[Any]", int, object]
 
 
 class Job(Generic[T]):
-    """One submitted piece of work; iterate it (async) for its items."""
+    """Submitted work; iterate it (async) for its items."""
 
-    def __init__(self, scheduler: Scheduler, factory: Callable[[], Iterator[T]]) -> None:
+    def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
-        self._factory = factory
-        self._iterator: Iterator[T] | None = None
         self._loop = asyncio.get_running_loop()
         self._out: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+        self.submitted = time.perf_counter()
         self.unread = 0  # items handed to the loop, not yet read; guarded by the scheduler lock
         self.cancelled = False
         self.finished = False
@@ -62,18 +78,34 @@ class Job(Generic[T]):
                 assert isinstance(value, BaseException)
                 raise value
 
-    # Worker-thread side.
-    def _step(self) -> int:
+
+class _StepJob(Job[T]):
+    """An iterator stepped once per round; each ``next()`` is one unit of model work."""
+
+    def __init__(
+        self, scheduler: Scheduler, factory: Callable[[], Iterator[T]], request: bool
+    ) -> None:
+        super().__init__(scheduler)
+        self._factory = factory
+        self._request = request
+        self._iterator: Iterator[T] | None = None
+
+    def _step(self, out: list[_Delivery]) -> bool:
+        """One step; False when the job ended (its last delivery is in ``out``)."""
         try:
             if self._iterator is None:
+                if self._request:
+                    self._scheduler._observe_queue(self)
                 self._iterator = iter(self._factory())
             item = next(self._iterator)
         except StopIteration:
-            return self._deliver(_DONE, None)
+            out.append((self, _DONE, None))
+            return False
         except Exception as exc:  # model code failed: the request ends with an error
-            return self._deliver(_ERROR, exc)
-        self._deliver(_ITEM, item)
-        return _ITEM
+            out.append((self, _ERROR, exc))
+            return False
+        out.append((self, _ITEM, item))
+        return True
 
     def _close(self) -> None:
         closer = getattr(self._iterator, "close", None)
@@ -83,76 +115,150 @@ class Job(Generic[T]):
             except Exception:  # a model failing while it is being closed changes nothing
                 pass
 
-    def _deliver(self, kind: int, value: object) -> int:
-        with self._scheduler._lock:
-            self.unread += 1
-        try:
-            self._loop.call_soon_threadsafe(self._out.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is gone: nobody is waiting any more
-            self.cancelled = True
-        return kind
+
+class _BatchItem(Job[T]):
+    """One request's part of a dynamic batch: a payload of ``weight`` items."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        kind: str,
+        key: Hashable,
+        payload: object,
+        weight: int,
+        run_batch: Callable[[list[Any]], list[T]],
+    ) -> None:
+        super().__init__(scheduler)
+        self.kind, self.key = kind, (kind, key)
+        self.payload, self.weight, self.run_batch = payload, weight, run_batch
+
+
+class _Sequence(Job[Chunk]):
+    """One generation decoded in the continuous batch."""
+
+    def __init__(
+        self, scheduler: Scheduler, text: str, params: GenerationParams, prompt_tokens: int
+    ) -> None:
+        super().__init__(scheduler)
+        self.text, self.params = text, params
+        self.assembly = TextAssembly(params, prompt_tokens)
+        self.state: Any = None
+        self.prefilled = False
 
 
 class Scheduler:
-    """Runs one model's jobs in its own thread; see the module docstring.
+    """Runs one model's work in its own thread; see the module docstring.
 
     Args:
-        name: the model's name, for the thread's name and error messages.
-        max_queue: most jobs waiting to start; beyond that, ResourceExhausted.
-        max_active: most jobs stepped in turn at once.
+        name: the model's name, for the thread's name, errors and metrics.
+        max_queue: most requests waiting to start; beyond that, ResourceExhausted.
+        max_active: most step jobs and sequences running at once.
         buffer: most unread items per job before its steps pause.
+        max_batch_size: most items (texts, rows) in one dynamic batch.
+        max_batch_delay: seconds a batch that is not full may wait for more.
+        metrics: where queue times and batch sizes are observed, or None.
     """
 
-    def __init__(self, name: str, *, max_queue: int = 64, max_active: int = 8, buffer: int = 16):
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_queue: int = 64,
+        max_active: int = 8,
+        buffer: int = 16,
+        max_batch_size: int = 1,
+        max_batch_delay: float = 0.0,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.name = name
         self.max_queue = max_queue
         self.max_active = max_active
         self.buffer = buffer
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_batch_delay = max(0.0, max_batch_delay)
+        #: Set (from the worker thread, after the model loaded) to decode generations together.
+        self.decoder: BatchDecoder | None = None
+        self._metrics = metrics
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._queue: deque[Job[object]] = deque()
-        self._active: list[Job[object]] = []
+        self._waiting: deque[Job[Any]] = deque()  # step jobs and sequences
+        self._batches: dict[Hashable, deque[_BatchItem[Any]]] = {}
+        self._active: list[Job[Any]] = []
         self._closed = False
+        #: Model calls made, by kind: "step", "batch", "prefill", "decode" (for tests).
+        self.calls: dict[str, int] = {"step": 0, "batch": 0, "prefill": 0, "decode": 0}
         self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
         self._thread.start()
 
     @property
     def depth(self) -> int:
-        """Jobs waiting to start."""
-        return len(self._queue)
+        """Requests waiting to start."""
+        return len(self._waiting) + sum(len(q) for q in self._batches.values())
 
     @property
     def active(self) -> int:
-        """Jobs being stepped."""
+        """Step jobs and sequences running."""
         return len(self._active)
 
-    def submit(self, factory: Callable[[], Iterator[T]]) -> Job[T]:
-        """Queue a job; raises ResourceExhausted at once when the queue is full."""
-        job: Job[T] = Job(self, factory)
+    # Submitting (from the event loop).
+    def submit(self, factory: Callable[[], Iterator[T]], *, request: bool = True) -> Job[T]:
+        """Queue a step job; raises ResourceExhausted at once when the model is full.
+
+        ``request=False`` marks the server's own work (loading): its queue time
+        is not a request's.
+        """
+        job: _StepJob[T] = _StepJob(self, factory, request)
         with self._lock:
-            if self._closed:
-                raise Unavailable(f"model {self.name!r} is shutting down")
-            # Free active slots count as room: the worker admits queued jobs only
-            # between steps, and capacity must not depend on that timing.
-            if len(self._queue) + len(self._active) >= self.max_queue + self.max_active:
-                raise ResourceExhausted(
-                    f"model {self.name!r} is at capacity: {len(self._active)} requests "
-                    f"running and {len(self._queue)} queued; retry later",
-                    retry_after=1.0,
-                )
-            self._queue.append(job)  # type: ignore[arg-type]
+            self._admit(job)
+            self._waiting.append(job)
             self._wake.notify()
         return job
 
-    async def run(self, fn: Callable[[], T]) -> T:
+    def submit_sequence(
+        self, text: str, params: GenerationParams, prompt_tokens: int
+    ) -> Job[Chunk]:
+        """Queue a generation for the continuous batch (needs :attr:`decoder`)."""
+        if self.decoder is None:
+            raise RuntimeError(f"model {self.name!r} has no batch decoder")
+        job = _Sequence(self, text, params, prompt_tokens)
+        with self._lock:
+            self._admit(job)
+            self._waiting.append(job)
+            self._wake.notify()
+        return job
+
+    async def run(self, fn: Callable[[], T], *, request: bool = True) -> T:
         """Run ``fn()`` as one step in the worker thread and return its result."""
-        job = self.submit(lambda: iter((fn(),)))
+        return await self._result(self.submit(lambda: iter((fn(),)), request=request))
+
+    async def run_batched(
+        self,
+        kind: str,
+        key: Hashable,
+        payload: object,
+        weight: int,
+        run_batch: Callable[[list[Any]], list[T]],
+    ) -> T:
+        """Run ``payload`` in a dynamic batch with others of the same ``kind`` and ``key``.
+
+        ``run_batch`` gets the payloads of one batch (``weight`` items each,
+        at most ``max_batch_size`` in all unless one payload alone is larger)
+        and returns one result per payload, in order.
+        """
+        job: _BatchItem[T] = _BatchItem(self, kind, key, payload, weight, run_batch)
+        with self._lock:
+            self._admit(job)
+            self._batches.setdefault(job.key, deque()).append(job)
+            self._wake.notify()
+        return await self._result(job)
+
+    async def _result(self, job: Job[T]) -> T:
         try:
             async for item in job:
                 return item
         finally:
             job.cancel()
-        raise AssertionError("a one-step job ended without a result")
+        raise AssertionError("a one-result job ended without a result")
 
     async def stream(self, job: Job[T]) -> AsyncGenerator[T, None]:
         """The items of a submitted job; leaving early cancels it."""
@@ -162,62 +268,271 @@ class Scheduler:
         finally:
             job.cancel()
 
+    def _admit(self, job: Job[Any]) -> None:
+        """Refuse ``job`` unless there is room; called with the lock held."""
+        if self._closed:
+            raise Unavailable(f"model {self.name!r} is shutting down")
+        # Free active slots count as room: the worker admits waiting jobs only
+        # between rounds, and capacity must not depend on that timing.
+        held = self.depth + len(self._active)
+        if held >= self.max_queue + self.max_active:
+            raise ResourceExhausted(
+                f"model {self.name!r} is at capacity: {len(self._active)} requests "
+                f"running and {self.depth} queued; retry later",
+                retry_after=1.0,
+            )
+
     def request_stop(self) -> None:
-        """Ask every job to end early (generations finish with CANCELLED)."""
+        """Ask every generation to end early (they finish with CANCELLED)."""
         with self._lock:
-            for job in (*self._queue, *self._active):
+            for job in (*self._waiting, *self._active):
                 job.stop.set()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the worker thread; jobs still waiting fail with UNAVAILABLE."""
+        """Stop the worker thread; requests still waiting fail with UNAVAILABLE."""
         with self._lock:
             self._closed = True
-            waiting = list(self._queue)
-            self._queue.clear()
+            waiting: list[Job[Any]] = [*self._waiting]
+            for queue in self._batches.values():
+                waiting.extend(queue)
+            self._waiting.clear()
+            self._batches.clear()
             self._wake.notify()
-        for job in waiting:
-            job._deliver(_ERROR, Unavailable(f"model {self.name!r} is shutting down"))
+        error = Unavailable(f"model {self.name!r} is shutting down")
+        self._deliver([(job, _ERROR, error) for job in waiting])
         self._thread.join(timeout)
 
     # Called from the event loop.
-    def _cancel(self, job: Job[T]) -> None:
+    def _cancel(self, job: Job[Any]) -> None:
         with self._lock:
             if job.finished or job.cancelled:
                 return
             job.cancelled = True
-            if job in self._queue:
-                self._queue.remove(job)  # type: ignore[arg-type]
+            if isinstance(job, _BatchItem):
+                queue = self._batches.get(job.key)
+                if queue is not None and job in queue:
+                    queue.remove(job)
+                    if not queue:
+                        del self._batches[job.key]
+            elif job in self._waiting:
+                self._waiting.remove(job)
             self._wake.notify()
 
-    def _consumed(self, job: Job[T]) -> None:
+    def _consumed(self, job: Job[Any]) -> None:
         with self._lock:
             job.unread -= 1
             if job.unread == self.buffer - 1:
                 self._wake.notify()
 
     # The worker thread.
+    def _deliver(self, out: list[_Delivery]) -> None:
+        """Hand results to their event loops: one wake-up per loop, not per item."""
+        if not out:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Delivery]] = {}
+        with self._lock:
+            for delivery in out:
+                job = delivery[0]
+                job.unread += 1
+                by_loop.setdefault(job._loop, []).append(delivery)
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_post, deliveries)
+            except RuntimeError:  # the event loop is gone: nobody is waiting any more
+                for job, _, _ in deliveries:
+                    job.cancelled = True
+
+    def _observe_queue(self, job: Job[Any]) -> None:
+        if self._metrics is not None:
+            waited = time.perf_counter() - job.submitted
+            self._metrics.queue_seconds.labels(self.name).observe(waited)
+
+    def _observe_batch(self, kind: str, size: int) -> None:
+        if self._metrics is not None:
+            self._metrics.batch_size.labels(self.name, kind).observe(size)
+
+    def _finish(self, jobs: list[Job[Any]]) -> None:
+        with self._lock:
+            for job in jobs:
+                job.finished = True
+                if job in self._active:
+                    self._active.remove(job)
+
+    def _take_batches(self, now: float, idle: bool) -> tuple[list[list[_BatchItem[Any]]], float]:
+        """Batches due now (taken out of their queues), and the next time one falls due.
+
+        A batch is due when it is full, when its oldest request has waited
+        ``max_batch_delay``, or at once when the model has other work (a busy
+        model makes requests wait anyway). Called with the lock held.
+        """
+        taken: list[list[_BatchItem[Any]]] = []
+        next_due = float("inf")
+        for key in list(self._batches):
+            queue = self._batches[key]
+            total = sum(item.weight for item in queue)
+            due_at = queue[0].submitted + self.max_batch_delay
+            if idle and total < self.max_batch_size and now < due_at:
+                next_due = min(next_due, due_at)
+                continue
+            batch = [queue.popleft()]
+            size = batch[0].weight
+            while queue and size + queue[0].weight <= self.max_batch_size:
+                size += queue[0].weight
+                batch.append(queue.popleft())
+            if not queue:
+                del self._batches[key]
+            taken.append(batch)
+        return taken, next_due
+
     def _run(self) -> None:
         while True:
             with self._lock:
                 while True:
-                    while self._queue and len(self._active) < self.max_active:
-                        self._active.append(self._queue.popleft())
+                    while self._waiting and len(self._active) < self.max_active:
+                        self._active.append(self._waiting.popleft())
                     dropped = [j for j in self._active if j.cancelled]
                     for job in dropped:
                         self._active.remove(job)
-                    runnable = [j for j in self._active if j.unread < self.buffer]
-                    if runnable or dropped:
+                    steps: list[_StepJob[Any]] = []
+                    prefills: list[_Sequence] = []
+                    decodes: list[_Sequence] = []
+                    for job in self._active:
+                        if isinstance(job, _Sequence) and not job.prefilled:
+                            prefills.append(job)
+                        elif job.unread >= self.buffer:
+                            continue  # its reader is behind: it waits, the others go on
+                        elif isinstance(job, _Sequence):
+                            decodes.append(job)
+                        else:
+                            assert isinstance(job, _StepJob)
+                            steps.append(job)
+                    busy = bool(dropped or steps or prefills or decodes)
+                    now = time.perf_counter()
+                    batches, next_due = self._take_batches(now, idle=not busy)
+                    if busy or batches:
                         break
                     if self._closed and not self._active:
                         return
-                    self._wake.wait()
-            for job in dropped:
+                    self._wake.wait(None if next_due == float("inf") else next_due - now)
+            self._drop(dropped)
+            for batch in batches:
+                self._run_batch(batch)
+            self._step(steps)
+            self._prefill(prefills)
+            self._decode(decodes)
+
+    def _drop(self, dropped: list[Job[Any]]) -> None:
+        for job in dropped:
+            if isinstance(job, _StepJob):
                 job._close()
-            for job in runnable:
-                if job.cancelled:
+            elif isinstance(job, _Sequence) and job.prefilled:
+                self._release(job)
+
+    def _release(self, job: _Sequence) -> None:
+        assert self.decoder is not None
+        try:
+            self.decoder.release(job.state)
+        except Exception:  # a model failing to free a sequence changes nothing for the caller
+            pass
+
+    def _run_batch(self, batch: list[_BatchItem[Any]]) -> None:
+        live = [item for item in batch if not item.cancelled]
+        if not live:
+            return
+        for item in live:
+            self._observe_queue(item)
+        self._observe_batch(live[0].kind, sum(item.weight for item in live))
+        self.calls["batch"] += 1
+        out: list[_Delivery] = []
+        try:
+            results = live[0].run_batch([item.payload for item in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"a batch of {len(live)} requests gave {len(results)} results")
+        except Exception as exc:  # the model failed: every request of the batch ends with it
+            out.extend((item, _ERROR, exc) for item in live)
+        else:
+            for item, result in zip(live, results, strict=True):
+                out.append((item, _ITEM, result))
+                out.append((item, _DONE, None))
+        self._finish(list(live))
+        self._deliver(out)
+
+    def _step(self, steps: list[_StepJob[Any]]) -> None:
+        for job in steps:
+            if job.cancelled:
+                continue
+            out: list[_Delivery] = []
+            self.calls["step"] += 1
+            more = job._step(out)
+            if not more:
+                self._finish([job])
+            self._deliver(out)
+
+    def _prefill(self, prefills: list[_Sequence]) -> None:
+        decoder = self.decoder
+        assert decoder is not None or not prefills
+        for job in prefills:
+            if job.cancelled:
+                continue
+            self._observe_queue(job)
+            out: list[_Delivery] = []
+            if job.stop.is_set():
+                out.append((job, _ITEM, job.assembly.cancel()))
+            else:
+                self.calls["prefill"] += 1
+                try:
+                    job.state, token = decoder.prefill(job.text, job.params)  # type: ignore[union-attr]
+                except Exception as exc:
+                    self._finish([job])
+                    self._deliver([(job, _ERROR, exc)])
                     continue
-                if job._step() != _ITEM:
-                    with self._lock:
-                        job.finished = True
-                        if job in self._active:
-                            self._active.remove(job)
+                job.prefilled = True
+                out.append((job, _ITEM, job.assembly.push(token)))
+            if job.assembly.done:
+                self._end(job, out)
+            self._deliver(out)
+
+    def _decode(self, decodes: list[_Sequence]) -> None:
+        out: list[_Delivery] = []
+        stepping: list[_Sequence] = []
+        for job in decodes:
+            if job.cancelled:
+                continue
+            if job.stop.is_set():
+                out.append((job, _ITEM, job.assembly.cancel()))
+                self._end(job, out)
+            else:
+                stepping.append(job)
+        if stepping:
+            assert self.decoder is not None
+            self.calls["decode"] += 1
+            self._observe_batch("generate", len(stepping))
+            try:
+                tokens = self.decoder.step([job.state for job in stepping])
+                if len(tokens) != len(stepping):
+                    raise RuntimeError(
+                        f"a decode step of {len(stepping)} sequences gave {len(tokens)} tokens"
+                    )
+            except Exception as exc:  # the model failed: every sequence in the step ends
+                for job in stepping:
+                    self._release(job)
+                    out.append((job, _ERROR, exc))
+                self._finish(list(stepping))
+            else:
+                for job, token in zip(stepping, tokens, strict=True):
+                    out.append((job, _ITEM, job.assembly.push(token)))
+                    if job.assembly.done:
+                        self._end(job, out)
+        self._deliver(out)
+
+    def _end(self, job: _Sequence, out: list[_Delivery]) -> None:
+        """A sequence's last chunk is in ``out``: end its stream and free its place."""
+        out.append((job, _DONE, None))
+        if job.prefilled:
+            self._release(job)
+        self._finish([job])
+
+
+def _post(deliveries: list[_Delivery]) -> None:
+    for job, kind, value in deliveries:
+        job._out.put_nowait((kind, value))

@@ -93,7 +93,7 @@ def test_curl_examples_run(up: Up) -> None:
         outputs.append(done.stdout)
     generate, sse, ndjson, embed = outputs
     assert json.loads(generate)["finish_reason"] == "FINISH_REASON_LENGTH"
-    assert sse.count("event: message") == 21 and "event: done" in sse
+    assert sse.count("event: message") == 20 and "event: done" in sse
     assert "id: 1\nevent: message\ndata: {" in sse
     lines = [json.loads(line) for line in ndjson.splitlines()]
     assert len(lines) == 11 and lines[-1]["usage"]["completion_tokens"] == 10

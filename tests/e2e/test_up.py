@@ -56,7 +56,7 @@ def test_up_serves_http_and_grpc_and_stops_cleanly(tmp_path: Path) -> None:
                 headers={"Accept": "text/event-stream"},
             ) as stream:
                 body = stream.read().decode()
-            assert body.count("event: message") == 5 and body.rstrip().endswith("data: {}")
+            assert body.count("event: message") == 4 and body.rstrip().endswith("data: {}")
             data = [
                 json.loads(line[6:]) for line in body.splitlines() if line.startswith('data: {"')
             ]

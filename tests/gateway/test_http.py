@@ -192,7 +192,7 @@ def test_sse_get_binding_takes_query_parameters(http: httpx.Client) -> None:
     ) as response:
         events = list(sse_events(response.iter_lines()))
     messages = [json.loads(e["data"]) for e in events if e.get("event") == "message"]
-    assert len(messages) == 6 and messages[-1]["usage"]["completion_tokens"] == 5
+    assert len(messages) == 5 and messages[-1]["usage"]["completion_tokens"] == 5
     assert events[-1]["event"] == "done"
 
 
@@ -241,7 +241,7 @@ def test_ndjson_without_event_stream_accept(http: httpx.Client) -> None:
     response = http.post(STREAM.format("scripted"), json={"parameters": {"max_new_tokens": 3}})
     assert response.headers["content-type"] == "application/x-ndjson"
     lines = [json.loads(line) for line in response.text.splitlines()]
-    assert len(lines) == 4 and lines[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert len(lines) == 3 and lines[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
 
 
 def test_error_after_the_stream_started_is_an_error_event(http: httpx.Client) -> None:

@@ -312,7 +312,7 @@ def test_first_signal_lets_a_stream_in_flight_finish(
     launch: Callable[..., Gateway], http2: bool
 ) -> None:
     reader = drain_one_stream(launch("--http2"), http2=http2)
-    assert reader.events == ["message"] * 41 + ["done"], (reader.events, reader.error)
+    assert reader.events == ["message"] * 40 + ["done"], (reader.events, reader.error)
 
 
 @pytest.mark.parametrize(

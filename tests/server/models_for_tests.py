@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
-from protoserve.server import GenerationParams, Model, TensorInfo, Token
+from protoserve.server import BatchDecoder, GenerationParams, Model, TensorInfo, Token
 
 
 class Doubler(Model):
@@ -96,3 +97,125 @@ class Pausing(Model):
         yield Token(97, b"a")
         time.sleep(1.2)
         yield Token(98, b"b")
+
+
+class BatchEmbedder(Model):
+    """Embed: a text's vector is [length, byte sum, first byte]; rows never affect each other.
+
+    Records the texts of every call (``calls``) and takes ``delay`` seconds per call,
+    so that requests arriving meanwhile queue up and batch.
+    """
+
+    name = "batch-embedder"
+    max_batch_size = 8
+    max_batch_delay = 0.0
+    delay: ClassVar[float] = 0.03
+    calls: ClassVar[list[list[str]]] = []
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        type(self).calls.append(list(texts))
+        time.sleep(self.delay)
+        rows = [[len(t), sum(t.encode()), (t.encode() or b"\0")[0]] for t in texts]
+        return torch.tensor(rows, dtype=torch.float32)
+
+
+class BatchDoubler(Model):
+    """Predict on rows: y = x * factor, rowsum = sum of each row; records every call's shape."""
+
+    name = "batch-doubler"
+    predict_batches = True
+    max_batch_size = 16
+    max_batch_delay = 0.0
+    calls: ClassVar[list[tuple[int, ...]]] = []
+
+    def predict(
+        self, inputs: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]
+    ) -> Mapping[str, torch.Tensor]:
+        x = inputs["x"]
+        type(self).calls.append(tuple(x.shape))
+        time.sleep(0.03)
+        return {"y": x * float(parameters.get("factor", 2.0)), "rowsum": x.sum(dim=1)}
+
+
+class WrongRows(BatchDoubler):
+    """Claims predict_batches but answers one row whatever the batch."""
+
+    name = "wrong-rows"
+
+    def warmup(self) -> None:
+        pass
+
+    def predict(
+        self, inputs: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]
+    ) -> Mapping[str, torch.Tensor]:
+        time.sleep(0.03)
+        return {"y": inputs["x"].sum(dim=0, keepdim=True)}
+
+
+class LetterDecoder(BatchDecoder):
+    """Sequences of letters from each sequence's own seeded RNG; steps are recorded.
+
+    A prompt ``end N`` ends the text (None) after N tokens. ``steps`` holds the
+    number of sequences of every step; ``released`` the ids let go.
+    """
+
+    def __init__(self, max_sequences: int, delay: float) -> None:
+        self.max_sequences = max_sequences
+        self.delay = delay
+        self.steps: list[int] = []
+        self.released: list[int] = []
+        self.live: set[int] = set()
+        self._next = 0
+
+    def prefill(self, text: str, params: GenerationParams) -> tuple[Any, Token | None]:
+        if len(self.live) >= self.max_sequences:
+            raise RuntimeError("no free slot")
+        ident, self._next = self._next, self._next + 1
+        self.live.add(ident)
+        limit = int(text.split()[1]) if text.startswith("end ") else None
+        state = {"id": ident, "rng": random.Random(f"{params.seed}:{text}"), "n": 0, "limit": limit}
+        return state, self._token(state)
+
+    def step(self, states: Sequence[Any]) -> list[Token | None]:
+        time.sleep(self.delay)
+        self.steps.append(len(states))
+        return [self._token(state) for state in states]
+
+    def release(self, state: Any) -> None:
+        self.live.discard(state["id"])
+        self.released.append(state["id"])
+
+    @staticmethod
+    def _token(state: dict[str, Any]) -> Token | None:
+        if state["limit"] is not None and state["n"] >= state["limit"]:
+            return None
+        state["n"] += 1
+        letter = state["rng"].choice(b"abcdefghij ")
+        return Token(letter, bytes((letter,)))
+
+
+class Batched(Model):
+    """Generation by continuous batching only (no ``generate`` of its own); 5 ms a step."""
+
+    name = "batched"
+    delay: ClassVar[float] = 0.005
+    decoders: ClassVar[list[LetterDecoder]] = []
+
+    def batch_decoder(self, max_sequences: int) -> BatchDecoder:
+        decoder = LetterDecoder(max_sequences, self.delay)
+        type(self).decoders.append(decoder)
+        return decoder
+
+
+class Gated(Model):
+    """Warming up waits until ``release`` is set: readiness can be watched meanwhile."""
+
+    name = "gated"
+    release = threading.Event()
+
+    def warmup(self) -> None:
+        self.release.wait(30)
+        super().warmup()
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        return torch.ones(len(texts), 2)
