@@ -33,7 +33,7 @@ from starlette.routing import Route
 from protoserve.gateway._descriptors import Descriptors, from_compiled
 from protoserve.gateway._errors import HTTP_STATUS, GatewayError, from_grpc_error, status_json
 from protoserve.gateway._metrics import UNMATCHED, GatewayMetrics
-from protoserve.gateway._request_id import RequestIdMiddleware
+from protoserve.gateway._request_id import RequestIdMiddleware, current_request_id
 from protoserve.gateway._request_id import request_id as sane_request_id
 from protoserve.gateway._routing import MethodNotAllowed, RouteNotFound, Router
 from protoserve.gateway._rules import Binding, bindings_for
@@ -255,7 +255,10 @@ class _Gateway:
         )
 
     async def dispatch(self, request: Request) -> Response:
-        request_id = sane_request_id(request.headers.get("x-request-id", ""))
+        # Decided by RequestIdMiddleware, which logs it; its rule again outside the middleware.
+        request_id = current_request_id() or sane_request_id(
+            request.headers.get("x-request-id", "")
+        )
         started = time.perf_counter()
         try:
             response = await self._dispatch(request, request_id)
@@ -286,6 +289,10 @@ class _Gateway:
             ) from None
         binding = match.binding
         request.state.route = binding.template.pattern
+        # For the access line (RequestIdMiddleware).
+        request.state.grpc_method = (
+            f"/{binding.method.containing_service.full_name}/{binding.method.name}"
+        )
         body = await _read_body(request, self.max_body_bytes)
         if body and binding.body:
             _check_content_type(request.headers.get("content-type", ""))
@@ -314,7 +321,7 @@ class _Gateway:
         call = self._callable(binding.method)(message, timeout=deadline, metadata=metadata)
         answer = await _unless_gone(request, call, call)
         if answer is None:
-            log.info("%s %s: client went away; call cancelled", request_id, binding.method.name)
+            log.info("%s: client went away; call cancelled", binding.method.name)
             return Response(status_code=CLIENT_CLOSED)
         try:
             response = answer.result()
@@ -351,7 +358,7 @@ class _Gateway:
         # refused at once (bad parameters, unknown model) gets its own HTTP status.
         first_task = await _unless_gone(request, call, anext(messages))
         if first_task is None:
-            log.info("%s %s: client went away; call cancelled", request_id, binding.method.name)
+            log.info("%s: client went away; call cancelled", binding.method.name)
             return Response(status_code=CLIENT_CLOSED)
         first: Message | None
         try:
@@ -400,7 +407,7 @@ class _Gateway:
             },
             keepalive=self.keepalive if sse else None,
             on_disconnect=lambda: log.info(
-                "%s %s: client went away; stream cancelled", request_id, binding.method.name
+                "%s: client went away; stream cancelled", binding.method.name
             ),
         )
 

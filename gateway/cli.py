@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, cast
 
 import uvicorn
 
+from protoserve.gateway._logs import FORMATS
+from protoserve.gateway._logs import configure as configure_logging
+
 if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -117,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer with lowerCamelCase JSON names instead of the .proto names",
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=_env("LOG_FORMAT", "text"),
+        help="text, or json for one JSON object per line (default %(default)s)",
+    )
     return parser
 
 
@@ -126,9 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.certfile is None) != (args.keyfile is None):
         parser.error("--certfile and --keyfile go together")
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if args.log_format not in FORMATS:  # argparse checks a flag's value, not its default
+        parser.error(
+            f"PROTOSERVE_GATEWAY_LOG_FORMAT={args.log_format!r} is not one of {', '.join(FORMATS)}"
+        )
+    configure_logging(args.log_level, args.log_format)
     from protoserve.gateway._app import build_gateway
     from protoserve.gateway._descriptors import (
         DescriptorSourceError,
@@ -161,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.certfile, args.keyfile
             )
     except (DescriptorSourceError, OSError, ValueError) as exc:
-        print(f"protoserve gateway: {exc}", file=sys.stderr)
+        _fail(args.log_format, str(exc))
         return 2
     # The socket is bound here, not by the server, so that --port 0 can report its port.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -170,10 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sock.bind((args.host.strip("[]"), args.port))
     except OSError as exc:
-        print(
-            f"protoserve gateway: cannot listen on {args.host}:{args.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
+        _fail(args.log_format, f"cannot listen on {args.host}:{args.port}: {exc.strerror}")
         return 1
     sock.listen(2048)
     port = sock.getsockname()[1]
@@ -188,6 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve_uvicorn(app, sock, args, port_file)
 
 
+def _fail(log_format: str, message: str) -> None:
+    """Report why the gateway cannot run: one plain line, or a JSON one in a JSON log."""
+    if log_format == "json":
+        logging.getLogger("protoserve.gateway").error("%s", message)
+    else:
+        print(f"protoserve gateway: {message}", file=sys.stderr)
+
+
 def _serve_uvicorn(
     app: Starlette, sock: socket.socket, args: argparse.Namespace, port_file: Path | None
 ) -> int:
@@ -196,7 +212,9 @@ def _serve_uvicorn(
     config = uvicorn.Config(
         app,
         log_level=args.log_level.lower(),
-        access_log=False,
+        access_log=False,  # the gateway logs its own (RequestIdMiddleware)
+        # uvicorn's loggers go through the root handler, in the gateway's format.
+        log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=_GRACE_SECONDS,
         ssl_certfile=args.certfile,
@@ -257,7 +275,7 @@ def _serve_hypercorn(
     # _Drain ends requests at the grace; hypercorn's own cancelling is only a backstop.
     config.graceful_timeout = _GRACE_SECONDS + _BACKSTOP_SECONDS
     config.accesslog = None  # as uvicorn's access_log=False
-    # A Logger object is used as is, so hypercorn's lines go through basicConfig's format
+    # A Logger object is used as is, so hypercorn's lines go through the gateway's format
     # (given "-", hypercorn would install a handler and format of its own).
     config.errorlog = logging.getLogger("hypercorn.error")
     drain = _Drain(app)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from protoserve.server.app import InferenceServer
 from protoserve.server.config import add_arguments, from_arguments
+from protoserve.server.logs import configure as configure_logging
 from protoserve.server.runtime.loader import ModelSpecError, load_model_spec
 
 __all__ = ["build_parser", "main"]
@@ -30,15 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = from_arguments(args)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level, config.log_format)
     try:
         models = [load_model_spec(spec) for spec in config.models]
     except ModelSpecError as exc:
-        print(f"protoserve serve: {exc}", file=sys.stderr)
+        _fail(config.log_format, exc)
         return 2
 
     async def serve() -> None:
@@ -48,6 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(serve())
     except OSError as exc:
-        print(f"protoserve serve: {exc}", file=sys.stderr)
+        _fail(config.log_format, exc)
         return 1
     return 0
+
+
+def _fail(log_format: str, error: Exception) -> None:
+    """Report why the server cannot run: one plain line, or a JSON one in a JSON log."""
+    if log_format == "json":
+        logging.getLogger("protoserve.server").error("%s", error)
+    else:
+        print(f"protoserve serve: {error}", file=sys.stderr)

@@ -3,7 +3,9 @@
 The servicer is thin (DESIGN rule 7): it converts protobuf messages to plain
 values, calls :class:`~protoserve.server.runtime.core.Runtime`, and converts
 back. Every call gets a request id (the caller's ``x-request-id``, or a new
-one), returned as ``x-request-id`` metadata. Errors become statuses with
+one), returned as ``x-request-id`` metadata and carried by every line logged
+while the call runs; each call ends with one access line
+(``protoserve.server.access``). Errors become statuses with
 ``google.rpc`` details; an unexpected exception is logged with its traceback
 and the request id, and the client gets INTERNAL with that id only.
 """
@@ -27,6 +29,7 @@ from google.protobuf.message_factory import GetMessageClass
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server.errors import Internal, InvalidArgument, ProtoserveError, to_rpc_status
+from protoserve.server.logs import REQUEST_ID
 from protoserve.server.metrics import Metrics
 from protoserve.server.runtime.core import ModelEntry, ModelState, Runtime
 from protoserve.server.runtime.generation import Chunk, FinishReason
@@ -36,6 +39,8 @@ from protoserve.server.runtime.tensors import RawTensor
 __all__ = ["InferenceServicer", "add_to_server"]
 
 log = logging.getLogger("protoserve.server")
+#: One line per finished call: method, code, duration_ms, request_id, peer (and error).
+access_log = logging.getLogger("protoserve.server.access")
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -102,28 +107,69 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ProtoserveE
 async def _call(
     context: grpc.aio.ServicerContext[Any, Any], method: str, metrics: Metrics | None = None
 ) -> AsyncIterator[str]:
+    """One call's frame: its request id (in :data:`~protoserve.server.logs.REQUEST_ID`
+    while it runs, so every line logged for it carries the id), its errors as
+    statuses, its metrics, and its access line when it ends (for a stream: when the
+    stream does)."""
     started = time.perf_counter()
     # Anything that is neither a result nor an error of ours (the call was cancelled).
     code = grpc.StatusCode.CANCELLED
+    error_message: str | None = None
+    rid = request_id(context)
+    # Asked now: once a call is over, grpc may have freed what peer() reads (a crash).
+    peer = context.peer()
+    token = REQUEST_ID.set(rid)
     try:
-        rid = request_id(context)
         await context.send_initial_metadata((("x-request-id", rid),))
         try:
             yield rid
             code = grpc.StatusCode.OK
         except ProtoserveError as error:
             code = error.code
-            log.info("%s %s: %s %s", method, rid, error.code.name, error.message)
+            error_message = error.message  # on the access line
             await _abort(context, error)
         except Exception:
             code = grpc.StatusCode.INTERNAL
             # Logged here with the traceback; the client sees INTERNAL and the id only.
-            log.exception("%s %s failed", method, rid)
+            log.exception("%s failed", method)
             await _abort(context, Internal(rid))
     finally:
+        seconds = time.perf_counter() - started
         if metrics is not None:
             metrics.requests.labels(method, code.name).inc()
-            metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
+            metrics.request_seconds.labels(method).observe(seconds)
+        _log_access(method, code, seconds, rid, peer, error_message)
+        try:
+            REQUEST_ID.reset(token)
+        except ValueError:
+            # A stream's generator closed late, from another context: that one never had it.
+            pass
+
+
+def _log_access(
+    method: str,
+    code: grpc.StatusCode,
+    seconds: float,
+    rid: str,
+    peer: str,
+    error_message: str | None,
+) -> None:
+    """The call's one access line (``protoserve.server.access``, INFO)."""
+    duration_ms = round(seconds * 1000, 3)
+    fields: dict[str, Any] = {
+        "method": method,
+        "code": code.name,
+        "duration_ms": duration_ms,
+        "request_id": rid,
+        "peer": peer,
+    }
+    if error_message is None:
+        access_log.info("%s %s %.1fms", method, code.name, duration_ms, extra=fields)
+    else:
+        fields["error"] = error_message
+        access_log.info(
+            "%s %s %.1fms: %s", method, code.name, duration_ms, error_message, extra=fields
+        )
 
 
 @dataclass(frozen=True)

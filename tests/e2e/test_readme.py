@@ -96,7 +96,7 @@ def test_curl_examples_run(up: Up) -> None:
     assert sse.count("event: message") == 20 and "event: done" in sse
     assert "id: 1\nevent: message\ndata: {" in sse
     lines = [json.loads(line) for line in ndjson.splitlines()]
-    assert len(lines) == 11 and lines[-1]["usage"]["completion_tokens"] == 10
+    assert len(lines) == 10 and lines[-1]["usage"]["completion_tokens"] == 10
     assert len(json.loads(embed)["embeddings"]) == 2
 
 
