@@ -12,12 +12,16 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
+import grpc
 import pytest
 import torch
 
+from protoserve.inference.v1 import inference_service_pb2 as pb
+from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server import Model, ResourceExhausted
 from protoserve.server.runtime import FinishReason, Runtime
 from protoserve.server.runtime.tensors import RawTensor, from_raw, to_raw
+from tests._threads import start_grpc_server, stop_grpc_server
 from tests.server.models_for_tests import (
     BatchDoubler,
     Batched,
@@ -219,7 +223,11 @@ def test_concurrent_generations_decode_together_and_equal_their_alone_results() 
         # Fewer steps than tokens: that is what batching buys.
         assert len(steps) < sum(len(ids) for _, ids, _ in together) / 2
         reasons = {finish for _, _, finish in together}
-        assert reasons == {FinishReason.LENGTH, FinishReason.END_OF_TEXT, FinishReason.STOP_SEQUENCE}
+        assert reasons == {
+            FinishReason.LENGTH,
+            FinishReason.END_OF_TEXT,
+            FinishReason.STOP_SEQUENCE,
+        }
 
     run(main())
 
@@ -231,7 +239,7 @@ def test_a_new_sequence_joins_at_a_step_boundary_without_disturbing_the_others()
             short_alone = await collect(runtime, "batched", "short", gen(10, seed=8))
             decoder().steps.clear()
             long_task = asyncio.ensure_future(collect(runtime, "batched", "long", gen(120, seed=9)))
-            while len(decoder().steps) < 20:
+            while len(decoder().steps) < 20:  # noqa: ASYNC110 - the worker thread steps it
                 await asyncio.sleep(0.005)
             short = await collect(runtime, "batched", "short", gen(10, seed=8))
             long = await long_task
@@ -313,3 +321,28 @@ def test_streams_beyond_max_streams_are_refused_at_once() -> None:
 
     run(main())
 
+
+def test_a_deadline_takes_a_sequence_out_of_the_running_batch() -> None:
+    thread, server = start_grpc_server(["tests.server.models_for_tests:Batched"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            request = pb.GenerateRequest(
+                model="batched",
+                inputs="forever",
+                parameters=pb.GenerationParameters(max_new_tokens=1000),
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Generate(request, timeout=0.3)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        decoder = Batched.decoders[-1]
+        deadline = time.monotonic() + 5
+        while decoder.live and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not decoder.live, "the timed-out sequence still holds its place"
+        steps = len(decoder.steps)
+        time.sleep(0.1)
+        assert len(decoder.steps) == steps, "the model kept decoding after the deadline"
+        assert 0 < steps < 1000
+    finally:
+        stop_grpc_server(thread, server)
