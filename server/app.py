@@ -57,6 +57,10 @@ class InferenceServer:
 
     def __init__(self, config: ServerConfig, models: Sequence[tuple[str, Model]]) -> None:
         self.config = config
+        if config.torch_threads is not None:
+            import torch  # the runtime imports it anyway
+
+            torch.set_num_threads(max(1, config.torch_threads))
         # grpc-stubs does not know the asyncio health servicer.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # Counted always (cheap); exposed over HTTP only with ``metrics_port``.

@@ -46,6 +46,9 @@ class ServerConfig:
     max_batch_delay_ms: float | None = None
     #: Most streaming calls in flight on the whole server; more get RESOURCE_EXHAUSTED.
     max_streams: int = 256
+    #: Threads torch uses inside one model call (``torch.set_num_threads``);
+    #: None: torch's default, one per core.
+    torch_threads: int | None = None
     #: Write the port actually bound to this file once serving (useful with port 0).
     port_file: str | None = None
     #: Logging level name.
@@ -75,6 +78,7 @@ _HELP = {
     "(default: each model's own; 1 turns dynamic batching off)",
     "max_batch_delay_ms": "milliseconds an idle model waits for more requests to fill "
     "a batch (default: each model's own)",
+    "torch_threads": "threads torch uses inside one model call (default: one per core)",
     "max_streams": "most streaming calls in flight on the server before "
     "RESOURCE_EXHAUSTED (default %(default)s)",
     "port_file": "write the bound port to this file once serving",
@@ -84,7 +88,12 @@ _HELP = {
     "0 picks a free port (default: off)",
 }
 #: Settings that are None by default and a number when given.
-_OPTIONAL = {"metrics_port": int, "max_batch_size": int, "max_batch_delay_ms": float}
+_OPTIONAL = {
+    "metrics_port": int,
+    "max_batch_size": int,
+    "max_batch_delay_ms": float,
+    "torch_threads": int,
+}
 _CHOICES = {"log_format": ("text", "json")}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

@@ -10,8 +10,10 @@ results; the worker thread owns the model and, round after round, does:
    else to do.
 2. **Continuous batching** (generation with a :class:`BatchDecoder`): a new
    sequence is prefilled, then joins the running ones; one decode step serves
-   them all. A sequence that finishes, is cancelled or times out leaves before
-   the next step.
+   them all. Prefills are spread over rounds (``PREFILL_TOKENS_PER_ROUND``),
+   so that a burst of new requests does not stall the running ones. A
+   sequence that finishes, is cancelled or times out leaves before the next
+   step.
 3. **Step jobs** (everything else: loading, models without batching, and
    generation through ``Model.generate``): iterators stepped once per round,
    in turn, so a long generation never starves a short request.
@@ -41,6 +43,9 @@ __all__ = ["Job", "Scheduler"]
 T = TypeVar("T")
 
 _ITEM, _DONE, _ERROR = range(3)
+#: Prompt tokens prefilled per round at most (but always one sequence): a burst of
+#: new requests must not stall the running sequences for all their prefills at once.
+PREFILL_TOKENS_PER_ROUND = 512
 #: What the worker hands to the event loop: (job, kind, value).
 _Delivery = tuple["Job[Any]", int, object]
 
@@ -140,7 +145,7 @@ class _Sequence(Job[Chunk]):
         self, scheduler: Scheduler, text: str, params: GenerationParams, prompt_tokens: int
     ) -> None:
         super().__init__(scheduler)
-        self.text, self.params = text, params
+        self.text, self.params, self.prompt_tokens = text, params, prompt_tokens
         self.assembly = TextAssembly(params, prompt_tokens)
         self.state: Any = None
         self.prefilled = False
@@ -396,9 +401,12 @@ class Scheduler:
                     steps: list[_StepJob[Any]] = []
                     prefills: list[_Sequence] = []
                     decodes: list[_Sequence] = []
+                    budget = PREFILL_TOKENS_PER_ROUND
                     for job in self._active:
                         if isinstance(job, _Sequence) and not job.prefilled:
-                            prefills.append(job)
+                            if budget > 0 or not prefills:
+                                prefills.append(job)
+                                budget -= max(1, job.prompt_tokens)
                         elif job.unread >= self.buffer:
                             continue  # its reader is behind: it waits, the others go on
                         elif isinstance(job, _Sequence):

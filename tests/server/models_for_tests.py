@@ -163,6 +163,8 @@ class LetterDecoder(BatchDecoder):
         self.max_sequences = max_sequences
         self.delay = delay
         self.steps: list[int] = []
+        #: "prefill" and "step" in the order they happened.
+        self.events: list[str] = []
         self.released: list[int] = []
         self.live: set[int] = set()
         self._next = 0
@@ -172,6 +174,7 @@ class LetterDecoder(BatchDecoder):
             raise RuntimeError("no free slot")
         ident, self._next = self._next, self._next + 1
         self.live.add(ident)
+        self.events.append("prefill")
         limit = int(text.split()[1]) if text.startswith("end ") else None
         state = {"id": ident, "rng": random.Random(f"{params.seed}:{text}"), "n": 0, "limit": limit}
         return state, self._token(state)
@@ -179,6 +182,7 @@ class LetterDecoder(BatchDecoder):
     def step(self, states: Sequence[Any]) -> list[Token | None]:
         time.sleep(self.delay)
         self.steps.append(len(states))
+        self.events.append("step")
         return [self._token(state) for state in states]
 
     def release(self, state: Any) -> None:

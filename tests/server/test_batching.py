@@ -253,6 +253,24 @@ def test_a_new_sequence_joins_at_a_step_boundary_without_disturbing_the_others()
     run(main())
 
 
+def test_a_burst_of_new_requests_is_prefilled_over_several_steps() -> None:
+    async def main() -> None:
+        async with started(Batched()) as runtime:
+            running = runtime.generate_stream("batched", "running", gen(200))
+            await anext(running)
+            decoder().events.clear()
+            # Six 300-token prompts: at most 512 prompt tokens are prefilled between steps.
+            burst = [collect(runtime, "batched", "x" * 300, gen(3, seed=i)) for i in range(6)]
+            await asyncio.gather(*burst)
+            await running.aclose()
+            events = decoder().events
+        assert events.count("prefill") == 6
+        runs = "".join("p" if e == "prefill" else "s" for e in events).split("s")
+        assert max(len(run) for run in runs) == 2, events
+
+    run(main())
+
+
 def test_a_cancelled_stream_leaves_the_batch_within_one_step() -> None:
     async def main() -> None:
         async with started(Batched()) as runtime:
