@@ -6,13 +6,13 @@ model and nothing downloaded. Trained by ``python -m protoserve.server.models.tr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from protoserve.server.models import bytelm
-from protoserve.server.runtime.model import GenerationParams, Model, Token
+from protoserve.server.runtime.model import BatchDecoder, GenerationParams, Model, Token
 
 __all__ = ["ByteLMModel"]
 
@@ -63,9 +63,46 @@ class ByteLMModel(Model):
         ):
             yield Token(token_id, bytes((token_id,)))
 
+    def batch_decoder(self, max_sequences: int) -> BatchDecoder:
+        # Continuous batching with exactly the tokens generate() gives each request.
+        return _ByteLMDecoder(self.model, max_sequences)
+
     def embed(self, texts: list[str]) -> torch.Tensor:
         # Windows of the model's context: a longer text is embedded from its end.
         # An empty text is embedded as the end-of-text token alone.
         config = self.model.config
         batch = [bytelm.encode(t)[-config.context_length :] or [config.eot_id] for t in texts]
         return bytelm.embed(self.model, batch)
+
+
+class _ByteLMDecoder(BatchDecoder):
+    """Continuous batching of ByteLM generations over :class:`bytelm.BatchedDecoding`.
+
+    A sequence's state is its ``BatchedDecoding`` handle. Each sequence gets
+    exactly the tokens :meth:`ByteLMModel.generate` would give it.
+    """
+
+    def __init__(self, model: bytelm.ByteLM, max_sequences: int) -> None:
+        self.max_sequences = max_sequences
+        self._batch = bytelm.BatchedDecoding(model, max_sequences)
+
+    def prefill(self, text: str, params: GenerationParams) -> tuple[Any, Token | None]:
+        handle, token_id = self._batch.add(
+            bytelm.encode(text),
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=params.seed,
+        )
+        return handle, _token(token_id)
+
+    def step(self, states: Sequence[Any]) -> list[Token | None]:
+        return [_token(token_id) for token_id in self._batch.step(states)]
+
+    def release(self, state: Any) -> None:
+        self._batch.remove(state)
+
+
+def _token(token_id: int | None) -> Token | None:
+    """The token for a byte id; None stays None (end of text)."""
+    return None if token_id is None else Token(token_id, bytes((token_id,)))

@@ -13,6 +13,9 @@ Public surface:
 * :class:`KVCache` -- per-layer key/value storage for incremental decoding.
 * :func:`sample_next` / :func:`generate_tokens` -- sampling and streaming
   generation, one decode step per ``next()``.
+* :class:`BatchedDecoding` -- continuous batching: many sequences decoding
+  together, one forward pass per step, each with exactly the tokens
+  :func:`generate_tokens` gives it alone.
 * :func:`embed` -- mean-pooled final hidden states for a batch of texts.
 * :func:`load_pretrained` / :func:`save_pretrained` -- weights I/O.
 * :func:`encode` / :func:`decode_bytes` -- text <-> ids.
@@ -20,13 +23,14 @@ Public surface:
 
 from __future__ import annotations
 
+import heapq
 import importlib.resources
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,7 @@ __all__ = [
     "CONFIG_NAME",
     "EOT_ID",
     "WEIGHTS_NAME",
+    "BatchedDecoding",
     "ByteLM",
     "ByteLMConfig",
     "KVCache",
@@ -521,6 +526,442 @@ def generate_tokens(
         if token == config.eot_id:
             return
         yield token
+
+
+#: Element-wise CPU kernels run SIMD code over whole multiples of (at most) this
+#: many elements and scalar code over the rest of each piece of work; see
+#: :func:`_rowwise_gelu`.
+_VECTOR_STEP = 64
+#: Most rows :meth:`BatchedDecoding._batched_step_is_exact` tries at once.
+_PROBE_ROWS = 64
+
+
+class _SlotCache(KVCache):
+    """A batch-1 :class:`KVCache` whose storage is one row of a shared store.
+
+    Its tensors are ``[1, n_head, capacity, head_dim]`` views of row ``row`` of
+    the store's per-layer tensors, with the same shape and strides as a freshly
+    allocated batch-1 cache, so the model fills and reads it exactly as it does
+    the cache of :func:`generate_tokens`.
+
+    Attributes:
+        row: Index of the row (the slot) in the store.
+    """
+
+    def __init__(self, keys: list[Tensor], values: list[Tensor], row: int) -> None:
+        # KVCache.__init__ is not called on purpose: the storage already exists.
+        self.row = row
+        self.capacity = keys[0].shape[2]
+        self.batch_size = 1
+        self.keys = [k[row : row + 1] for k in keys]
+        self.values = [v[row : row + 1] for v in values]
+        self.length = 0
+
+
+class _Sequence:
+    """State of one sequence in a :class:`BatchedDecoding`.
+
+    ``history``, ``cache.length`` and ``token`` follow the bookkeeping of
+    :func:`generate_tokens` exactly: ``token`` is the last sampled id, not yet
+    in ``history`` or the cache.
+    """
+
+    __slots__ = ("cache", "done", "generator", "history", "temperature", "token", "top_k", "top_p")
+
+    def __init__(
+        self,
+        cache: _SlotCache,
+        history: list[int],
+        generator: torch.Generator,
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+    ) -> None:
+        self.cache = cache
+        self.history = history
+        self.generator = generator
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.token = -1
+        self.done = False
+
+
+def _rowwise_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(x, weight)`` for ``x`` ``[B, 1, in]``, as ``B`` one-row products.
+
+    ``F.linear`` over ``B`` rows is one ``B``-row matrix product, and BLAS may
+    round it differently from the one-row product that a lone sequence
+    computes (it typically does, in the last bits). A batched matrix multiply
+    with the weight broadcast over the batch is ``B`` one-row products with
+    the same operand layout as ``F.linear`` on one row, so each row gets what
+    the lone sequence gets, in a single call. (PyTorch computes very small
+    products, under 400 multiply-adds, with a kernel of its own instead; the
+    check in :class:`BatchedDecoding` then sends such tiny models row by row.)
+    """
+    return torch.bmm(x, weight.t().unsqueeze(0).expand(x.shape[0], -1, -1))
+
+
+def _rowwise_gelu(x: Tensor) -> Tensor:
+    """``F.gelu(x, approximate="tanh")`` for ``x`` ``[B, 1, w]``, row by row exact.
+
+    The CPU kernel runs SIMD code over whole vectors and scalar code, which
+    rounds ``tanh`` differently, over the last ``n % (2 * lanes)`` elements of
+    each piece of work. A lone row is one piece, all SIMD when ``w`` is a
+    multiple of the vector step; a large batch is cut into equal pieces, one
+    per thread. With the row count padded to a multiple of the thread count,
+    every piece is a whole number of rows, so again no element of a row
+    falls in a scalar tail. For any other ``w`` the rows go one at a time.
+    """
+    b, _, width = x.shape
+    if width % _VECTOR_STEP != 0:
+        return torch.cat([F.gelu(row, approximate="tanh") for row in torch.split(x, 1)])
+    pad = -b % torch.get_num_threads()
+    if pad:
+        x = torch.cat((x, x.new_zeros(pad, 1, width)))
+    return F.gelu(x, approximate="tanh")[:b]
+
+
+class BatchedDecoding:
+    """Continuous batching: many sequences decode together, one forward pass per step.
+
+    :meth:`add` starts a sequence: it runs the prompt alone through the model
+    (the prefill) and samples the first token. :meth:`step` advances any
+    subset of the live sequences by one token with a single forward pass,
+    each sequence at its own position, and samples each with its own
+    parameters and generator. :meth:`remove` ends a sequence and frees its
+    slot for another. Sequences may join and leave between any two steps.
+
+    Every sequence gets exactly the token ids :func:`generate_tokens` yields
+    for the same prompt, parameters and seed, whatever else is in the batch:
+    the same prompt handling (an empty prompt starts from ``eot_id``; a long
+    one keeps its last ``context_length`` ids), the same context slide (a
+    sequence whose cache is full re-prefills, alone, from its last
+    ``context_length // 2`` ids), the same generator seeding and the same
+    :func:`sample_next` calls. There is no ``max_new_tokens``: the caller
+    stops stepping a sequence when it has enough tokens.
+
+    Exactness is bit for bit, not approximate: a batched step computes, for
+    each row, the very floating-point operations the lone sequence's decode
+    step computes. Row-wise operations (embedding, LayerNorm, RoPE, residual
+    adds) do not depend on the other rows; the linear layers are batches of
+    one-row matrix products (:func:`_rowwise_linear`); GELU keeps every row
+    out of the kernel's scalar tail (:func:`_rowwise_gelu`); and attention is
+    the same ``scaled_dot_product_attention`` call over the sequence's own
+    cache that the lone sequence makes, one call per row. The construction
+    checks this on the machine at hand (:attr:`batched`); where it does not
+    hold, each step runs the model once per sequence, still exactly.
+
+    Keys and values live in one preallocated store per layer,
+    ``[max_sequences, n_head, context_length, head_dim]``; each live sequence
+    owns one row (a slot) and its own length. Not thread-safe: one call at a
+    time (from any thread); each call runs under ``torch.inference_mode()``.
+
+    Attributes:
+        model: The model; it is not modified.
+        max_sequences: Most live sequences (added and not yet removed).
+        batched: True when steps run as one batched forward pass; False when
+            the construction-time check found this platform's kernels not
+            row-exact (or the model's ``forward`` overridden), so that steps
+            run the model once per sequence.
+    """
+
+    def __init__(self, model: ByteLM, max_sequences: int) -> None:
+        """Allocates the key/value store and checks the batched step.
+
+        Args:
+            model: The model.
+            max_sequences: Most sequences held at once.
+
+        Raises:
+            ValueError: If ``max_sequences < 1``.
+        """
+        if max_sequences < 1:
+            raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
+        config = model.config
+        self.model = model
+        self.max_sequences = max_sequences
+        self._config = config
+        self._device, dtype = _model_device_dtype(model)
+        ctx = config.context_length
+        with torch.inference_mode():
+            shape = (max_sequences, config.n_head, ctx, config.head_dim)
+            self._keys = [
+                torch.zeros(shape, device=self._device, dtype=dtype) for _ in range(config.n_layer)
+            ]
+            self._values = [
+                torch.zeros(shape, device=self._device, dtype=dtype) for _ in range(config.n_layer)
+            ]
+            # One RoPE row per position, each computed as a lone decode step
+            # at that position computes it.
+            tables = [
+                _rope_tables(
+                    torch.arange(p, p + 1, device=self._device),
+                    config.head_dim,
+                    config.rope_base,
+                    dtype,
+                )
+                for p in range(ctx)
+            ]
+            self._cos = torch.cat([cos for cos, _ in tables])
+            self._sin = torch.cat([sin for _, sin in tables])
+        self._caches = [_SlotCache(self._keys, self._values, row) for row in range(max_sequences)]
+        # A heap of free slots: the lowest is used first.
+        self._free = list(range(max_sequences))
+        self._sequences: dict[int, _Sequence] = {}
+        self._next_handle = 0
+        self.batched = self._batched_step_is_exact()
+
+    @property
+    def size(self) -> int:
+        """Number of live sequences (added and not yet removed)."""
+        return len(self._sequences)
+
+    def add(
+        self,
+        prompt_ids: list[int],
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int,
+    ) -> tuple[int, int | None]:
+        """Starts a sequence: prefills its prompt alone and samples its first token.
+
+        Args:
+            prompt_ids: Prompt token ids in ``[0, vocab_size)``.
+            temperature: See :func:`sample_next`.
+            top_k: See :func:`sample_next`.
+            top_p: See :func:`sample_next`.
+            seed: Seed of the sequence's own generator, as in
+                :func:`generate_tokens`.
+
+        Returns:
+            ``(handle, token)``: the handle for :meth:`step` and
+            :meth:`remove`, and the first token id, or None when ``eot_id``
+            was sampled (the sequence has ended; it still holds its slot
+            until removed).
+
+        Raises:
+            RuntimeError: If ``max_sequences`` sequences are live already.
+            ValueError: On an out-of-range prompt id or sampling parameter;
+                nothing is added then.
+        """
+        if not self._free:
+            raise RuntimeError(
+                f"BatchedDecoding is full: all {self.max_sequences} sequences are live; "
+                "remove one before adding another"
+            )
+        config = self._config
+        vocab = config.vocab_size
+        for tok in prompt_ids:
+            if not 0 <= tok < vocab:
+                raise ValueError(f"prompt id {tok} outside [0, {vocab})")
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed)
+        history = list(prompt_ids) if prompt_ids else [config.eot_id]
+        if len(history) > config.context_length:
+            history = history[-config.context_length :]
+        slot = heapq.heappop(self._free)
+        seq = _Sequence(
+            self._caches[slot],
+            history,
+            generator,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
+        try:
+            with torch.inference_mode():
+                token = self._prefill(seq)
+        except BaseException:
+            heapq.heappush(self._free, slot)
+            raise
+        handle = self._next_handle
+        self._next_handle += 1
+        self._sequences[handle] = seq
+        return handle, token
+
+    def step(self, handles: Sequence[int]) -> list[int | None]:
+        """Samples one more token for each of ``handles``, in one forward pass.
+
+        The pass feeds each sequence's last token at its own position. A
+        sequence whose cache is full (``context_length`` positions) instead
+        slides, like :func:`generate_tokens`: it re-prefills alone from its
+        last ``context_length // 2`` ids.
+
+        Args:
+            handles: Any subset of the live sequences, in any order, each at
+                most once. Sequences left out simply do not advance.
+
+        Returns:
+            Per handle, in the same order: the new token id, or None when
+            ``eot_id`` was sampled. A sequence that has ended gives None
+            again, without computing anything.
+
+        Raises:
+            KeyError: On an unknown (or removed) handle.
+            ValueError: If a handle appears twice.
+        """
+        seqs = [self._sequence(h) for h in handles]
+        if len(set(handles)) != len(seqs):
+            raise ValueError("a sequence handle appears more than once in one step")
+        ctx = self._config.context_length
+        keep = max(1, ctx // 2)
+        results: list[int | None] = [None] * len(seqs)
+        rows: list[int] = []  # indices into seqs of the batched single-token rows
+        with torch.inference_mode():
+            for i, seq in enumerate(seqs):
+                if seq.done:
+                    continue
+                seq.history.append(seq.token)
+                if seq.cache.length >= ctx:
+                    # Full context: re-prefill from the recent half, exactly as
+                    # generate_tokens does (alone: it is a multi-token pass).
+                    seq.history = seq.history[-keep:]
+                    results[i] = self._prefill(seq)
+                elif self.batched:
+                    rows.append(i)
+                else:
+                    idx = torch.tensor([[seq.token]], dtype=torch.long, device=self._device)
+                    logits, _ = self.model(idx, cache=seq.cache)
+                    results[i] = self._sample(seq, logits[0, -1])
+            if rows:
+                logits = self._forward([seqs[i].token for i in rows], [seqs[i].cache for i in rows])
+                greedy = [j for j, i in enumerate(rows) if seqs[i].temperature == 0]
+                if greedy:
+                    # One argmax for all greedy rows: per row, the same first
+                    # maximal index sample_next's argmax returns.
+                    picks = logits[greedy].argmax(dim=-1).tolist()
+                    for j, token in zip(greedy, picks, strict=True):
+                        results[rows[j]] = self._accept(seqs[rows[j]], token)
+                for j, i in enumerate(rows):
+                    if seqs[i].temperature != 0:
+                        results[i] = self._sample(seqs[i], logits[j])
+        return results
+
+    def remove(self, handle: int) -> None:
+        """Ends a sequence and frees its slot (whether or not it has ended).
+
+        Raises:
+            KeyError: On an unknown (or already removed) handle.
+        """
+        seq = self._sequence(handle)
+        del self._sequences[handle]
+        seq.cache.reset()
+        heapq.heappush(self._free, seq.cache.row)
+
+    def _sequence(self, handle: int) -> _Sequence:
+        try:
+            return self._sequences[handle]
+        except KeyError:
+            raise KeyError(f"unknown sequence handle {handle!r}") from None
+
+    def _prefill(self, seq: _Sequence) -> int | None:
+        """Refills ``seq``'s cache from its history alone and samples a token."""
+        seq.cache.reset()
+        idx = torch.tensor([seq.history], dtype=torch.long, device=self._device)
+        logits, _ = self.model(idx, cache=seq.cache)
+        return self._sample(seq, logits[0, -1])
+
+    def _sample(self, seq: _Sequence, logits: Tensor) -> int | None:
+        token = sample_next(
+            logits,
+            temperature=seq.temperature,
+            top_k=seq.top_k,
+            top_p=seq.top_p,
+            generator=seq.generator,
+        )
+        return self._accept(seq, token)
+
+    def _accept(self, seq: _Sequence, token: int) -> int | None:
+        if token == self._config.eot_id:
+            seq.done = True
+            return None
+        seq.token = token
+        return token
+
+    def _forward(self, tokens: list[int], caches: list[_SlotCache]) -> Tensor:
+        """One decode step of several sequences as one batch; returns logits ``[B, V]``.
+
+        Row ``i`` feeds ``tokens[i]`` at position ``caches[i].length`` and is,
+        bit for bit, what ``model(tokens[i], cache=caches[i])`` computes for
+        that sequence alone (see the class notes); each cache advances by one.
+        """
+        model, config = self.model, self._config
+        b, d = len(tokens), config.d_model
+        n_head, head_dim = config.n_head, config.head_dim
+        lengths = [c.length for c in caches]
+        rows = torch.tensor([c.row for c in caches], device=self._device)
+        positions = torch.tensor(lengths, device=self._device)
+        # Per-row RoPE angles, broadcast over the heads.
+        cos = self._cos[positions].view(b, 1, 1, -1)
+        sin = self._sin[positions].view(b, 1, 1, -1)
+        x = model.wte(torch.tensor(tokens, dtype=torch.long, device=self._device).view(b, 1))
+        for layer, module in enumerate(model.blocks):
+            block = cast(_Block, module)
+            attn = block.attn
+            q, k, v = torch.split(_rowwise_linear(block.ln1(x), attn.qkv.weight), d, dim=2)
+            q = _apply_rope(q.view(b, 1, n_head, head_dim).transpose(1, 2), cos, sin)
+            k = _apply_rope(k.view(b, 1, n_head, head_dim).transpose(1, 2), cos, sin)
+            v = v.view(b, 1, n_head, head_dim).transpose(1, 2)
+            # Each row's new key/value goes to its own slot, at its own position.
+            self._keys[layer][rows, :, positions] = k[:, :, 0]
+            self._values[layer][rows, :, positions] = v[:, :, 0]
+            # Attention row by row: the call a lone sequence makes, over the
+            # same [1, n_head, length, head_dim] view of its own cache.
+            y = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q_row, c.keys[layer][:, :, : n + 1], c.values[layer][:, :, : n + 1]
+                    )
+                    for q_row, c, n in zip(torch.split(q, 1), caches, lengths, strict=True)
+                ]
+            )
+            x = x + _rowwise_linear(y.transpose(1, 2).reshape(b, 1, d), attn.proj.weight)
+            h = _rowwise_gelu(_rowwise_linear(block.ln2(x), block.fc.weight))
+            x = x + _rowwise_linear(h, block.out.weight)
+        for c in caches:
+            c.advance(1)
+        return _rowwise_linear(model.ln_f(x), model.wte.weight).view(b, -1)
+
+    def _batched_step_is_exact(self) -> bool:
+        """Checks here and now that a batched step reproduces lone steps bit for bit.
+
+        The batched step relies on kernels (batched BLAS, element-wise loops)
+        giving each row what they give a lone row. That holds for the CPU
+        kernels PyTorch uses, but it is a property of the platform rather
+        than a promise, so it is tried once, on random sequences in up to
+        ``_PROBE_ROWS`` slots; the store is left empty afterwards.
+        """
+        config = self._config
+        n = min(self.max_sequences, _PROBE_ROWS)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        caches = self._caches[:n]
+        try:
+            with torch.inference_mode():
+                for i, cache in enumerate(caches):
+                    cache.reset()
+                    length = 1 + i % min(8, config.context_length - 1)
+                    prompt = torch.randint(0, config.vocab_size, (1, length), generator=gen)
+                    self.model(prompt.to(self._device), cache=cache)
+                tokens = torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
+                # All the rows in slot order, then every other one, reversed;
+                # each time at the same positions (below context_length).
+                for order in (list(range(n)), list(range(n))[::-2]):
+                    batched = self._forward([tokens[i] for i in order], [caches[i] for i in order])
+                    for row, i in enumerate(order):
+                        caches[i].length -= 1
+                        idx = torch.tensor([[tokens[i]]], dtype=torch.long, device=self._device)
+                        alone, _ = self.model(idx, cache=caches[i])
+                        caches[i].length -= 1
+                        if not torch.equal(alone[0, -1], batched[row]):
+                            return False
+        finally:
+            for cache in caches:
+                cache.reset()
+        return True
 
 
 def embed(model: ByteLM, batch_ids: list[list[int]]) -> Tensor:
