@@ -148,13 +148,25 @@ BETTERPROTO = ("betterproto2==0.10.0", "betterproto2-compiler==0.10.1")
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks in bench/ (so far: protobuf vs betterproto2, ADR 0009).
+    """The benchmarks in bench/: protobuf vs betterproto2 (ADR 0009), the runtime under load.
 
     Ratios of two things measured in one run, never absolute timings alone.
+    `nox -s bench` runs both; `nox -s bench -- runtime --quick` or
+    `nox -s bench -- betterproto --repeat 5` one of them, with its arguments; arguments
+    without a name go to betterproto_layer.py, as before (bench/README.md).
     """
+    names = ("betterproto", "runtime")
+    args = list(session.posargs)
+    if args and args[0] in names:
+        chosen, args = {args[0]}, args[1:]
+    else:
+        chosen = {"betterproto"} if args else set(names)
     install_project(session)
-    session.install(GRPCIO_TOOLS, *BETTERPROTO)
-    session.run("python", "bench/betterproto_layer.py", *session.posargs)
+    if "betterproto" in chosen:
+        session.install(GRPCIO_TOOLS, *BETTERPROTO)
+        session.run("python", "bench/betterproto_layer.py", *args)
+    if "runtime" in chosen:
+        session.run("python", "bench/runtime_load.py", *args)
 
 
 def _proto_files(protos_root: Path) -> list[str]:

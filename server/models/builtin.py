@@ -14,7 +14,10 @@ import torch
 from protoserve.server.models import bytelm
 from protoserve.server.runtime.model import BatchDecoder, GenerationParams, Model, Token
 
-__all__ = ["ByteLMModel"]
+__all__ = ["EMBED_TOKENS_PER_PASS", "ByteLMModel"]
+
+#: Most (padded) tokens in one forward pass of ``embed``.
+EMBED_TOKENS_PER_PASS = 1024
 
 
 class ByteLMModel(Model):
@@ -72,7 +75,24 @@ class ByteLMModel(Model):
         # An empty text is embedded as the end-of-text token alone.
         config = self.model.config
         batch = [bytelm.encode(t)[-config.context_length :] or [config.eot_id] for t in texts]
-        return bytelm.embed(self.model, batch)
+        # Texts of similar length go through the model together, at most
+        # EMBED_TOKENS_PER_PASS (padded) tokens at a time: padding is wasted
+        # work, and on a CPU a pass much larger than the caches is slower per
+        # token (measured: 64 texts of ~80 bytes, 150 texts/s in one pass,
+        # 199 in passes of 1024 tokens). Rows never affect each other.
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
+        vectors = torch.empty(len(batch), config.d_model)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end + 1 - start) * len(batch[order[end]]) <= (
+                EMBED_TOKENS_PER_PASS
+            ):
+                end += 1
+            rows = order[start:end]
+            vectors[rows] = bytelm.embed(self.model, [batch[i] for i in rows])
+            start = end
+        return vectors
 
 
 class _ByteLMDecoder(BatchDecoder):

@@ -397,3 +397,16 @@ def test_bytelm_model_batch_decoder(tmp_path: Path) -> None:
         assert tokens == list(model.generate(text, p))
         assert all(t.data == bytes((t.id,)) for t in tokens)
     assert any(len(tokens) == 40 for tokens in got)
+
+
+def test_embedding_many_texts_equals_embedding_each_alone_in_order() -> None:
+    model = ByteLMModel()
+    model.load()
+    rng = random.Random(3)
+    # Lengths on both sides of the per-pass budget, empty and longer than the context.
+    texts = ["".join(rng.choice("ab c\né") for _ in range(rng.randint(0, 400))) for _ in range(40)]
+    texts += ["", "x" * 2000]
+    together = model.embed(texts)
+    alone = torch.cat([model.embed([t]) for t in texts])
+    assert together.shape == (len(texts), model.model.config.d_model)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
