@@ -674,24 +674,30 @@ def mismatches(reference: dict[int, Stream], streams: Sequence[Stream]) -> list[
     ]
 
 
-async def scenario_generate(
-    args: argparse.Namespace, batched: tuple[Any, Proc], unbatched: tuple[Any, Proc], pb: Any
-) -> dict[str, Any]:
-    (stub_b, proc_b), (stub_u, proc_u) = batched, unbatched
-    prompts = generation_prompts(args.gen_streams)
+def generation_requests(pb: Any, count: int, tokens: int, first_seed: int) -> tuple[list[Any], Any]:
+    """``count`` GenerateStreamRequests (distinct prompts, seeds from ``first_seed``,
+    temperature 0.8), and a short one to warm a server up with."""
     requests = [
         pb.GenerateStreamRequest(
             model=MODEL,
             inputs=prompt,
             parameters=pb.GenerationParameters(
-                max_new_tokens=args.gen_tokens, temperature=0.8, seed=1000 + i
+                max_new_tokens=tokens, temperature=0.8, seed=first_seed + i
             ),
         )
-        for i, prompt in enumerate(prompts)
+        for i, prompt in enumerate(generation_prompts(count))
     ]
     warm = pb.GenerateStreamRequest(
         model=MODEL, inputs="x = ", parameters=pb.GenerationParameters(max_new_tokens=4, seed=1)
     )
+    return requests, warm
+
+
+async def scenario_generate(
+    args: argparse.Namespace, batched: tuple[Any, Proc], unbatched: tuple[Any, Proc], pb: Any
+) -> dict[str, Any]:
+    (stub_b, proc_b), (stub_u, proc_u) = batched, unbatched
+    requests, warm = generation_requests(pb, args.gen_streams, args.gen_tokens, 1000)
     for stub in (stub_b, stub_u):
         await asyncio.gather(*(one_stream(stub, pb, warm, 0) for _ in range(4)))
     n_alone = min(args.gen_alone or len(requests), len(requests))
@@ -843,20 +849,7 @@ async def scenario_overload(
     args: argparse.Namespace, server: tuple[Any, Proc], gateway: Proc | None, pb: Any
 ) -> dict[str, Any]:
     stub, proc = server
-    prompts = generation_prompts(args.overload_requests)
-    requests = [
-        pb.GenerateStreamRequest(
-            model=MODEL,
-            inputs=p,
-            parameters=pb.GenerationParameters(
-                max_new_tokens=args.overload_tokens, temperature=0.8, seed=2000 + i
-            ),
-        )
-        for i, p in enumerate(prompts)
-    ]
-    warm = pb.GenerateStreamRequest(
-        model=MODEL, inputs="x = ", parameters=pb.GenerationParameters(max_new_tokens=4, seed=1)
-    )
+    requests, warm = generation_requests(pb, args.overload_requests, args.overload_tokens, 2000)
     await one_stream(stub, pb, warm, 0)
     s0 = await scrape(proc.metrics_url)
     grpc_attempts = await overload_grpc(stub, pb, requests)
@@ -876,7 +869,7 @@ async def scenario_overload(
                     "seed": 3000 + i,
                 },
             }
-            for i, p in enumerate(prompts)
+            for i, p in enumerate(generation_prompts(args.overload_requests))
         ]
         http_attempts = await overload_http(f"http://{gateway.target}", bodies)
         s2 = await scrape(proc.metrics_url)
