@@ -338,21 +338,25 @@ class Runtime:
             if cancelled:
                 m.cancellations.labels(model).inc()
 
-    def _submit(self, entry: ModelEntry, submit: Callable[[], T]) -> T:
-        """``submit()``, a rejection (the model is full) counted."""
+    @contextlib.contextmanager
+    def _counting_rejections(self, entry: ModelEntry) -> Iterator[None]:
+        """Count a RESOURCE_EXHAUSTED (the model is full) raised inside, and let it go on."""
         try:
-            return submit()
+            yield
         except ResourceExhausted:
-            self._rejected(entry)
+            if self.metrics is not None:
+                self.metrics.rejections.labels(entry.name).inc()
             raise
+
+    def _submit(self, entry: ModelEntry, submit: Callable[[], T]) -> T:
+        """``submit()``, a rejection counted."""
+        with self._counting_rejections(entry):
+            return submit()
 
     async def _run(self, entry: ModelEntry, fn: Callable[[], T]) -> T:
         """``fn`` as one step in the model's thread; a rejection counted."""
-        try:
+        with self._counting_rejections(entry):
             return await entry.scheduler.run(fn)
-        except ResourceExhausted:
-            self._rejected(entry)
-            raise
 
     async def _run_batched(
         self,
@@ -364,15 +368,8 @@ class Runtime:
         run_batch: Callable[[list[Any]], list[T]],
     ) -> T:
         """``payload`` in a dynamic batch on the model's thread; a rejection counted."""
-        try:
+        with self._counting_rejections(entry):
             return await entry.scheduler.run_batched(kind, key, payload, weight, run_batch)
-        except ResourceExhausted:
-            self._rejected(entry)
-            raise
-
-    def _rejected(self, entry: ModelEntry) -> None:
-        if self.metrics is not None:
-            self.metrics.rejections.labels(entry.name).inc()
 
     async def generate(
         self, model: str, text: str, parameters: Mapping[str, Any]

@@ -190,8 +190,6 @@ class Scheduler:
         self._batches: dict[Hashable, deque[_BatchItem[Any]]] = {}
         self._active: list[Job[Any]] = []
         self._closed = False
-        #: Model calls made, by kind: "step", "batch", "prefill", "decode" (for tests).
-        self.calls: dict[str, int] = {"step": 0, "batch": 0, "prefill": 0, "decode": 0}
         self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
         self._thread.start()
 
@@ -450,7 +448,6 @@ class Scheduler:
         for item in live:
             self._observe_queue(item)
         self._observe_batch(live[0].kind, sum(item.weight for item in live))
-        self.calls["batch"] += 1
         out: list[_Delivery] = []
         try:
             results = live[0].run_batch([item.payload for item in live])
@@ -470,15 +467,16 @@ class Scheduler:
             if job.cancelled:
                 continue
             out: list[_Delivery] = []
-            self.calls["step"] += 1
             more = job._step(out)
             if not more:
                 self._finish([job])
             self._deliver(out)
 
     def _prefill(self, prefills: list[_Sequence]) -> None:
+        if not prefills:
+            return
         decoder = self.decoder
-        assert decoder is not None or not prefills
+        assert decoder is not None
         for job in prefills:
             if job.cancelled:
                 continue
@@ -487,9 +485,8 @@ class Scheduler:
             if job.stop.is_set():
                 out.append((job, _ITEM, job.assembly.cancel()))
             else:
-                self.calls["prefill"] += 1
                 try:
-                    job.state, token = decoder.prefill(job.text, job.params)  # type: ignore[union-attr]
+                    job.state, token = decoder.prefill(job.text, job.params)
                 except Exception as exc:
                     self._finish([job])
                     self._deliver([(job, _ERROR, exc)])
@@ -513,7 +510,6 @@ class Scheduler:
                 stepping.append(job)
         if stepping:
             assert self.decoder is not None
-            self.calls["decode"] += 1
             self._observe_batch("generate", len(stepping))
             try:
                 tokens = self.decoder.step([job.state for job in stepping])
