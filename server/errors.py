@@ -18,6 +18,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 __all__ = [
     "Cancelled",
+    "FailedPrecondition",
     "FieldViolation",
     "Internal",
     "InvalidArgument",
@@ -106,6 +107,13 @@ class ResourceExhausted(ProtoserveError):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(retry_after * 1e9))
         super().__init__(message, details=[error_details_pb2.RetryInfo(retry_delay=delay)])
+
+
+class FailedPrecondition(ProtoserveError):
+    """The request is valid but the server is not set up for it (no model repository,
+    model control turned off); retrying will not help until the operator changes that."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class Cancelled(ProtoserveError):

@@ -20,7 +20,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from protoserve.server.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from protoserve.server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from protoserve.server.metrics import Metrics
 from protoserve.server.runtime.generation import Chunk, FinishReason, Usage, run_generation
 from protoserve.server.runtime.model import BatchDecoder, GenerationParams, Model, Task
@@ -28,7 +34,7 @@ from protoserve.server.runtime.params import validate_generation
 from protoserve.server.runtime.scheduler import Scheduler
 from protoserve.server.runtime.tensors import RawTensor, from_raw, to_raw
 
-__all__ = ["GenerateResult", "ModelEntry", "ModelState", "Runtime"]
+__all__ = ["GenerateResult", "IndexEntry", "ModelEntry", "ModelState", "Runtime"]
 
 log = logging.getLogger("protoserve.server")
 
@@ -58,6 +64,22 @@ class ModelEntry:
     scheduler: Scheduler
     state: ModelState = ModelState.LOADING
     state_message: str = "loading"
+    #: The version served; "1" for a model given without versions.
+    version: str = "1"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One model version of the model repository, loaded or not (RepositoryIndex).
+
+    ``state`` is one of READY, LOADING, UNLOADING or UNAVAILABLE (the Open Inference
+    Protocol's words); ``reason`` says why when it is not READY.
+    """
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
 
 
 @dataclass
@@ -162,10 +184,17 @@ class Runtime:
             e.state is ModelState.READY for e in self._entries.values()
         )
 
-    def model_ready(self, name: str) -> bool:
-        """True when the model is READY (loaded and run once) and the server is not draining."""
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """True when the model (that version; "" for the latest) is READY (loaded and run
+        once) and the server is not draining."""
         entry = self._entries.get(name)
-        return entry is not None and not self._draining and entry.state is ModelState.READY
+        if entry is None or (version and version != entry.version):
+            return False
+        return not self._draining and entry.state is ModelState.READY
+
+    def versions(self, name: str) -> list[str]:
+        """The versions of a model the server holds, oldest first. Raises NotFound."""
+        return [self.get_model(name).version]
 
     @property
     def in_flight(self) -> int:
@@ -200,8 +229,9 @@ class Runtime:
         """Every model, ready or not, in configuration order."""
         return list(self._entries.values())
 
-    def get_model(self, name: str) -> ModelEntry:
-        """The named model. Raises NotFound naming the models there are."""
+    def get_model(self, name: str, version: str = "") -> ModelEntry:
+        """The named model (that version; "" for the latest). Raises NotFound naming the
+        models, or the versions, there are."""
         entry = self._entries.get(name)
         if entry is None:
             known = ", ".join(sorted(self._entries)) or "none"
@@ -210,14 +240,42 @@ class Runtime:
                 resource_type="model",
                 resource_name=name,
             )
+        if version and version != entry.version:
+            raise NotFound(
+                f"model {name!r} has no version {version!r}; versions: {entry.version}",
+                resource_type="model version",
+                resource_name=f"{name}/{version}",
+            )
         return entry
 
-    def _serving(self, name: str, task: Task) -> ModelEntry:
+    # The model repository (the Open Inference Protocol's repository extension).
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model version of the repository, loaded or not; only READY ones with
+        ``ready_only``. Raises FailedPrecondition when the server has no repository."""
+        raise FailedPrecondition("the server has no model repository (--model-repository)")
+
+    async def load_model(self, name: str) -> None:
+        """Load (or reload) a model from the repository; returns once it is READY.
+
+        Raises:
+            FailedPrecondition: no repository, or model control is off.
+            NotFound: the repository has no such model.
+            InvalidArgument: its folder is malformed (the message says how).
+            Unavailable: it failed to load (the message says why).
+        """
+        raise FailedPrecondition("the server has no model repository (--model-repository)")
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving a model: new requests are refused, those in flight finish, then
+        its worker thread stops. Raises NotFound, or FailedPrecondition as load_model."""
+        raise FailedPrecondition("the server has no model repository (--model-repository)")
+
+    def _serving(self, name: str, task: Task, version: str = "") -> ModelEntry:
         if self._draining:
             raise Unavailable("the server is shutting down; retry on another instance")
         if not name:
             raise InvalidArgument.field("model", "must name a model")
-        entry = self.get_model(name)
+        entry = self.get_model(name, version)
         if entry.state is not ModelState.READY:
             raise Unavailable(f"model {name!r} is not ready: {entry.state_message}")
         if task not in entry.model.tasks():
@@ -247,7 +305,7 @@ class Runtime:
         return count
 
     async def generate_stream(
-        self, model: str, text: str, parameters: Mapping[str, Any]
+        self, model: str, text: str, parameters: Mapping[str, Any], *, version: str = ""
     ) -> AsyncGenerator[Chunk, None]:
         """Chunks of a generation as they are produced; the last has finish reason and usage.
 
@@ -263,17 +321,18 @@ class Runtime:
             )
         self._streams += 1
         try:
-            async with contextlib.aclosing(self._generation(model, text, parameters)) as chunks:
+            generation = self._generation(model, text, parameters, version)
+            async with contextlib.aclosing(generation) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
             self._streams -= 1
 
     async def _generation(
-        self, model: str, text: str, parameters: Mapping[str, Any]
+        self, model: str, text: str, parameters: Mapping[str, Any], version: str = ""
     ) -> AsyncGenerator[Chunk, None]:
         with self._request():
-            entry = self._serving(model, Task.TEXT_GENERATION)
+            entry = self._serving(model, Task.TEXT_GENERATION, version)
             params = validate_generation(entry.model, parameters)
             prompt_tokens = self._prompt_tokens(entry, text, "inputs")
             scheduler = entry.scheduler
@@ -372,12 +431,12 @@ class Runtime:
             return await entry.scheduler.run_batched(kind, key, payload, weight, run_batch)
 
     async def generate(
-        self, model: str, text: str, parameters: Mapping[str, Any]
+        self, model: str, text: str, parameters: Mapping[str, Any], *, version: str = ""
     ) -> GenerateResult:
         """A whole generation at once."""
         result = GenerateResult("")
         parts: list[str] = []
-        async for chunk in self._generation(model, text, parameters):
+        async for chunk in self._generation(model, text, parameters, version):
             parts.append(chunk.text)
             result.token_ids.extend(chunk.token_ids)
             if chunk.finish_reason is not None and chunk.usage is not None:
@@ -386,11 +445,11 @@ class Runtime:
         return result
 
     async def embed(
-        self, model: str, texts: Sequence[str], *, normalize: bool = True
+        self, model: str, texts: Sequence[str], *, normalize: bool = True, version: str = ""
     ) -> tuple[torch.Tensor, Usage]:
         """One float32 vector per text, shape ``[len(texts), dim]``, and the token usage."""
         with self._request():
-            entry = self._serving(model, Task.EMBEDDING)
+            entry = self._serving(model, Task.EMBEDDING, version)
             if not texts:
                 raise InvalidArgument.field("inputs", "must hold at least one text")
             limit = entry.model.max_batch_texts
@@ -417,11 +476,16 @@ class Runtime:
             return vectors, Usage(tokens, 0)
 
     async def predict(
-        self, model: str, inputs: Sequence[RawTensor], parameters: Mapping[str, Any]
+        self,
+        model: str,
+        inputs: Sequence[RawTensor],
+        parameters: Mapping[str, Any],
+        *,
+        version: str = "",
     ) -> list[RawTensor]:
         """Run a model on named tensors; outputs come back raw, in the model's order."""
         with self._request():
-            entry = self._serving(model, Task.TENSOR_PREDICTION)
+            entry = self._serving(model, Task.TENSOR_PREDICTION, version)
             tensors = from_raw(inputs)
             _check_declared(entry.model, tensors)
             params = dict(parameters)
