@@ -376,7 +376,7 @@ def protos(session: nox.Session) -> None:
 
 
 def typecheck_tree() -> Path:
-    """A `protoserve/` tree of symlinks to the four folders, for mypy.
+    """A `protoserve/` tree of symlinks to the packages' folders, for mypy.
 
     mypy cannot follow setuptools' editable import hook (ADR 0001), so it checks
     the packages through this tree, by their real import names.
@@ -388,6 +388,7 @@ def typecheck_tree() -> Path:
         ("gateway", "gateway"),
         ("clients", "clients"),
         ("inference", "gen/protoserve/inference"),
+        ("oip", "gen/protoserve/oip"),
     ):
         link = tree / name
         if not link.is_symlink():
