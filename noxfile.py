@@ -103,20 +103,154 @@ def generate_stubs(session: nox.Session, out: Path, googleapis: str | None = Non
             folder = folder.parent
 
 
-def install_project(session: nox.Session, *extras: str) -> None:
-    session.install(TORCH)
+def _project_installs(*extras: str) -> list[list[str]]:
+    """The `pip install` arguments that install the project, in order (torch first)."""
     spec = f".[{','.join(extras)}]" if extras else "."
-    session.install("-e", spec)
+    return [[TORCH], ["-e", spec]]
+
+
+def install_project(session: nox.Session, *extras: str) -> None:
+    for args in _project_installs(*extras):
+        session.install(*args)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Install the project and its test tools, then run the whole test suite."""
+    """Install the project and its test tools, then run the whole test suite.
+
+    Without arguments (the whole suite, as CI runs it) the `compat` session
+    follows, in the same nox run: its failure fails the run.
+    """
     install_project(session, "test")
     # buf (reflection calls, proto checks) and the Node gRPC client, pinned by package-lock.json.
     session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
     ensure_chromium(session)
     session.run("pytest", *session.posargs)
+    if not session.posargs:
+        session.notify("compat")
+
+
+# The Triton client side of `nox -s compat`. tritonclient needs protobuf < 5 and
+# protoserve protobuf >= 7, so the clients run in this session's venv and the servers
+# from a Python with protoserve installed. 2.51.0 is the newest tritonclient whose
+# manylinux wheel (which carries the perf_analyzer binary) runs on glibc 2.36
+# (Debian 12): 2.52.0 and later need glibc 2.38. perf_analyzer links libcudart.so.12
+# (from the CUDA runtime wheel; no GPU is needed) and libb64.so.0d (Debian's libb64-0d).
+TRITONCLIENT = "tritonclient[grpc,http]==2.51.0"
+CUDA_RUNTIME = "nvidia-cuda-runtime-cu12==12.9.79"
+COMPAT_TOOLS = ("numpy==1.26.4", "pytest>=8")  # tritonclient wants numpy < 2
+LIBB64_PACKAGE = "libb64-0d"
+#: The Python that runs `protoserve serve` and `protoserve gateway` for `nox -s compat`.
+COMPAT_PYTHON_ENV = "PROTOSERVE_COMPAT_PYTHON"
+
+
+@nox.session
+def compat(session: nox.Session) -> None:
+    """Triton's own clients against protoserve: tritonclient (gRPC, HTTP) and perf_analyzer.
+
+    Runs tests/compat/ (docs/open-inference-protocol.md, "Compatibility tests").
+    The servers run from $PROTOSERVE_COMPAT_PYTHON, else the `tests` session's
+    venv, else the dev .venv, else a venv made here with the project installed.
+    """
+    session.install(TRITONCLIENT, CUDA_RUNTIME, *COMPAT_TOOLS)
+    libraries = [_cuda_runtime_lib(session), _libb64_lib(session)]
+    server_python = _protoserve_python(session)
+    session.run(
+        "pytest",
+        "tests/compat",
+        *session.posargs,
+        env={
+            COMPAT_PYTHON_ENV: server_python,
+            # Only perf_analyzer gets these (tests/compat/conftest.py).
+            "PROTOSERVE_COMPAT_LD_LIBRARY_PATH": os.pathsep.join(libraries),
+        },
+    )
+
+
+def _cuda_runtime_lib(session: nox.Session) -> str:
+    """The folder of libcudart.so.12 inside the session's venv (nvidia-cuda-runtime-cu12)."""
+    out = session.run(
+        "python",
+        "-c",
+        "import pathlib, nvidia.cuda_runtime as m;"
+        "print(pathlib.Path(next(iter(m.__path__))) / 'lib')",
+        silent=True,
+    )
+    assert isinstance(out, str)
+    return out.strip().splitlines()[-1]
+
+
+def _libb64_lib(session: nox.Session) -> str:
+    """The folder of libb64.so.0d, unpacked from Debian's package into the session's venv.
+
+    `apt-get download` needs no root, only the package lists; where they are
+    missing, `apt-get update` (as root) fetches them first.
+    """
+    root = Path(session.virtualenv.location) / "libb64"
+    found = sorted(root.rglob("libb64.so.0d"))
+    if found:
+        return str(found[0].parent)
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        session.error(
+            f"perf_analyzer needs libb64.so.0d: install Debian's {LIBB64_PACKAGE} package "
+            "(this session fetches it with apt-get download, which is not here)"
+        )
+    with tempfile.TemporaryDirectory(prefix="protoserve-libb64-") as tmp:
+        download = ["apt-get", "download", "-q", LIBB64_PACKAGE]
+        proc = subprocess.run(download, cwd=tmp, capture_output=True, text=True, check=False)
+        if proc.returncode and os.geteuid() == 0:
+            session.run("apt-get", "update", "-q", external=True)
+            proc = subprocess.run(download, cwd=tmp, capture_output=True, text=True, check=False)
+        debs = sorted(Path(tmp).glob("*.deb"))
+        if proc.returncode or not debs:
+            session.error(
+                f"`apt-get download {LIBB64_PACKAGE}` failed (perf_analyzer needs "
+                f"libb64.so.0d; run `apt-get update` as root first?):\n"
+                f"{(proc.stdout + proc.stderr).strip()}"
+            )
+        session.run("dpkg-deb", "-x", str(debs[0]), str(root), external=True)
+    found = sorted(root.rglob("libb64.so.0d"))
+    if not found:
+        session.error(f"{LIBB64_PACKAGE} holds no libb64.so.0d (unpacked in {root})")
+    return str(found[0].parent)
+
+
+def _runs_this_checkout(python: Path) -> bool:
+    """True when `python` imports protoserve.server from this checkout's server/."""
+    if not python.exists():
+        return False
+    proc = subprocess.run(
+        [str(python), "-c", "import protoserve.server as m; print(m.__file__)"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return proc.returncode == 0 and Path(proc.stdout.strip()).resolve().is_relative_to(
+        (ROOT / "server").resolve()
+    )
+
+
+def _protoserve_python(session: nox.Session) -> str:
+    """A Python that runs this checkout's protoserve, made with install_project's pins if none."""
+    explicit = os.environ.get(COMPAT_PYTHON_ENV, "").strip()
+    if explicit:
+        if not _runs_this_checkout(Path(explicit)):
+            session.error(f"{COMPAT_PYTHON_ENV}={explicit} does not import this checkout's server/")
+        return explicit
+    envdir = Path(session.virtualenv.location).parent
+    for venv in (envdir / "tests", ROOT / ".venv"):
+        python = venv / "bin" / "python"
+        if _runs_this_checkout(python):
+            session.log(f"protoserve runs from {venv}")
+            return str(python)
+    venv = envdir / "compat-server"
+    python = venv / "bin" / "python"
+    if not _runs_this_checkout(python):
+        session.log(f"No Python runs this checkout's protoserve: installing it into {venv}")
+        session.run("python", "-m", "venv", "--clear", str(venv))
+        for args in _project_installs():
+            session.run(str(python), "-m", "pip", "install", *args, external=True)
+    return str(python)
 
 
 def ensure_chromium(session: nox.Session) -> None:
