@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
@@ -36,7 +37,7 @@ from protoserve.server.runtime.generation import Chunk, FinishReason
 from protoserve.server.runtime.model import Parameter, Task, TensorInfo
 from protoserve.server.runtime.tensors import RawTensor
 
-__all__ = ["InferenceServicer", "add_to_server"]
+__all__ = ["InferenceServicer", "add_service", "add_to_server", "unary"]
 
 log = logging.getLogger("protoserve.server")
 #: One line per finished call: method, code, duration_ms, request_id, peer (and error).
@@ -201,8 +202,14 @@ def _parsed(request: Req | Malformed) -> Req:
 
 
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register every method of the service, from its descriptor, with lenient parsing."""
-    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    """Register every method of ``InferenceService``, with lenient parsing."""
+    add_service(servicer, server, pb.DESCRIPTOR.services_by_name["InferenceService"])
+
+
+def add_service(servicer: object, server: grpc.aio.Server, service: ServiceDescriptor) -> None:
+    """Register every method of ``service`` (the servicer's method of the same name),
+    from its descriptor, with lenient parsing: a request that does not parse reaches
+    the method as :class:`Malformed`, which :func:`unary` answers with INVALID_ARGUMENT."""
     handlers = {}
     for method in service.methods:
         make = (
@@ -220,9 +227,13 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     )
 
 
-def _unary(
+def unary(
     fn: Callable[[Any, Req, str], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    """A unary method in :func:`_call`'s frame: ``fn(self, request, request_id)`` gets a
+    parsed request, and its errors become statuses. The method's name is the metrics'
+    and access line's method label; ``self.metrics`` (or None) counts the call."""
+
     async def handler(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
@@ -314,15 +325,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.runtime = runtime
         self.metrics = metrics
 
-    @_unary
+    @unary
     async def ListModels(self, request: pb.ListModelsRequest, rid: str) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[model_message(e) for e in self.runtime.list_models()])
 
-    @_unary
+    @unary
     async def GetModel(self, request: pb.GetModelRequest, rid: str) -> pb.GetModelResponse:
         return pb.GetModelResponse(model=model_message(self.runtime.get_model(request.name)))
 
-    @_unary
+    @unary
     async def Generate(self, request: pb.GenerateRequest, rid: str) -> pb.GenerateResponse:
         result = await self.runtime.generate(
             request.model, request.inputs, _generation_parameters(request.parameters)
@@ -350,7 +361,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 async for chunk in chunks:
                     yield _stream_message(chunk)
 
-    @_unary
+    @unary
     async def Embed(self, request: pb.EmbedRequest, rid: str) -> pb.EmbedResponse:
         params = request.parameters
         normalize = params.normalize if params.HasField("normalize") else True
@@ -363,7 +374,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             usage=_usage(usage),
         )
 
-    @_unary
+    @unary
     async def Predict(self, request: pb.PredictRequest, rid: str) -> pb.PredictResponse:
         inputs = [
             RawTensor(
