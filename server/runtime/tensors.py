@@ -14,10 +14,15 @@ from protoserve.server.errors import FieldViolation, InvalidArgument
 
 __all__ = ["DTYPES", "RawTensor", "from_raw", "to_raw"]
 
-#: dtype names of the API, and the torch dtypes they stand for.
+#: dtype names of the API, and the torch dtypes they stand for. uint16/32/64 travel
+#: only over the Open Inference Protocol (v1's DataType has no value for them); torch
+#: stores, reshapes, concatenates and compares them, though few of its ops compute on them.
 DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
     "uint8": torch.uint8,
+    "uint16": torch.uint16,
+    "uint32": torch.uint32,
+    "uint64": torch.uint64,
     "int8": torch.int8,
     "int16": torch.int16,
     "int32": torch.int32,
