@@ -26,6 +26,9 @@ from grpc_reflection.v1alpha import reflection
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.server.config import ServerConfig
 from protoserve.server.metrics import Metrics, MetricsEndpoint
+from protoserve.server.oip import SERVICE_NAME as OIP_SERVICE
+from protoserve.server.oip import OpenInferenceServicer
+from protoserve.server.oip import add_to_server as add_oip_to_server
 from protoserve.server.reflection import enable_reflection
 from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import Model
@@ -88,9 +91,11 @@ class InferenceServer:
             ]
         )
         add_to_server(InferenceServicer(self.runtime, metrics=self.metrics), self.server)
+        add_oip_to_server(OpenInferenceServicer(self.runtime, metrics=self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(
-            self.server, (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            self.server,
+            (INFERENCE_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
         )
         address = f"{config.host}:{config.port}"
         try:
@@ -105,7 +110,7 @@ class InferenceServer:
 
     def _update_health(self) -> None:
         """Health per model (``models/NAME``) and for the whole server ("" and the service)."""
-        statuses = {service: self.runtime.ready for service in ("", INFERENCE_SERVICE)}
+        statuses = {service: self.runtime.ready for service in ("", INFERENCE_SERVICE, OIP_SERVICE)}
         for entry in self.runtime.list_models():
             statuses[model_health_name(entry.name)] = self.runtime.model_ready(entry.name)
         loop = asyncio.get_running_loop()
