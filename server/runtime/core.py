@@ -10,27 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Hashable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from protoserve.server.errors import (
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
 from protoserve.server.metrics import Metrics
+from protoserve.server.repository import Batching, Warmup
 from protoserve.server.runtime.generation import Chunk, FinishReason, Usage, run_generation
 from protoserve.server.runtime.model import BatchDecoder, GenerationParams, Model, Task
 from protoserve.server.runtime.params import validate_generation
+from protoserve.server.runtime.registry import IndexEntry, ModelEntry, ModelRegistry, ModelState
 from protoserve.server.runtime.scheduler import Scheduler
 from protoserve.server.runtime.tensors import RawTensor, from_raw, to_raw
 
@@ -47,41 +55,6 @@ _TASK_NAMES = {
 }
 
 
-class ModelState(enum.Enum):
-    """Where a model is in its life on the server."""
-
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-
-
-@dataclass
-class ModelEntry:
-    """A model as the runtime holds it."""
-
-    name: str
-    model: Model
-    scheduler: Scheduler
-    state: ModelState = ModelState.LOADING
-    state_message: str = "loading"
-    #: The version served; "1" for a model given without versions.
-    version: str = "1"
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    """One model version of the model repository, loaded or not (RepositoryIndex).
-
-    ``state`` is one of READY, LOADING, UNLOADING or UNAVAILABLE (the Open Inference
-    Protocol's words); ``reason`` says why when it is not READY.
-    """
-
-    name: str
-    version: str
-    state: str
-    reason: str = ""
-
-
 @dataclass
 class GenerateResult:
     """A whole generation."""
@@ -95,14 +68,32 @@ class GenerateResult:
 class Runtime:
     """Holds the models and serves requests on them.
 
+    Models come from the command line (``models``), loaded at :meth:`start`, and from
+    a model repository, loaded at :meth:`start` and then loaded, reloaded and unloaded
+    while the server runs (:meth:`load_model`, :meth:`unload_model`; the rules are in
+    :mod:`~protoserve.server.runtime.registry`). Each model version has its own
+    scheduler and worker thread.
+
+    A model of the repository that cannot be read or loaded is not served: it is
+    absent from :meth:`list_models`, and UNAVAILABLE with the reason in
+    :meth:`repository_index`, so it does not hold :attr:`ready` down. A model given
+    on the command line that fails to load stays listed as FAILED, and the server is
+    not ready: its operator asked for that model by name.
+
     Args:
         models: ``(served name, model)`` pairs, in the order ListModels reports them.
-        max_queue: per model, most requests waiting; more get RESOURCE_EXHAUSTED.
-        max_active: per model, most requests stepped in turn at once.
+        max_queue: per model version, most requests waiting; more get RESOURCE_EXHAUSTED.
+        max_active: per model version, most requests stepped in turn at once.
+        batching, max_batch_size, max_batch_delay: the server's batching settings
+            (None: each model's own); a repository model's ``[batching]`` overrides them.
         on_change: called (on the event loop) whenever a model's state or the
             server's readiness changes; the health service listens here.
         metrics: where to count queueing, tokens, cancellations and rejections;
             None for no metrics.
+        repository: the model repository folder, or None for none.
+        model_control: allow :meth:`load_model` and :meth:`unload_model`.
+        unload_grace: seconds the requests in flight on an unloaded (or replaced)
+            version get before its generations are ended and its thread stopped.
     """
 
     def __init__(
@@ -117,58 +108,78 @@ class Runtime:
         max_streams: int = 256,
         on_change: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
+        repository: str | Path | None = None,
+        model_control: bool = True,
+        unload_grace: float = 30.0,
     ) -> None:
-        self._entries: dict[str, ModelEntry] = {}
         self.metrics = metrics
         self.batching = batching
         self.max_streams = max_streams
+        self._limits = (max_queue, max_active, max_batch_size, max_batch_delay)
         self._streams = 0
-        for name, model in models:
-            if name in self._entries:
-                raise ValueError(f"two models are named {name!r}")
-            batch_size = max_batch_size if max_batch_size is not None else model.max_batch_size
-            delay = max_batch_delay if max_batch_delay is not None else model.max_batch_delay
-            scheduler = Scheduler(
-                name,
-                max_queue=max_queue,
-                max_active=max_active,
-                max_batch_size=batch_size if batching else 1,
-                max_batch_delay=delay,
-                metrics=metrics,
-            )
-            self._entries[name] = ModelEntry(name, model, scheduler)
-            if metrics is not None:
-                metrics.add_model(name, _depth_of(scheduler))
+        self._metered: set[str] = set()
         self._on_change = on_change or (lambda: None)
+        self._models = ModelRegistry(
+            [self._new_entry(name, model, str(model.version)) for name, model in models],
+            new_entry=self._new_entry,
+            warm=self._warm,
+            on_change=lambda: self._on_change(),
+            repository=repository,
+            model_control=model_control,
+            unload_grace=unload_grace,
+        )
+        self._started = False
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
+    def _new_entry(
+        self, name: str, model: Model, version: str, own: Batching | None = None
+    ) -> ModelEntry:
+        """A version with its scheduler (and worker thread) started, not yet loaded."""
+        own = own or Batching()
+        max_queue, max_active, max_batch_size, max_batch_delay = self._limits
+        batching = self.batching if own.enabled is None else own.enabled
+        size = _first(own.max_batch_size, max_batch_size, model.max_batch_size)
+        own_delay = None if own.max_batch_delay_ms is None else own.max_batch_delay_ms / 1000
+        scheduler = Scheduler(
+            name,
+            max_queue=max_queue,
+            max_active=max_active,
+            max_batch_size=size if batching else 1,
+            max_batch_delay=_first(own_delay, max_batch_delay, model.max_batch_delay),
+            metrics=self.metrics,
+        )
+        if self.metrics is not None and name not in self._metered:
+            # Once per name: a reload or another version adds no series, and the depth
+            # read sums the versions served at the time (0 once unloaded).
+            self._metered.add(name)
+            self.metrics.add_model(name, self._depth_of(name))
+        return ModelEntry(name, model, scheduler, version=version, batching=batching)
+
+    def _depth_of(self, name: str) -> Callable[[], int]:
+        return lambda: sum(e.scheduler.depth for e in self._models.versions_of(name))
+
     # Life cycle.
     async def start(self) -> None:
-        """Load and warm up every model, each in its own worker thread, all at once.
+        """Load and warm up every model, each version in its own worker thread, all at once.
 
-        A model that fails to load is FAILED (its message says why); the others serve.
+        A model given on the command line that fails to load is FAILED (its message
+        says why); one of the repository is not served (the index says why). The
+        others serve.
         """
-        await asyncio.gather(*(self._load(entry) for entry in self._entries.values()))
+        loads = [self._load_given(entry) for entry in self._models.given()]
+        if self._models.repository is not None:
+            loads.append(self._models.load_all())
+        await asyncio.gather(*loads)
+        self._started = True
+        self._on_change()
 
-    async def _load(self, entry: ModelEntry) -> None:
+    async def _load_given(self, entry: ModelEntry) -> None:
         started = time.perf_counter()
-
-        scheduler = entry.scheduler
-        batching = self.batching
-
-        def load() -> None:
-            entry.model.load()
-            entry.model.warmup()
-            decoder = entry.model.batch_decoder(scheduler.max_active) if batching else None
-            if decoder is not None:
-                _warm_up_decoder(decoder)
-                scheduler.decoder = decoder
-
         try:
-            await entry.scheduler.run(load, request=False)
+            await self._warm(entry, None)
         except Exception as exc:
             log.exception("model %s failed to load", entry.name)
             entry.state, entry.state_message = ModelState.FAILED, f"failed to load: {exc}"
@@ -177,24 +188,50 @@ class Runtime:
             log.info("model %s ready in %.2fs", entry.name, time.perf_counter() - started)
         self._on_change()
 
+    async def _warm(self, entry: ModelEntry, warmup: Warmup | None) -> None:
+        """Load and warm up one version in its worker thread; raises what the model raised."""
+        scheduler, model, batching = entry.scheduler, entry.model, entry.batching
+
+        def load() -> None:
+            model.load()
+            model.warmup()
+            if warmup is not None:
+                warmup.run(model)
+            decoder = model.batch_decoder(scheduler.max_active) if batching else None
+            if decoder is not None:
+                _warm_up_decoder(decoder)
+                scheduler.decoder = decoder
+
+        await scheduler.run(load, request=False)
+
     @property
     def ready(self) -> bool:
-        """True when every model is READY and the server is not shutting down."""
-        return not self._draining and all(
-            e.state is ModelState.READY for e in self._entries.values()
+        """True once started, while every model served is READY and the server is not
+        shutting down (repository models that failed are not served: they do not count)."""
+        return (
+            self._started
+            and not self._draining
+            and all(e.state is ModelState.READY for e in self._models.served())
         )
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """True when the model (that version; "" for the latest) is READY (loaded and run
         once) and the server is not draining."""
-        entry = self._entries.get(name)
-        if entry is None or (version and version != entry.version):
+        try:
+            entry = self._models.get(name, version)
+        except NotFound:
             return False
         return not self._draining and entry.state is ModelState.READY
 
     def versions(self, name: str) -> list[str]:
         """The versions of a model the server holds, oldest first. Raises NotFound."""
-        return [self.get_model(name).version]
+        self._models.get(name)
+        return [e.version for e in self._models.versions_of(name)]
+
+    def known_models(self) -> list[str]:
+        """Every model name served now, or reported by the repository since the start
+        (failed, unloaded): the names health reports on."""
+        return self._models.known()
 
     @property
     def in_flight(self) -> int:
@@ -216,59 +253,67 @@ class Runtime:
 
     def stop_generations(self) -> None:
         """End every generation in flight at its next step, with FinishReason.CANCELLED."""
-        for entry in self._entries.values():
+        for entry in self._models.everything():
             entry.scheduler.request_stop()
 
     def close(self) -> None:
-        """Stop every model's worker thread."""
-        for entry in self._entries.values():
+        """Stop loads and unloads under way, and every model version's worker thread."""
+        self._models.cancel()
+        for entry in self._models.everything():
             entry.scheduler.close()
 
     # Requests.
     def list_models(self) -> list[ModelEntry]:
-        """Every model, ready or not, in configuration order."""
-        return list(self._entries.values())
+        """Every model, ready or not, in configuration order; for a model with several
+        versions, the one a request naming no version gets (the latest)."""
+        return self._models.latest()
 
     def get_model(self, name: str, version: str = "") -> ModelEntry:
         """The named model (that version; "" for the latest). Raises NotFound naming the
         models, or the versions, there are."""
-        entry = self._entries.get(name)
-        if entry is None:
-            known = ", ".join(sorted(self._entries)) or "none"
-            raise NotFound(
-                f"model {name!r} not found; models on this server: {known}",
-                resource_type="model",
-                resource_name=name,
-            )
-        if version and version != entry.version:
-            raise NotFound(
-                f"model {name!r} has no version {version!r}; versions: {entry.version}",
-                resource_type="model version",
-                resource_name=f"{name}/{version}",
-            )
-        return entry
+        return self._models.get(name, version)
 
     # The model repository (the Open Inference Protocol's repository extension).
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model version of the repository, loaded or not; only READY ones with
-        ``ready_only``. Raises FailedPrecondition when the server has no repository."""
-        raise FailedPrecondition("the server has no model repository (--model-repository)")
+        ``ready_only``. Raises FailedPrecondition when the server has no repository.
+
+        The folders are read again, so a folder added since the start is listed
+        (UNAVAILABLE, "not loaded"), and a malformed one with what is wrong with it
+        now (version "").
+        """
+        return self._models.index(ready_only)
 
     async def load_model(self, name: str) -> None:
         """Load (or reload) a model from the repository; returns once it is READY.
 
+        The folder is read again, so a new version folder or a fixed ``model.toml``
+        is picked up. The new versions load beside those serving, and take over
+        once all are READY; a failed reload leaves the old ones serving.
+
         Raises:
-            FailedPrecondition: no repository, or model control is off.
+            FailedPrecondition: no repository, or model control is off, or the model
+                was given with --model.
             NotFound: the repository has no such model.
             InvalidArgument: its folder is malformed (the message says how).
-            Unavailable: it failed to load (the message says why).
+            Unavailable: it failed to load (the message says why), or the server is
+                shutting down.
         """
-        raise FailedPrecondition("the server has no model repository (--model-repository)")
+        self._models.check_control(name)
+        if self._draining:
+            raise Unavailable("the server is shutting down; it loads no more models")
+        await self._models.load(name)
 
     async def unload_model(self, name: str) -> None:
         """Stop serving a model: new requests are refused, those in flight finish, then
-        its worker thread stops. Raises NotFound, or FailedPrecondition as load_model."""
-        raise FailedPrecondition("the server has no model repository (--model-repository)")
+        its worker thread stops. Raises NotFound, or FailedPrecondition as load_model.
+
+        Requests in flight get ``unload_grace`` seconds; then generations still going
+        end (FINISH_REASON_CANCELLED) and requests still waiting fail with UNAVAILABLE.
+        Unloading a model of the repository that is not loaded does nothing.
+        """
+        self._models.check_control(name)
+        await self._models.unload(name)
 
     def _serving(self, name: str, task: Task, version: str = "") -> ModelEntry:
         if self._draining:
@@ -285,15 +330,25 @@ class Runtime:
         return entry
 
     @contextlib.contextmanager
-    def _request(self) -> Iterator[None]:
+    def _request(self, entry: ModelEntry) -> Iterator[None]:
+        """Count a request in flight, on the server and on the version it uses.
+
+        Entered right after :meth:`_serving`, with no ``await`` between: a version
+        taken out of service is then either counted here or never handed out.
+        """
         self._in_flight += 1
         self._idle.clear()
+        entry.in_flight += 1
+        entry.idle.clear()
         try:
             yield
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+            entry.in_flight -= 1
+            if entry.in_flight == 0:
+                entry.idle.set()
 
     def _prompt_tokens(self, entry: ModelEntry, text: str, field: str) -> int:
         count = entry.model.count_tokens(text)
@@ -313,7 +368,7 @@ class Runtime:
         generation before its next step.
         """
         if self._streams >= self.max_streams:
-            if self.metrics is not None and model in self._entries:
+            if self.metrics is not None and model in self._models:
                 self.metrics.rejections.labels(model).inc()
             raise ResourceExhausted(
                 f"the server has {self._streams} streams in flight, its limit; retry later",
@@ -331,8 +386,8 @@ class Runtime:
     async def _generation(
         self, model: str, text: str, parameters: Mapping[str, Any], version: str = ""
     ) -> AsyncGenerator[Chunk, None]:
-        with self._request():
-            entry = self._serving(model, Task.TEXT_GENERATION, version)
+        entry = self._serving(model, Task.TEXT_GENERATION, version)
+        with self._request(entry):
             params = validate_generation(entry.model, parameters)
             prompt_tokens = self._prompt_tokens(entry, text, "inputs")
             scheduler = entry.scheduler
@@ -448,8 +503,8 @@ class Runtime:
         self, model: str, texts: Sequence[str], *, normalize: bool = True, version: str = ""
     ) -> tuple[torch.Tensor, Usage]:
         """One float32 vector per text, shape ``[len(texts), dim]``, and the token usage."""
-        with self._request():
-            entry = self._serving(model, Task.EMBEDDING, version)
+        entry = self._serving(model, Task.EMBEDDING, version)
+        with self._request(entry):
             if not texts:
                 raise InvalidArgument.field("inputs", "must hold at least one text")
             limit = entry.model.max_batch_texts
@@ -484,8 +539,8 @@ class Runtime:
         version: str = "",
     ) -> list[RawTensor]:
         """Run a model on named tensors; outputs come back raw, in the model's order."""
-        with self._request():
-            entry = self._serving(model, Task.TENSOR_PREDICTION, version)
+        entry = self._serving(model, Task.TENSOR_PREDICTION, version)
+        with self._request(entry):
             tensors = from_raw(inputs)
             _check_declared(entry.model, tensors)
             params = dict(parameters)
@@ -511,8 +566,11 @@ class Runtime:
             )
 
 
-def _depth_of(scheduler: Scheduler) -> Callable[[], int]:
-    return lambda: scheduler.depth
+def _first(*values: T | None) -> T:
+    """The first value that is not None (the last is never None)."""
+    found = next((v for v in values if v is not None), None)
+    assert found is not None
+    return found
 
 
 def _warm_up_decoder(decoder: BatchDecoder) -> None:

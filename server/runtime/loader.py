@@ -8,7 +8,8 @@ A spec is ``[NAME=]SOURCE`` where SOURCE is one of:
   ``torch.export`` archive (``.pt2``), served for Predict.
 
 NAME sets the name the model is served under; it defaults to the class's
-``name``, or the file's stem.
+``name``, or the file's stem. The model repository (``protoserve.server.repository``)
+builds its models from the same SOURCE forms, through :func:`model_from_source`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from protoserve.server.runtime.model import Model
 
-__all__ = ["ModelSpecError", "load_model_spec"]
+__all__ = ["ModelSpecError", "check_model_name", "load_model_spec", "model_from_source"]
 
 BUILTIN = "bytelm"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -41,20 +42,40 @@ def load_model_spec(spec: str) -> tuple[str, Model]:
     if not sep:
         name, source = "", spec
     source = source.strip()
-    model: Model
+    model = model_from_source(source, spec=spec)
+    if is_file_source(source):
+        name = name or Path(source).stem
+    name = name or type(model).name
+    check_model_name(name)
+    return name, model
+
+
+def is_file_source(source: str) -> bool:
+    """True when ``source`` names a TorchScript or ``torch.export`` file."""
+    return Path(source).suffix in _TORCHSCRIPT | {".pt2"}
+
+
+def model_from_source(source: str, *, folder: Path | None = None, spec: str = "") -> Model:
+    """A new, not yet loaded, model for SOURCE (see the module docstring).
+
+    A file is looked for in ``folder`` when given (a relative path is relative
+    to it). ``spec`` is what the error messages quote when SOURCE is not understood.
+
+    Raises:
+        ModelSpecError: as :func:`load_model_spec`.
+    """
     if source == BUILTIN:
         from protoserve.server.models.builtin import ByteLMModel
 
-        model = ByteLMModel()
-    elif Path(source).suffix in _TORCHSCRIPT | {".pt2"}:
-        path = Path(source)
+        return ByteLMModel()
+    if is_file_source(source):
+        path = Path(source) if folder is None else folder / source
         if not path.is_file():
-            raise ModelSpecError(f"model file {source!r} does not exist")
+            raise ModelSpecError(f"model file {str(path)!r} does not exist")
         from protoserve.server.models.torchfile import TorchFileModel
 
-        model = TorchFileModel(path)
-        name = name or path.stem
-    elif ":" in source:
+        return TorchFileModel(path)
+    if ":" in source:
         module_name, _, class_name = source.partition(":")
         try:
             module = importlib.import_module(module_name)
@@ -67,16 +88,17 @@ def load_model_spec(spec: str) -> tuple[str, Model]:
                 if cls is not None
                 else f"module {module_name!r} has no {class_name!r}"
             )
-        model = cls()
-    else:
-        raise ModelSpecError(
-            f"cannot tell what {spec!r} is: expected 'bytelm', 'package.module:Class', "
-            "or a .pt/.pt2 file, optionally after 'NAME='"
-        )
-    name = name or type(model).name
+        return cls()
+    raise ModelSpecError(
+        f"cannot tell what {spec or source!r} is: expected 'bytelm', 'package.module:Class', "
+        "or a .pt/.pt2 file" + (", optionally after 'NAME='" if spec else "")
+    )
+
+
+def check_model_name(name: str) -> None:
+    """Raises ModelSpecError unless ``name`` can be served (and be a label, a path part)."""
     if not _NAME.match(name):
         raise ModelSpecError(
             f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
-    return name, model

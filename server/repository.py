@@ -1,0 +1,399 @@
+"""The model repository: one folder per model, a ``model.toml`` and numbered versions.
+
+::
+
+    models/                     # --model-repository models
+      doubler/
+        model.toml              # source = "model.pt2"
+        1/model.pt2
+        2/model.pt2
+      writer/
+        model.toml              # source = "bytelm"
+        1/
+
+``model.toml`` (read with the standard library's ``tomllib``)::
+
+    name = "doubler"          # optional; the folder's name by default
+    source = "model.pt2"      # "bytelm", "package.module:Class", or a file in each version folder
+    versions = "latest"       # "latest" (the highest numbered folder), "all", or [1, 3]
+
+    [batching]                # optional; overrides the server's flags for this model
+    enabled = true
+    max_batch_size = 16
+    max_batch_delay_ms = 2.0
+
+    [warmup]                  # optional; run after load, before the model is READY
+    text = "hello"            # for models that generate or embed
+    [warmup.inputs.x]         # for models that predict: one table per input tensor
+    dtype = "float32"
+    shape = [2, 3]
+    data = [1, 2, 3, 4, 5, 6] # optional; zeros when left out
+
+Every key is checked: an unknown key, a wrong type or a missing file makes the
+folder malformed (:class:`RepositoryError`, naming the folder and the key), and
+never stops the server; the runtime reports the model UNAVAILABLE with the reason.
+This module only reads folders and builds model objects; loading them and swapping
+them in is the runtime's work (``Runtime.load_model``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protoserve.server.runtime.loader import (
+    ModelSpecError,
+    check_model_name,
+    is_file_source,
+    model_from_source,
+)
+from protoserve.server.runtime.model import GenerationParams, Model, Task
+from protoserve.server.runtime.tensors import DTYPES
+
+__all__ = [
+    "CONFIG_FILE",
+    "Batching",
+    "Folder",
+    "ModelConfig",
+    "ModelRepository",
+    "RepositoryError",
+    "Warmup",
+    "WarmupTensor",
+]
+
+#: The file that makes a folder a model.
+CONFIG_FILE = "model.toml"
+
+_TOP_KEYS = {"name", "source", "versions", "batching", "warmup"}
+_BATCHING_KEYS = {"enabled", "max_batch_size", "max_batch_delay_ms"}
+_WARMUP_KEYS = {"text", "inputs"}
+_TENSOR_KEYS = {"dtype", "shape", "data"}
+#: Elements of a warm-up tensor at most: warm-up inputs are meant to be tiny.
+_MAX_WARMUP_ELEMENTS = 1 << 20
+
+
+class RepositoryError(ValueError):
+    """A model folder that cannot be served as it is; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Batching:
+    """A model's own batching settings; None leaves the server's (or the model's) own."""
+
+    enabled: bool | None = None
+    max_batch_size: int | None = None
+    max_batch_delay_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class WarmupTensor:
+    """One input of the warm-up Predict call."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    #: Row-major values; None for zeros.
+    data: tuple[float, ...] | None = None
+
+    def tensor(self) -> torch.Tensor:
+        dtype = DTYPES[self.dtype]
+        if self.data is None:
+            return torch.zeros(self.shape, dtype=dtype)
+        return torch.tensor(self.data, dtype=dtype).reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """What to run once after loading, before the model is READY."""
+
+    text: str | None = None
+    inputs: tuple[WarmupTensor, ...] = ()
+
+    def run(self, model: Model) -> None:
+        """Run the warm-up on a loaded model, in its worker thread; raises what it raises.
+
+        Raises:
+            ValueError: the warm-up asks for a task the model does not serve.
+        """
+        tasks = model.tasks()
+        if self.text is not None:
+            if not tasks & {Task.TEXT_GENERATION, Task.EMBEDDING}:
+                raise ValueError("warmup.text is set, but the model neither generates nor embeds")
+            if Task.TEXT_GENERATION in tasks:
+                params = GenerationParams(
+                    max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0, seed=0
+                )
+                tokens = iter(model.generate(self.text, params))
+                try:
+                    for _ in itertools.islice(tokens, params.max_new_tokens):
+                        pass
+                finally:
+                    close = getattr(tokens, "close", None)
+                    if close is not None:
+                        close()
+            if Task.EMBEDDING in tasks:
+                model.embed([self.text])
+        if self.inputs:
+            if Task.TENSOR_PREDICTION not in tasks:
+                raise ValueError("warmup.inputs is set, but the model does not predict")
+            model.predict({t.name: t.tensor() for t in self.inputs}, {})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model folder's ``model.toml``, checked, with its versions resolved."""
+
+    name: str
+    folder: Path
+    source: str
+    #: The version numbers to serve, ascending; each has a folder.
+    versions: tuple[int, ...]
+    batching: Batching = Batching()
+    warmup: Warmup | None = None
+
+    def version_folder(self, version: int) -> Path:
+        return _version_folders(self.folder)[version]
+
+    def build(self, version: int) -> Model:
+        """A new, not yet loaded, model for one version. May import the model's module.
+
+        Raises:
+            RepositoryError: the module or class is missing, or is not a Model.
+        """
+        try:
+            return model_from_source(self.source, folder=self.version_folder(version))
+        except ModelSpecError as exc:
+            raise RepositoryError(f"source: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Folder:
+    """One folder of the repository as found: its config, or why it has none."""
+
+    name: str
+    path: Path
+    config: ModelConfig | None
+    error: str = ""
+
+
+class ModelRepository:
+    """A folder of model folders. Reading it never raises for a broken model folder.
+
+    Args:
+        root: the repository folder.
+        reserved: names taken by models given otherwise (``--model``): a folder
+            claiming one is malformed.
+    """
+
+    def __init__(self, root: Path | str, *, reserved: frozenset[str] = frozenset()) -> None:
+        self.root = Path(root)
+        self.reserved = reserved
+
+    def scan(self) -> list[Folder]:
+        """Every model folder (a folder holding ``model.toml``), sorted by folder name.
+
+        Two folders claiming one name are both malformed. Reads only small files;
+        call it from a worker thread where the repository may be slow storage.
+
+        Raises:
+            RepositoryError: the repository itself is missing or not a folder.
+        """
+        if not self.root.is_dir():
+            raise RepositoryError(f"model repository {str(self.root)!r} is not a folder")
+        found: list[Folder] = []
+        for path in sorted(self.root.iterdir()):
+            if not path.is_dir() or path.name.startswith("."):
+                continue
+            if not (path / CONFIG_FILE).is_file():
+                found.append(Folder(path.name, path, None, f"{CONFIG_FILE} is missing"))
+                continue
+            try:
+                config = read_config(path, reserved=self.reserved)
+            except RepositoryError as exc:
+                found.append(Folder(path.name, path, None, str(exc)))
+            else:
+                found.append(Folder(config.name, path, config))
+        return _flag_duplicates(found)
+
+    def find(self, name: str) -> Folder | None:
+        """The folder serving ``name``, or None. Raises RepositoryError as :meth:`scan`."""
+        return next((f for f in self.scan() if f.name == name), None)
+
+
+def read_config(folder: Path, *, reserved: frozenset[str] = frozenset()) -> ModelConfig:
+    """A model folder's checked configuration.
+
+    Raises:
+        RepositoryError: the TOML does not parse, a key is unknown or has a wrong
+            value, no version folder matches ``versions``, or a file is missing.
+    """
+    try:
+        with (folder / CONFIG_FILE).open("rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise RepositoryError(f"{CONFIG_FILE} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise RepositoryError(f"cannot read {CONFIG_FILE}: {exc.strerror or exc}") from exc
+    _known_keys(raw, _TOP_KEYS, "")
+    name = _string(raw, "name", folder.name)
+    try:
+        check_model_name(name)
+    except ModelSpecError as exc:
+        raise RepositoryError(f"name: {exc}") from exc
+    if name in reserved:
+        raise RepositoryError(f"name: {name!r} is already served by a --model model")
+    if "source" not in raw:
+        raise RepositoryError("source: missing; 'bytelm', 'package.module:Class' or a file name")
+    source = _string(raw, "source", "")
+    if not (source == "bytelm" or is_file_source(source) or ":" in source):
+        raise RepositoryError(
+            f"source: cannot tell what {source!r} is: expected 'bytelm', "
+            "'package.module:Class', or a .pt/.pt2 file in each version folder"
+        )
+    versions = _versions(folder, raw.get("versions", "latest"))
+    if is_file_source(source):
+        for version in versions:
+            if not (folder / str(version) / source).is_file():
+                raise RepositoryError(f"version {version}: {source} is missing")
+    return ModelConfig(
+        name=name,
+        folder=folder,
+        source=source,
+        versions=versions,
+        batching=_batching(raw.get("batching", {})),
+        warmup=_warmup(raw["warmup"]) if "warmup" in raw else None,
+    )
+
+
+def _version_folders(folder: Path) -> dict[int, Path]:
+    """Numbered subfolders (``1``, ``2`` ...) by number; other subfolders are the model's own."""
+    found: dict[int, Path] = {}
+    for path in folder.iterdir():
+        if path.is_dir() and path.name.isdigit() and path.name.isascii() and int(path.name) > 0:
+            found[int(path.name)] = path
+    return found
+
+
+def _versions(folder: Path, policy: object) -> tuple[int, ...]:
+    available = sorted(_version_folders(folder))
+    if not available:
+        raise RepositoryError("no version folder: add a numbered folder such as 1/")
+    if policy == "latest":
+        return (available[-1],)
+    if policy == "all":
+        return tuple(available)
+    if isinstance(policy, list) and policy and all(_is_int(v) and v > 0 for v in policy):
+        missing = sorted(set(policy) - set(available))
+        if missing:
+            listed = ", ".join(map(str, missing))
+            raise RepositoryError(f"versions: no folder for version {listed}")
+        return tuple(sorted(set(policy)))
+    raise RepositoryError(
+        f"versions: must be 'latest', 'all' or a list of version numbers, not {policy!r}"
+    )
+
+
+def _batching(raw: object) -> Batching:
+    table = _table(raw, "batching")
+    _known_keys(table, _BATCHING_KEYS, "batching.")
+    enabled = table.get("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise RepositoryError("batching.enabled: must be true or false")
+    size = table.get("max_batch_size")
+    if size is not None and not (_is_int(size) and size >= 1):
+        raise RepositoryError("batching.max_batch_size: must be a whole number, at least 1")
+    delay = table.get("max_batch_delay_ms")
+    if delay is not None and not (_is_number(delay) and 0 <= delay < math.inf):
+        raise RepositoryError("batching.max_batch_delay_ms: must be a number, at least 0")
+    return Batching(enabled, size, None if delay is None else float(delay))
+
+
+def _warmup(raw: object) -> Warmup:
+    table = _table(raw, "warmup")
+    _known_keys(table, _WARMUP_KEYS, "warmup.")
+    text = table.get("text")
+    if text is not None and not isinstance(text, str):
+        raise RepositoryError("warmup.text: must be a string")
+    inputs = _table(table.get("inputs", {}), "warmup.inputs")
+    if text is None and not inputs:
+        raise RepositoryError("warmup: needs text, or inputs (one table per input tensor)")
+    tensors = tuple(_warmup_tensor(name, spec) for name, spec in inputs.items())
+    return Warmup(text, tensors)
+
+
+def _warmup_tensor(name: str, raw: object) -> WarmupTensor:
+    where = f"warmup.inputs.{name}"
+    table = _table(raw, where)
+    _known_keys(table, _TENSOR_KEYS, where + ".")
+    dtype = table.get("dtype")
+    if dtype not in DTYPES:
+        raise RepositoryError(f"{where}.dtype: must be one of {', '.join(DTYPES)}")
+    shape = table.get("shape")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise RepositoryError(f"{where}.shape: must be a list of sizes, such as [1, 3]")
+    count = math.prod(shape)
+    if count > _MAX_WARMUP_ELEMENTS:
+        raise RepositoryError(f"{where}.shape: {count} elements; at most {_MAX_WARMUP_ELEMENTS}")
+    data = table.get("data")
+    if data is not None:
+        if not (isinstance(data, list) and all(_is_number(v) or isinstance(v, bool) for v in data)):
+            raise RepositoryError(f"{where}.data: must be a list of numbers")
+        if len(data) != count:
+            raise RepositoryError(
+                f"{where}.data: holds {len(data)} values; shape {shape} needs {count}"
+            )
+    return WarmupTensor(
+        name, str(dtype), tuple(shape), None if data is None else tuple(float(v) for v in data)
+    )
+
+
+def _flag_duplicates(found: list[Folder]) -> list[Folder]:
+    by_name: dict[str, list[Folder]] = {}
+    for folder in found:
+        by_name.setdefault(folder.name, []).append(folder)
+    out = []
+    for folder in found:
+        twins = by_name[folder.name]
+        if len(twins) > 1 and folder.config is not None:
+            paths = " and ".join(repr(t.path.name) for t in twins)
+            error = f"folders {paths} are both named {folder.name!r}"
+            folder = Folder(folder.name, folder.path, None, error)
+        out.append(folder)
+    return out
+
+
+def _known_keys(table: Mapping[str, Any], known: set[str], prefix: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise RepositoryError(
+            f"unknown key {prefix}{unknown[0]}; known keys: "
+            + ", ".join(prefix + k for k in sorted(known))
+        )
+
+
+def _table(raw: object, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise RepositoryError(f"{where}: must be a table")
+    return raw
+
+
+def _string(table: Mapping[str, Any], key: str, default: str) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        raise RepositoryError(f"{key}: must be a non-empty string")
+    return value.strip()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
