@@ -82,6 +82,10 @@ class InferenceServer:
             max_streams=config.max_streams,
             on_change=self._update_health,
             metrics=self.metrics,
+            repository=config.model_repository,
+            model_control=config.model_control,
+            # An unloaded model's calls in flight get the grace a shutdown gives them.
+            unload_grace=config.shutdown_grace,
         )
         self.server = grpc.aio.server(
             options=[
@@ -111,8 +115,10 @@ class InferenceServer:
     def _update_health(self) -> None:
         """Health per model (``models/NAME``) and for the whole server ("" and the service)."""
         statuses = {service: self.runtime.ready for service in ("", INFERENCE_SERVICE, OIP_SERVICE)}
-        for entry in self.runtime.list_models():
-            statuses[model_health_name(entry.name)] = self.runtime.model_ready(entry.name)
+        # Every model ever known, so that one unloaded (or failed in the repository)
+        # turns NOT_SERVING rather than keeping its last status.
+        for name in self.runtime.known_models():
+            statuses[model_health_name(name)] = self.runtime.model_ready(name)
         loop = asyncio.get_running_loop()
         for service, ready in statuses.items():
             status = (
@@ -126,7 +132,8 @@ class InferenceServer:
             task.add_done_callback(self._health_updates.discard)
 
     async def start(self) -> None:
-        """Listen, then load the models; health turns SERVING once all are ready."""
+        """Listen, then load the models; health turns SERVING once all are ready
+        (models of the repository that fail to load do not count: see Runtime)."""
         self._update_health()
         await self.server.start()
         log.info("serving gRPC on %s:%d", self.config.host, self.port)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from protoserve.server.app import InferenceServer
 from protoserve.server.config import add_arguments, from_arguments
@@ -19,7 +20,8 @@ __all__ = ["build_parser", "main"]
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="protoserve serve")
     parser.description = (
-        "Serve models over gRPC (InferenceService, health, reflection). "
+        "Serve models over gRPC (InferenceService, the Open Inference Protocol, health, "
+        "reflection): models named with --model, and every model of a --model-repository. "
         "Every flag can also be set by its PROTOSERVE_* environment variable."
     )
     add_arguments(parser)
@@ -36,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = [load_model_spec(spec) for spec in config.models]
     except ModelSpecError as exc:
         _fail(config.log_format, exc)
+        return 2
+    repository = config.model_repository
+    if repository is not None and not Path(repository).is_dir():
+        # The whole repository missing is a mistake in the command, not a broken model.
+        _fail(config.log_format, ValueError(f"model repository {repository!r} is not a folder"))
         return 2
 
     async def serve() -> None:

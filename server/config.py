@@ -23,8 +23,15 @@ class ServerConfig:
     host: str = "127.0.0.1"
     #: Port to listen on; 0 picks a free one (see ``port_file``).
     port: int = 50051
-    #: Model specs (see ``protoserve.server.runtime.loader``).
+    #: Model specs (see ``protoserve.server.runtime.loader``); none by default when
+    #: a model repository is given.
     models: tuple[str, ...] = ("bytelm",)
+    #: A folder of model folders, each a ``model.toml`` and numbered versions
+    #: (``docs/model-repository.md``); None: no repository.
+    model_repository: str | None = None
+    #: Let clients load and unload models of the repository while the server runs
+    #: (RepositoryModelLoad/Unload); off: they answer FAILED_PRECONDITION.
+    model_control: bool = True
     #: Largest request message accepted, in bytes.
     max_receive_message_bytes: int = 16 * MiB
     #: Largest response message sent, in bytes.
@@ -65,6 +72,9 @@ _HELP = {
     "port": "port to listen on; 0 picks a free port (default %(default)s)",
     "models": "model to serve, repeatable: bytelm, package.module:Class, or a .pt/.pt2 "
     "file, optionally as NAME=SPEC (default: bytelm)",
+    "model_repository": "serve every model folder of this folder (model.toml and numbered "
+    "version folders); works beside --model (default: none)",
+    "model_control": "let clients load and unload repository models while serving (default: on)",
     "max_receive_message_bytes": "largest request message in bytes (default %(default)s)",
     "max_send_message_bytes": "largest response message in bytes (default %(default)s)",
     "shutdown_grace": "seconds calls in flight get to finish on SIGTERM/SIGINT "
@@ -88,13 +98,15 @@ _HELP = {
     "0 picks a free port (default: off)",
 }
 #: Settings that are None by default and a number when given.
-_OPTIONAL = {
+_OPTIONAL: dict[str, type] = {
+    "model_repository": str,
     "metrics_port": int,
     "max_batch_size": int,
     "max_batch_delay_ms": float,
     "torch_threads": int,
 }
 _CHOICES = {"log_format": ("text", "json")}
+_METAVARS = {"model_repository": "DIR"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -156,7 +168,9 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
             default=default,
             choices=_CHOICES.get(f.name),
             help=help_text,
-            metavar=None if f.name in _CHOICES else f.name.split("_")[-1].upper(),
+            metavar=None
+            if f.name in _CHOICES
+            else _METAVARS.get(f.name, f.name.split("_")[-1].upper()),
         )
 
     if bad:
@@ -165,10 +179,16 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
 
 
 def from_arguments(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServerConfig:
-    """The config the parsed flags (and, for models, ``PROTOSERVE_MODELS``) describe."""
+    """The config the parsed flags (and, for models, ``PROTOSERVE_MODELS``) describe.
+
+    With a model repository and no model spec, the server serves the repository
+    only (not the built-in model as well).
+    """
     env = os.environ if env is None else env
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if f.name != "models"}
     models: Sequence[str] | None = args.models
     if not models and env.get(env_name("models")):
         models = [m.strip() for m in env[env_name("models")].split(",") if m.strip()]
-    return ServerConfig(models=tuple(models or ServerConfig.models), **values)
+    values["model_repository"] = values["model_repository"] or None  # "" in the environment
+    default = () if values["model_repository"] else ServerConfig.models
+    return ServerConfig(models=tuple(models or default), **values)

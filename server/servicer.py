@@ -279,7 +279,7 @@ def model_message(entry: ModelEntry) -> pb.Model:
     model = entry.model
     return pb.Model(
         name=entry.name,
-        version=model.version,
+        version=entry.version,
         tasks=[_TASKS[t] for t in sorted(model.tasks(), key=lambda t: _TASKS[t])],
         state=_STATES[entry.state],
         state_message=entry.state_message,
