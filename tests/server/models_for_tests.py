@@ -223,3 +223,40 @@ class Gated(Model):
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         return torch.ones(len(texts), 2)
+
+
+class EchoTensors(Model):
+    """Predict: every input comes back unchanged under its own name (any dtype, any shape)."""
+
+    name = "echo-tensors"
+
+    def predict(
+        self, inputs: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]
+    ) -> Mapping[str, torch.Tensor]:
+        return dict(inputs)
+
+
+class EchoText(Model):
+    """Generates its prompt back, one byte per step: text survives the trip byte for byte."""
+
+    name = "echo-text"
+
+    def generate(self, text: str, params: GenerationParams) -> Iterator[Token]:
+        for byte in text.encode():
+            yield Token(byte, bytes((byte,)))
+
+
+class Rows(Model):
+    """Predict on rows of 4 floats, y = x + 1, declared with the batch as dimension 0."""
+
+    name = "rows"
+    inputs = (TensorInfo("x", "float32", (-1, 4)),)
+    outputs = (TensorInfo("y", "float32", (-1, 4)),)
+    predict_batches = True
+    max_batch_size = 8
+    max_batch_delay = 0.001
+
+    def predict(
+        self, inputs: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]
+    ) -> Mapping[str, torch.Tensor]:
+        return {"y": inputs["x"] + 1}

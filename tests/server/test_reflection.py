@@ -160,7 +160,12 @@ def test_list_services_extensions_and_not_found(target: str) -> None:
         reflection_pb2.ServerReflectionRequest(file_by_filename="no/such.proto"),
     )
     assert [s.name for s in listed.list_services_response.service] == sorted(
-        [SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
+        [
+            SERVICE,
+            "inference.GRPCInferenceService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
     )
     assert "google/api/annotations.proto" in files_in(extension)
     assert http_rule in numbers.all_extension_numbers_response.extension_number
