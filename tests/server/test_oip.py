@@ -831,3 +831,49 @@ def test_calls_carry_a_request_id_and_end_with_an_access_line(stub, caplog) -> N
     assert ("x-request-id", "oip-trace-1") in call.initial_metadata()
     lines = [r for r in caplog.records if getattr(r, "request_id", None) == "oip-trace-1"]
     assert [(r.method, r.code) for r in lines] == [("ModelInfer", "OK")]  # type: ignore[attr-defined]
+
+
+def test_repository_versions_load_and_unload_through_the_protocol(tmp_path) -> None:
+    folder = tmp_path / "rows"
+    for version in ("1", "2"):
+        (folder / version).mkdir(parents=True)
+    (folder / "model.toml").write_text(
+        'source = "tests.server.models_for_tests:Rows"\nversions = "all"\n'
+    )
+    thread, server = start_grpc_server((), model_repository=str(tmp_path))
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    x = [tensor("x", "FP32", [1, 4], fp32_contents=[1, 2, 3, 4])]
+    try:
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=5)
+        assert [(m.name, m.version, m.state) for m in index.models] == [
+            ("rows", "1", "READY"),
+            ("rows", "2", "READY"),
+        ]
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="rows"), timeout=5)
+        assert list(meta.versions) == ["1", "2"]
+        assert infer(stub, "rows", x).model_version == "2"  # the latest
+        assert infer(stub, "rows", x, model_version="1").model_version == "1"
+
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="rows"), timeout=30)
+        assert not stub.ModelReady(pb.ModelReadyRequest(name="rows"), timeout=5).ready
+        assert error(infer, stub, "rows", x).code() in (
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
+        assert {m.state for m in index.models} == {"UNAVAILABLE"}
+
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="rows"), timeout=30)
+        assert stub.ModelReady(pb.ModelReadyRequest(name="rows", version="1"), timeout=5).ready
+        data = outputs_of(infer(stub, "rows", x))["y"][2]
+        assert np.frombuffer(data, "<f4").tolist() == [2, 3, 4, 5]
+        err = error(
+            stub.RepositoryModelLoad,
+            pb.RepositoryModelLoadRequest(model_name="nope"),
+            timeout=5,
+        )
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        channel.close()
+        stop_grpc_server(thread, server)
