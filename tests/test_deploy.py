@@ -540,6 +540,13 @@ def test_pvc_overlay_serves_the_repository_from_the_claim(kubectl: Path) -> None
         "claimName": claim["metadata"]["name"],
         "readOnly": True,
     }
+    # The claim's folder that the KServe example serves too (pvc://CLAIM/FOLDER).
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models"]
+    storage_uri = _one(KSERVE, "InferenceService", "protoserve-demo")["spec"]["predictor"]["model"][
+        "storageUri"
+    ]
+    assert storage_uri == f"pvc://{claim['metadata']['name']}/{mount['subPath']}"
+    assert mount["readOnly"] is True
     base = {(o["kind"], o["metadata"]["name"]) for o in _kustomize(kubectl, BASE)}
     assert set(rendered) == base - {("ConfigMap", "protoserve-models")} | {
         ("PersistentVolumeClaim", "protoserve-models")
