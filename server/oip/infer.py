@@ -20,6 +20,7 @@ from protoserve.server.oip import parameters as oip_parameters
 from protoserve.server.oip.signatures import (
     EMBEDDING_OUTPUT,
     GENERATION_OUTPUT,
+    TASK_NAMES,
     Signature,
     choose,
     signatures,
@@ -51,8 +52,9 @@ async def infer(runtime: Runtime, request: pb.ModelInferRequest) -> pb.ModelInfe
         raise InvalidArgument.field("model_name", "must name a model")
     entry = runtime.get_model(request.model_name, request.model_version)
     inputs = read_inputs(request)
-    signature = choose(entry.name, signatures(entry.model), [i.name for i in inputs])
-    wanted = _requested(request, signature)
+    found = signatures(entry.model)
+    signature = choose(entry.name, found, [i.name for i in inputs])
+    wanted = _requested(request, signature, found)
     if signature.task is Task.TENSOR_PREDICTION:
         outputs = await _predict(runtime, entry, signature, inputs, request)
     elif signature.task is Task.EMBEDDING:
@@ -74,23 +76,44 @@ async def infer(runtime: Runtime, request: pb.ModelInferRequest) -> pb.ModelInfe
     )
 
 
-def _requested(request: pb.ModelInferRequest, signature: Signature) -> list[str]:
-    """The output names the request asks for (none: all), checked where they are known."""
+def _requested(
+    request: pb.ModelInferRequest, signature: Signature, found: Sequence[Signature]
+) -> list[str]:
+    """The output names the request asks for, in order (none: all of the task's).
+
+    Outputs of the model's other tasks are left out: load tools (perf_analyzer) ask
+    for every output the configuration lists, whichever task the inputs pick. Asking
+    for those alone, or for a name the model has no output of, is an error.
+    """
     names: list[str] = []
+    elsewhere: list[str] = []
     violations: list[FieldViolation] = []
     declared = {spec.name for spec in signature.outputs}
+    other = {spec.name for s in found if s != signature for spec in s.outputs} - declared
     for i, output in enumerate(request.outputs):
         where = f"outputs[{i}]"
-        if output.name in names:
+        if output.name in names or output.name in elsewhere:
             violations.append((f"{where}.name", f"output {output.name!r} is asked for twice"))
+        elif output.name in other:
+            elsewhere.append(output.name)
         elif declared and output.name not in declared:
+            known = sorted(declared | other)
             violations.append(
-                (f"{where}.name", f"unknown output {output.name!r}; outputs: {sorted(declared)}")
+                (f"{where}.name", f"unknown output {output.name!r}; outputs: {known}")
             )
+        else:
+            names.append(output.name)
         for name in output.parameters:
             if name != "binary_data":  # REST framing a gateway may pass on
                 violations.append((f"{where}.parameters", f"{name!r} is not supported"))
-        names.append(output.name)
+    if elsewhere and not names and not violations:
+        violations.append(
+            (
+                "outputs",
+                f"{elsewhere[0]!r} is not an output of {TASK_NAMES[signature.task]}, "
+                f"which this request's inputs run; its outputs: {sorted(declared)}",
+            )
+        )
     if violations:
         raise InvalidArgument(
             "invalid outputs: " + "; ".join(f"{f}: {d}" for f, d in violations), violations

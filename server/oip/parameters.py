@@ -5,6 +5,12 @@ the same parameters as v1's ``GenerationParameters`` (the runtime validates them
 the same way); ``stop_sequences``, a list there, is a string holding a JSON array
 here, as the protocol has no list value. Embedding takes ``normalize``; tensor
 prediction passes every parameter to the model, as v1's Predict does.
+
+Some names belong to the protocol's clients, not to models (Triton reserves
+them): those that only tune delivery are dropped (perf_analyzer sends
+``triton_enable_empty_final_response`` with every request), and those that ask
+for a feature this server lacks (sequence batching, server-side timeouts) are
+refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -20,19 +26,37 @@ __all__ = ["embedding_parameters", "generation_parameters", "plain_parameters"]
 
 STOP_SEQUENCES = "stop_sequences"
 NORMALIZE = "normalize"
+#: Client parameters that change nothing here: REST framing, forwarded headers, a
+#: scheduling hint; and every ``triton_`` name.
+_DROPPED = frozenset({"binary_data_output", "headers", "priority"})
+_DROPPED_PREFIX = "triton_"
+#: Client parameters for features this server does not have.
+_UNSUPPORTED = {
+    "sequence_id": "asks for sequence batching, which this server does not do",
+    "sequence_start": "asks for sequence batching, which this server does not do",
+    "sequence_end": "asks for sequence batching, which this server does not do",
+    "timeout": "asks for a server-side timeout, which this server does not keep; "
+    "set a gRPC deadline instead",
+}
 
 
 def plain_parameters(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
-    """The parameters as plain values (bool, int, float, str).
+    """The model's parameters as plain values (bool, int, float, str); the clients'
+    own (see the module docstring) left out.
 
     Raises:
-        InvalidArgument: a parameter that carries no value.
+        InvalidArgument: a parameter that carries no value, or one asking for a
+            feature the server does not have.
     """
     values: dict[str, Any] = {}
     violations: list[FieldViolation] = []
     for name, parameter in parameters.items():
+        if name in _DROPPED or name.startswith(_DROPPED_PREFIX):
+            continue
         which = parameter.WhichOneof("parameter_choice")
-        if which is None:
+        if name in _UNSUPPORTED:
+            violations.append((f"parameters.{name}", _UNSUPPORTED[name]))
+        elif which is None:
             violations.append((f"parameters.{name}", "has no value"))
         else:
             values[name] = getattr(parameter, which)

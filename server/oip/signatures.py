@@ -29,6 +29,7 @@ __all__ = [
     "GENERATION_INPUT",
     "GENERATION_OUTPUT",
     "PLATFORM",
+    "TASK_NAMES",
     "Signature",
     "TensorSpec",
     "choose",
@@ -47,7 +48,8 @@ EMBEDDING_OUTPUT = "embedding"
 GENERATION_INPUT = "text_input"
 GENERATION_OUTPUT = "text_output"
 
-_TASK_NAMES = {
+#: Each task's name in error messages.
+TASK_NAMES = {
     Task.TENSOR_PREDICTION: "tensor prediction",
     Task.TEXT_GENERATION: "text generation",
     Task.EMBEDDING: "embedding",
@@ -145,7 +147,7 @@ def choose(model_name: str, found: Sequence[Signature], names: Sequence[str]) ->
             first.setdefault(owner.task, name)
         candidates = [s for s in candidates if s in owners]
         if not candidates:
-            tasks = ", ".join(f"{n!r} is an input of {_TASK_NAMES[t]}" for t, n in first.items())
+            tasks = ", ".join(f"{n!r} is an input of {TASK_NAMES[t]}" for t, n in first.items())
             raise InvalidArgument.field(
                 f"inputs[{i}].name",
                 f"{tasks}; one request runs one task, so send the inputs of one",
@@ -158,10 +160,10 @@ def _takes(model_name: str, found: Sequence[Signature]) -> str:
     parts = []
     for s in found:
         if s.open:
-            parts.append(f"any named tensors ({_TASK_NAMES[s.task]})")
+            parts.append(f"any named tensors ({TASK_NAMES[s.task]})")
         else:
             names = ", ".join(f"{i.name} ({i.datatype})" for i in s.inputs)
-            parts.append(f"{names} ({_TASK_NAMES[s.task]})")
+            parts.append(f"{names} ({TASK_NAMES[s.task]})")
     return f"model {model_name!r} takes " + ("; or ".join(parts) or "nothing")
 
 

@@ -348,8 +348,18 @@ def test_config_agrees_with_metadata_and_its_requests_are_served(
             (o.name, CONFIG_DATATYPES[o.data_type], batch + list(o.dims)) for o in config.output
         ], name
         if name in ("rows", "doubler", "bytelm", "echo-text", "scripted"):
-            parameters = {"max_new_tokens": p(2)} if name in ("bytelm", "scripted") else None
-            response = infer(stub, name, _perf_analyzer_request(config, 2), parameters=parameters)
+            # As perf_analyzer asks: every output of the configuration, and its own parameter.
+            parameters = {"triton_enable_empty_final_response": p(False)}
+            if name in ("bytelm", "scripted"):
+                parameters["max_new_tokens"] = p(2)
+            response = infer(
+                stub,
+                name,
+                _perf_analyzer_request(config, 2),
+                outputs=[o.name for o in config.output],
+                parameters=parameters,
+            )
+            # A multi-task model answers with the outputs of the task its inputs picked.
             assert [o.name for o in response.outputs] == [o.name for o in config.output][
                 : len(response.outputs)
             ]
@@ -747,6 +757,41 @@ def test_inputs_of_two_tasks_in_one_request_are_invalid(oip) -> None:
     err = error(infer, oip, "bytelm", [])
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "text_input (BYTES) (text generation); or text (BYTES) (embedding)" in err.details()
+
+
+def test_outputs_of_another_task_are_left_out_unless_they_are_all_asked_for(oip) -> None:
+    both = infer(
+        oip,
+        "bytelm",
+        [text(b"def ")],
+        outputs=["embedding", "text_output"],
+        parameters={"max_new_tokens": p(2)},
+    )
+    assert [o.name for o in both.outputs] == ["text_output"]
+    err = error(infer, oip, "bytelm", [text(b"def ")], outputs=["embedding"])
+    assert violations(err) == [
+        (
+            "outputs",
+            "'embedding' is not an output of text generation, which this request's inputs "
+            "run; its outputs: ['text_output']",
+        )
+    ]
+    err = error(infer, oip, "bytelm", [text(b"def ")], outputs=["logits"])
+    assert violations(err) == [
+        ("outputs[0].name", "unknown output 'logits'; outputs: ['embedding', 'text_output']")
+    ]
+
+
+def test_client_parameters_are_dropped_or_refused_never_passed_to_the_model(stub) -> None:
+    # Generation refuses any parameter it does not know; these never reach it.
+    dropped = {"triton_enable_empty_final_response": p(True), "priority": p(1), "headers": p("")}
+    response = infer(stub, "echo-text", [text(b"hi")], parameters=dropped)
+    assert unframe(outputs_of(response)["text_output"][2]) == [b"hi"]
+    for name in ("sequence_id", "timeout"):
+        err = error(infer, stub, "echo-text", [text(b"hi")], parameters={name: p(5)})
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ((field, description),) = violations(err)
+        assert field == f"parameters.{name}" and "which this server does not" in description
 
 
 def test_a_request_that_does_not_parse_is_invalid_argument(served: Served) -> None:
