@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ from protoserve.server.runtime.model import Model
 __all__ = ["TorchFileModel"]
 
 log = logging.getLogger("protoserve.server")
+
+_EXPORT_LOAD = threading.Lock()
 
 
 class TorchFileModel(Model):
@@ -34,7 +37,10 @@ class TorchFileModel(Model):
 
     def load(self) -> None:
         if self.path.suffix == ".pt2":
-            self._module = torch.export.load(str(self.path)).module()
+            # torch.export.load keeps its deserializer in a global: two worker threads
+            # loading at once (models, or versions of one model) must take turns.
+            with _EXPORT_LOAD:
+                self._module = torch.export.load(str(self.path)).module()
         else:
             # torch 2.13 deprecates TorchScript but users still have such files: load
             # them quietly, and say once in the log that .pt2 (torch.export) is the way on.
