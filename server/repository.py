@@ -165,12 +165,17 @@ class ModelConfig:
         """A new, not yet loaded, model for one version. May import the model's module.
 
         Raises:
-            RepositoryError: the module or class is missing, or is not a Model.
+            RepositoryError: the module or class is missing, is not a Model, or
+                failed to import or to build (the user's code raised).
         """
         try:
             return model_from_source(self.source, folder=self.version_folder(version))
         except ModelSpecError as exc:
             raise RepositoryError(f"source: {exc}") from exc
+        except Exception as exc:  # the user's module or constructor failed
+            raise RepositoryError(
+                f"source: building {self.source!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 @dataclass(frozen=True)

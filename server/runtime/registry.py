@@ -172,8 +172,11 @@ class ModelRegistry:
         return [*self.served(), *self._loading, *self._retiring]
 
     def latest(self) -> list[ModelEntry]:
-        """One version per model, the latest, in the order the models came."""
-        return [entries[-1] for entries in self._entries.values()]
+        """One version per model, the latest: models given with --model in their order,
+        then those of the repository by name (whatever order they loaded in)."""
+        given = [entries[-1] for name, entries in self._entries.items() if name in self._given]
+        loaded = sorted(set(self._entries) - self._given)
+        return given + [self._entries[name][-1] for name in loaded]
 
     def versions_of(self, name: str) -> list[ModelEntry]:
         """The versions of a model served now, ascending; empty when there is none."""
