@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run both until a signal, or until one of them exits; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="protoserve up",
-        description="Run the gRPC server (built-in model unless --model) and the HTTP gateway "
+        description="Run the gRPC server (built-in model unless --model or --model-repository) "
+        "and the HTTP gateway "
         "in front of it. Extra arguments after -- go to `protoserve serve`.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address both listen on")
@@ -52,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="SPEC",
         help="model to serve (repeatable), as for `protoserve serve`",
+    )
+    parser.add_argument(
+        "--model-repository",
+        metavar="DIR",
+        help="serve every model folder of DIR, as for `protoserve serve` (then no "
+        "built-in model unless --model bytelm)",
     )
     parser.add_argument("serve_args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -70,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--port-file",
                 str(grpc_file),
                 *(f"--model={m}" for m in args.model),
+                *([f"--model-repository={args.model_repository}"] if args.model_repository else []),
                 *args.serve_args,
             ]
         )
