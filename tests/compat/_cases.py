@@ -36,5 +36,5 @@ CASES = (
 )
 #: A model of the repository that the load/unload tests take down and bring back.
 SPARE = "spare_fp32"
-#: The built-in text model.
+#: The built-in text model (generation and embedding).
 TEXT = "bytelm"

@@ -52,7 +52,8 @@ def start(name: str, folder: Path, *args: str, timeout: float = 90.0) -> Process
     log = folder / f"{name}.log"
     command = [protoserve_python(), "-m", "protoserve.clients.cli", name]
     command += ["--port", "0", "--port-file", str(port_file), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     with log.open("wb") as out:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout

@@ -47,7 +47,7 @@ def _wait(check: Callable[[], bool], what: str, server: _processes.Process) -> N
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository with the add/sub models, a spare one and bytelm."""
+    """A model repository: the add/sub models, a spare one and bytelm."""
     folder = tmp_path_factory.mktemp("repository")
     build_repository(folder, [case.model for case in CASES] + [SPARE], text=TEXT)
     return folder
