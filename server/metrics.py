@@ -3,7 +3,8 @@
 Each :class:`Metrics` has its own ``CollectorRegistry``, not prometheus-client's
 global one, so that several servers in one process (tests) do not collide.
 Labels are bounded: a model name (only models the server was configured
-with), a method name (of our service) and a status code; never a request id.
+with, or the repository's folders; never a version), a method name (of our
+service) and a status code; never a request id.
 
 The runtime uses this module too, so it stays transport-independent: nothing
 here imports grpc; status codes arrive as their names.
@@ -105,7 +106,11 @@ class Metrics:
         )
 
     def add_model(self, name: str, depth: Callable[[], int]) -> None:
-        """Export a model's series at zero from the start; ``depth`` reads its queue depth."""
+        """Export a model's series at zero from the start; ``depth`` reads its queue depth.
+
+        Safe to call again for a name (a model reloaded from the repository): the
+        series stay as they are, and ``depth`` replaces the reader before.
+        """
         self.queue_depth.labels(name).set_function(depth)
         self.streams_in_flight.labels(name)
         for counter in (self.tokens, self.cancellations, self.rejections):
