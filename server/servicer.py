@@ -290,6 +290,15 @@ def model_message(entry: ModelEntry) -> pb.Model:
     )
 
 
+def _data_type(tensor: RawTensor) -> pb.DataType:
+    """The DataType of an output; a dtype v1 has none for (uint16/32/64, which only the
+    Open Inference Protocol carries) is the model's failure here, logged as such."""
+    data_type = _DTYPES.get(tensor.dtype)
+    if data_type is None:
+        raise TypeError(f"output {tensor.name!r} has dtype {tensor.dtype}, which v1 cannot carry")
+    return data_type
+
+
 def _generation_parameters(message: pb.GenerationParameters) -> dict[str, Any]:
     """The parameters a request set; unset optional fields are left out (defaults apply)."""
     given: dict[str, Any] = {}
@@ -386,7 +395,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         outputs = await self.runtime.predict(request.model, inputs, parameters)
         return pb.PredictResponse(
             outputs=[
-                pb.Tensor(name=o.name, data_type=_DTYPES[o.dtype], shape=o.shape, raw_data=o.data)
+                pb.Tensor(name=o.name, data_type=_data_type(o), shape=o.shape, raw_data=o.data)
                 for o in outputs
             ],
             model=request.model,
