@@ -20,7 +20,13 @@ from pathlib import Path
 
 from protoserve.server.runtime.model import Model
 
-__all__ = ["ModelSpecError", "check_model_name", "load_model_spec", "model_from_source"]
+__all__ = [
+    "ModelSpecError",
+    "check_model_name",
+    "is_file_source",
+    "load_model_spec",
+    "model_from_source",
+]
 
 BUILTIN = "bytelm"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
