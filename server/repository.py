@@ -75,6 +75,8 @@ _TOP_KEYS = {"name", "source", "versions", "batching", "warmup"}
 _BATCHING_KEYS = {"enabled", "max_batch_size", "max_batch_delay_ms"}
 _WARMUP_KEYS = {"text", "inputs"}
 _TENSOR_KEYS = {"dtype", "shape", "data"}
+#: Folders a file system or volume puts at the top of a repository (ext4 on a PVC).
+_NOT_MODELS = {"lost+found"}
 #: Elements of a warm-up tensor at most: warm-up inputs are meant to be tiny.
 _MAX_WARMUP_ELEMENTS = 1 << 20
 
@@ -214,7 +216,7 @@ class ModelRepository:
             raise RepositoryError(f"model repository {str(self.root)!r} is not a folder")
         found: list[Folder] = []
         for path in sorted(self.root.iterdir()):
-            if not path.is_dir() or path.name.startswith("."):
+            if not path.is_dir() or path.name.startswith(".") or path.name in _NOT_MODELS:
                 continue
             if not (path / CONFIG_FILE).is_file():
                 found.append(Folder(path.name, path, None, f"{CONFIG_FILE} is missing"))
