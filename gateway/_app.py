@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -30,8 +29,23 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from protoserve.gateway._body import check_content_type, read_body
+from protoserve.gateway._callmeta import metadata_headers, outgoing_metadata, request_deadline
+from protoserve.gateway._codecs import (
+    Codec,
+    CodecRequest,
+    CodecResponse,
+    ErrorInfo,
+    resolve_codecs,
+)
 from protoserve.gateway._descriptors import Descriptors, from_compiled
-from protoserve.gateway._errors import HTTP_STATUS, GatewayError, from_grpc_error, status_json
+from protoserve.gateway._errors import (
+    HTTP_STATUS,
+    GatewayError,
+    from_grpc_error,
+    grpc_error_parts,
+    status_json,
+)
 from protoserve.gateway._metrics import UNMATCHED, GatewayMetrics
 from protoserve.gateway._request_id import RequestIdMiddleware, current_request_id
 from protoserve.gateway._request_id import request_id as sane_request_id
@@ -56,105 +70,8 @@ MiB = 1024 * 1024
 #: Request headers passed upstream as gRPC metadata (plus every ``Grpc-Metadata-*``).
 DEFAULT_FORWARDED_HEADERS = ("authorization", "traceparent", "tracestate")
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-_GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
-_GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-# Metadata that is gRPC's own business, never echoed as response headers.
-_RESERVED_METADATA = frozenset(
-    {
-        "content-type",
-        "grpc-status",
-        "grpc-message",
-        "x-request-id",
-        "grpc-status-details-bin",
-        "grpc-encoding",
-        "grpc-accept-encoding",
-    }
-)
 #: HTTP status for a client that went away (nginx's convention, as grpc-gateway uses).
 CLIENT_CLOSED = 499
-
-
-def _timeout(request: Request) -> float | None:
-    """The deadline a request asks for: ``Grpc-Timeout`` (gRPC's format) or
-    ``X-Request-Timeout`` (seconds)."""
-    raw = request.headers.get("grpc-timeout")
-    if raw is not None:
-        match = _GRPC_TIMEOUT.match(raw.strip())
-        if not match:
-            raise GatewayError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"Grpc-Timeout {raw!r} is not like '10S' or '250m'",
-            )
-        return int(match[1]) * _GRPC_TIMEOUT_UNITS[match[2]]
-    raw = request.headers.get("x-request-timeout")
-    if raw is not None:
-        try:
-            seconds = float(raw)
-        except ValueError:
-            seconds = -1.0
-        if not 0 < seconds < 1e6:
-            raise GatewayError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"X-Request-Timeout {raw!r} must be a positive number of seconds",
-            )
-        return seconds
-    return None
-
-
-def _metadata(
-    request: Request, forwarded: frozenset[str], request_id: str
-) -> list[tuple[str, str]]:
-    metadata = [("x-request-id", request_id)]
-    for key, value in request.headers.items():
-        key = key.lower()
-        if key.startswith("grpc-metadata-"):
-            key = key[len("grpc-metadata-") :]
-        elif key not in forwarded:
-            continue
-        # Binary (-bin) metadata would need base64 rules of its own; it is not forwarded.
-        if key and not key.endswith("-bin") and key not in _RESERVED_METADATA and value.isascii():
-            metadata.append((key, value))
-    return metadata
-
-
-def _response_headers(metadata: Any, prefix: str) -> dict[str, str]:
-    headers = {}
-    for key, value in metadata or ():
-        if isinstance(value, str) and key not in _RESERVED_METADATA and value.isascii():
-            headers[f"{prefix}{key}"] = value
-    return headers
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    too_big = GatewayError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"the request body is larger than {limit} bytes",
-        http_status=413,
-    )
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise too_big
-        parts.append(part)
-    return b"".join(parts)
-
-
-def _check_content_type(header: str) -> None:
-    """Bodies are read as JSON whatever the header says, except kinds that are surely not JSON.
-
-    ``curl -d`` labels every body ``application/x-www-form-urlencoded``: refusing
-    it would fail the most common way people try an API. A JSON syntax error
-    still names where the body went wrong.
-    """
-    kind = header.split(";")[0].strip().lower()
-    if kind.startswith("multipart/") or "protobuf" in kind or kind.startswith("application/grpc"):
-        raise GatewayError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"the body must be JSON, not {kind}", http_status=415
-        )
 
 
 async def _disconnected(request: Request) -> None:
@@ -196,10 +113,13 @@ class _Gateway:
         forwarded: Sequence[str],
         use_proto_names: bool,
         channel_options: Sequence[tuple[str, Any]],
+        codecs: Mapping[str, Codec],
     ) -> None:
         self.upstream = upstream
         self.descriptors = descriptors
         self.bindings = [b for s in descriptors.services for b in bindings_for(s)]
+        #: Method full name -> its codec, for the methods that have one.
+        self.codecs = dict(codecs)
         self.router = Router(self.bindings)
         self.max_body_bytes = max_body_bytes
         self.keepalive = keepalive
@@ -240,19 +160,79 @@ class _Gateway:
             self._callables[method.full_name] = found
         return found
 
-    def error_response(self, error: GatewayError, request_id: str) -> JSONResponse:
+    def error_response(
+        self, error: GatewayError, request_id: str, binding: Binding | None = None
+    ) -> Response:
+        """The answer to the gateway's own error; by the codec of ``binding``'s method, if any."""
         body = status_json(error.code, error.message, list(error.details), self.descriptors.pool)
         status = error.http_status or HTTP_STATUS[error.code]
-        return JSONResponse(
-            body, status_code=status, headers={**(error.headers or {}), "X-Request-Id": request_id}
-        )
+        headers = {**(error.headers or {}), "X-Request-Id": request_id}
+        codec = self.codecs.get(binding.method.full_name) if binding is not None else None
+        if codec is not None and binding is not None:
+            info = ErrorInfo(status, error.code, error.message, error.details, body)
+            return self._codec_error(codec, binding, info, headers)
+        return JSONResponse(body, status_code=status, headers=headers)
 
-    def grpc_error_response(self, error: grpc.aio.AioRpcError, request_id: str) -> JSONResponse:
+    def grpc_error_response(
+        self, error: grpc.aio.AioRpcError, request_id: str, binding: Binding | None = None
+    ) -> Response:
+        """The answer to a failed upstream call; by the codec of ``binding``'s method, if any."""
         self.metrics.upstream_errors.labels(error.code().name).inc()
-        status, body, headers = from_grpc_error(error, self.descriptors.pool)
-        return JSONResponse(
-            body, status_code=status, headers={**headers, "X-Request-Id": request_id}
+        codec = self.codecs.get(binding.method.full_name) if binding is not None else None
+        if codec is None or binding is None:
+            status, body, headers = from_grpc_error(error, self.descriptors.pool)
+            return JSONResponse(
+                body, status_code=status, headers={**headers, "X-Request-Id": request_id}
+            )
+        code, message, details, headers = grpc_error_parts(error)
+        body = status_json(code, message, details, self.descriptors.pool)
+        info = ErrorInfo(HTTP_STATUS.get(code, 500), code, message, tuple(details), body)
+        return self._codec_error(codec, binding, info, {**headers, "X-Request-Id": request_id})
+
+    def _codec_error(
+        self, codec: Codec, binding: Binding, info: ErrorInfo, headers: dict[str, str]
+    ) -> Response:
+        try:
+            answer = codec.encode_error(binding, info)
+        except Exception:
+            # A codec that cannot even render an error: the error still gets answered.
+            log.exception("codec %s failed to encode an error", codec.name)
+            return JSONResponse(info.status_json, status_code=info.status, headers=headers)
+        return _codec_response(answer, headers)
+
+    def _codec_step(
+        self, codec: Codec, binding: Binding, what: str, step: Callable[..., T], *args: Any
+    ) -> T:
+        """``step(*args)``, with a codec's unexpected failure made a 500 without its traceback."""
+        try:
+            return step(*args)
+        except GatewayError:
+            raise
+        except Exception:
+            log.exception("codec %s failed to %s (%s)", codec.name, what, binding.method.full_name)
+            raise GatewayError(
+                grpc.StatusCode.INTERNAL, f"the gateway's {codec.name} codec failed to {what}"
+            ) from None
+
+    def _codec_decode(
+        self, codec: Codec, coded: CodecRequest, message_class: type[Message]
+    ) -> Message:
+        method = coded.binding.method
+        message = self._codec_step(
+            codec, coded.binding, "decode the request", codec.decode_request, coded, message_class
         )
+        if message.DESCRIPTOR.full_name != method.input_type.full_name:
+            log.error(
+                "codec %s made a %s for %s",
+                codec.name,
+                message.DESCRIPTOR.full_name,
+                method.full_name,
+            )
+            raise GatewayError(
+                grpc.StatusCode.INTERNAL,
+                f"the gateway's {codec.name} codec made the wrong request message",
+            )
+        return message
 
     async def dispatch(self, request: Request) -> Response:
         # Decided by RequestIdMiddleware, which logs it; its rule again outside the middleware.
@@ -263,7 +243,9 @@ class _Gateway:
         try:
             response = await self._dispatch(request, request_id)
         except GatewayError as error:
-            response = self.error_response(error, request_id)
+            # Set by _dispatch once matched: the codec of its method answers its errors.
+            binding = getattr(request.state, "binding", None)
+            response = self.error_response(error, request_id, binding)
         # The binding's template, set by _dispatch once matched: bounded, unlike the path.
         route = getattr(request.state, "route", UNMATCHED)
         self.metrics.observe(route, request.method, response.status_code, started)
@@ -293,21 +275,24 @@ class _Gateway:
         request.state.grpc_method = (
             f"/{binding.method.containing_service.full_name}/{binding.method.name}"
         )
-        body = await _read_body(request, self.max_body_bytes)
-        if body and binding.body:
-            _check_content_type(request.headers.get("content-type", ""))
-        message = build_request(
-            binding,
-            match.path_params,
-            request.query_params.multi_items(),
-            body,
-            GetMessageClass(binding.method.input_type),
-        )
-        deadline = _timeout(request)
-        metadata = _metadata(request, self.forwarded, request_id)
+        request.state.binding = binding
+        body = await read_body(request, self.max_body_bytes)
+        message_class = GetMessageClass(binding.method.input_type)
+        query = request.query_params.multi_items()
+        codec = self.codecs.get(binding.method.full_name)
+        coded: CodecRequest | None = None
+        if codec is None:
+            if body and binding.body:
+                check_content_type(request.headers.get("content-type", ""))
+            message = build_request(binding, match.path_params, query, body, message_class)
+        else:
+            coded = CodecRequest(binding, match.path_params, query, request.headers, body)
+            message = self._codec_decode(codec, coded, message_class)
+        deadline = request_deadline(request)
+        metadata = outgoing_metadata(request, self.forwarded, request_id)
         if binding.method.server_streaming:
             return await self._stream(request, binding, message, deadline, metadata, request_id)
-        return await self._unary(request, binding, message, deadline, metadata, request_id)
+        return await self._unary(request, binding, message, deadline, metadata, request_id, coded)
 
     async def _unary(
         self,
@@ -317,6 +302,7 @@ class _Gateway:
         deadline: float | None,
         metadata: list[tuple[str, str]],
         request_id: str,
+        coded: CodecRequest | None = None,
     ) -> Response:
         call = self._callable(binding.method)(message, timeout=deadline, metadata=metadata)
         answer = await _unless_gone(request, call, call)
@@ -326,12 +312,18 @@ class _Gateway:
         try:
             response = answer.result()
         except grpc.aio.AioRpcError as error:
-            return self.grpc_error_response(error, request_id)
+            return self.grpc_error_response(error, request_id, binding)
         headers = {
             "X-Request-Id": request_id,
-            **_response_headers(await call.initial_metadata(), "Grpc-Metadata-"),
-            **_response_headers(await call.trailing_metadata(), "Grpc-Trailer-"),
+            **metadata_headers(await call.initial_metadata(), "Grpc-Metadata-"),
+            **metadata_headers(await call.trailing_metadata(), "Grpc-Trailer-"),
         }
+        codec = self.codecs.get(binding.method.full_name)
+        if codec is not None and coded is not None:
+            encoded = self._codec_step(
+                codec, binding, "encode the response", codec.encode_response, coded, response
+            )
+            return _codec_response(encoded, headers)
         return Response(
             render_response(binding, response, use_proto_names=self.use_proto_names),
             media_type="application/json",
@@ -395,7 +387,7 @@ class _Gateway:
             "Cache-Control": "no-cache",
             # Tell nginx-style proxies not to buffer: every event must flush as it comes.
             "X-Accel-Buffering": "no",
-            **_response_headers(await call.initial_metadata(), "Grpc-Metadata-"),
+            **metadata_headers(await call.initial_metadata(), "Grpc-Metadata-"),
         }
         return _Streamed(
             events(),
@@ -433,6 +425,14 @@ class _Gateway:
             )
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
         return JSONResponse({"status": name}, status_code=200 if name == "SERVING" else 503)
+
+
+def _codec_response(answer: CodecResponse, headers: Mapping[str, str]) -> Response:
+    # The gateway's X-Request-Id wins over a codec's; the codec's win over metadata.
+    merged = {**headers, **answer.headers, "X-Request-Id": headers["X-Request-Id"]}
+    return Response(
+        answer.body, status_code=answer.status, media_type=answer.media_type, headers=merged
+    )
 
 
 class _Streamed(Response):
@@ -474,6 +474,7 @@ def build_gateway(
     max_message_bytes: int = 16 * MiB,
     title: str = "protoserve gateway",
     playground: bool | None = None,
+    codecs: Mapping[str, Codec | None] | None = None,
 ) -> Starlette:
     """A Starlette app serving every method of ``descriptors`` over HTTP, calling ``upstream``.
 
@@ -492,15 +493,21 @@ def build_gateway(
         title: the OpenAPI document's title.
         playground: serve the text-generation playground page at ``/``; by default
             only when ``descriptors`` include ``protoserve.inference.v1.InferenceService``.
+        codecs: full method or service name -> the :class:`Codec` of its HTTP format, or
+            None for protobuf's JSON mapping (see ``docs/gateway-codecs.md``). The Open
+            Inference Protocol's codec is registered for ``inference.GRPCInferenceService``
+            unless this names that service.
 
     Raises:
-        ValueError: a method's ``google.api.http`` rule is invalid.
+        ValueError: a method's ``google.api.http`` rule is invalid, or a codec is
+            registered for a name not served or for a streaming method.
     """
     from protoserve.gateway._docs import docs_html
     from protoserve.gateway._openapi import build_openapi
     from protoserve.gateway._playground import playground_html
 
     descriptors = descriptors or from_compiled()
+    method_codecs = resolve_codecs(descriptors.services, codecs or {})
     gateway = _Gateway(
         upstream,
         descriptors,
@@ -512,6 +519,7 @@ def build_gateway(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
+        codecs=method_codecs,
     )
     document = build_openapi(
         gateway.bindings,
@@ -519,6 +527,7 @@ def build_gateway(
         version="1",
         comments=descriptors.comments,
         use_proto_names=use_proto_names,
+        codecs=method_codecs,
     )
 
     async def openapi(request: Request) -> Response:

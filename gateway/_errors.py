@@ -33,6 +33,7 @@ __all__ = [
     "bad_request",
     "error_response",
     "from_grpc_error",
+    "grpc_error_parts",
     "status_json",
 ]
 
@@ -177,6 +178,20 @@ def from_grpc_error(
     ``google.rpc.RetryInfo``, the headers hold ``Retry-After`` (whole seconds, rounded
     up, at least 1).
     """
+    code, message, details, headers = grpc_error_parts(error)
+    body = status_json(code, message, details, pool)
+    return HTTP_STATUS.get(code, 500), body, headers
+
+
+def grpc_error_parts(
+    error: grpc.aio.AioRpcError | grpc.RpcError,
+) -> tuple[grpc.StatusCode, str, list[any_pb2.Any], dict[str, str]]:
+    """A failed upstream call as (code, message, details, extra headers).
+
+    What :func:`from_grpc_error` renders, before rendering: the details are the
+    ``google.rpc`` Anys of the details trailer, the headers hold ``Retry-After``
+    as described there.
+    """
     code, message, trailers = _call_status(error)
     details = list(_rich_status(trailers).details)
     headers: dict[str, str] = {}
@@ -184,8 +199,7 @@ def from_grpc_error(
         delay = _retry_delay(details)
         if delay is not None:
             headers["Retry-After"] = str(max(1, math.ceil(delay)))
-    body = status_json(code, message, details, pool)
-    return HTTP_STATUS.get(code, 500), body, headers
+    return code, message, details, headers
 
 
 def error_response(

@@ -27,7 +27,13 @@ from google.protobuf.descriptor import (
     FieldDescriptor,
 )
 
+from protoserve.gateway._codecs import Codec
 from protoserve.gateway._comments import comments_from_descriptor_set
+from protoserve.gateway._mapping_schemas import SCALAR_LIKE as _SCALAR_LIKE
+from protoserve.gateway._mapping_schemas import SCALARS as _SCALARS
+from protoserve.gateway._mapping_schemas import STATUS as _STATUS
+from protoserve.gateway._mapping_schemas import STATUS_NAME as _STATUS_NAME
+from protoserve.gateway._mapping_schemas import WELL_KNOWN as _WELL_KNOWN
 from protoserve.gateway._rules import Binding
 
 __all__ = ["build_openapi", "comments_from_descriptor_set"]
@@ -35,114 +41,6 @@ __all__ = ["build_openapi", "comments_from_descriptor_set"]
 Schema = dict[str, Any]
 
 _F = FieldDescriptor
-_INT32: Schema = {"type": "integer", "format": "int32"}
-_UINT32: Schema = {"type": "integer", "format": "uint32", "minimum": 0}
-# proto3 JSON writes 64-bit integers as strings: a JavaScript number would lose
-# precision above 2**53. Input also takes JSON numbers, but strings always work.
-_INT64: Schema = {"type": "string", "format": "int64"}
-_UINT64: Schema = {"type": "string", "format": "uint64"}
-_BYTES: Schema = {"type": "string", "format": "byte", "contentEncoding": "base64"}
-_SCALARS: dict[int, Schema] = {
-    _F.TYPE_DOUBLE: {"type": "number", "format": "double"},
-    _F.TYPE_FLOAT: {"type": "number", "format": "float"},
-    _F.TYPE_INT32: _INT32,
-    _F.TYPE_SINT32: _INT32,
-    _F.TYPE_SFIXED32: _INT32,
-    _F.TYPE_UINT32: _UINT32,
-    _F.TYPE_FIXED32: _UINT32,
-    _F.TYPE_INT64: _INT64,
-    _F.TYPE_SINT64: _INT64,
-    _F.TYPE_SFIXED64: _INT64,
-    _F.TYPE_UINT64: _UINT64,
-    _F.TYPE_FIXED64: _UINT64,
-    _F.TYPE_BOOL: {"type": "boolean"},
-    _F.TYPE_STRING: {"type": "string"},
-    _F.TYPE_BYTES: _BYTES,
-}
-
-
-def _nullable(schema: Schema, what: str) -> Schema:
-    # A wrapper's JSON is its bare value, or null when unset: OpenAPI 3.1 says
-    # that with a type list, where 3.0 had `nullable`.
-    return {**schema, "type": [schema["type"], "null"], "description": f"{what} or null."}
-
-
-# Well-known types have their own JSON forms and are written inline: they are
-# small, and `$ref: google.protobuf.Timestamp` tells a reader less than
-# `format: date-time` does.
-_WELL_KNOWN: dict[str, Schema] = {
-    "google.protobuf.Timestamp": {
-        "type": "string",
-        "format": "date-time",
-        "description": "An RFC 3339 date-time, for example `2024-05-01T12:00:00.5Z`.",
-    },
-    "google.protobuf.Duration": {
-        "type": "string",
-        "pattern": r"^-?[0-9]+(\.[0-9]{1,9})?s$",
-        "description": "Seconds with up to nine decimals and an `s` suffix, for example `1.5s`.",
-    },
-    "google.protobuf.FieldMask": {
-        "type": "string",
-        "description": "Comma-separated field paths in lowerCamelCase, for example `a.bC,d`.",
-    },
-    "google.protobuf.Struct": {
-        "type": "object",
-        "additionalProperties": True,
-        "description": "Any JSON object.",
-    },
-    "google.protobuf.Value": {"description": "Any JSON value."},
-    "google.protobuf.ListValue": {"type": "array", "items": {}, "description": "Any JSON array."},
-    "google.protobuf.Empty": {"type": "object", "description": "An empty object."},
-    "google.protobuf.Any": {
-        "type": "object",
-        "properties": {
-            "@type": {
-                "type": "string",
-                "description": "The message's type URL, for example "
-                "`type.googleapis.com/google.rpc.ErrorInfo`.",
-            }
-        },
-        "required": ["@type"],
-        "additionalProperties": True,
-        "description": "A message of the type named by `@type`, with that message's fields.",
-    },
-    "google.protobuf.DoubleValue": _nullable(_SCALARS[_F.TYPE_DOUBLE], "A double"),
-    "google.protobuf.FloatValue": _nullable(_SCALARS[_F.TYPE_FLOAT], "A float"),
-    "google.protobuf.Int64Value": _nullable(_INT64, "An int64 (as a string)"),
-    "google.protobuf.UInt64Value": _nullable(_UINT64, "A uint64 (as a string)"),
-    "google.protobuf.Int32Value": _nullable(_INT32, "An int32"),
-    "google.protobuf.UInt32Value": _nullable(_UINT32, "A uint32"),
-    "google.protobuf.BoolValue": _nullable({"type": "boolean"}, "A boolean"),
-    "google.protobuf.StringValue": _nullable({"type": "string"}, "A string"),
-    "google.protobuf.BytesValue": _nullable(_BYTES, "Base64 bytes"),
-}
-# Well-known types whose JSON is a single value, so they can be query parameters.
-_SCALAR_LIKE = {
-    name
-    for name, schema in _WELL_KNOWN.items()
-    if schema.get("type") not in (None, "object", "array")
-}
-
-_STATUS_NAME = "google.rpc.Status"
-_STATUS: Schema = {
-    "type": "object",
-    "description": "An error: a gRPC status code, a message for people and details for "
-    "programs (google.rpc.Status).",
-    "properties": {
-        "code": {
-            "type": "integer",
-            "format": "int32",
-            "description": "The gRPC status code (google.rpc.Code), for example 5 for NOT_FOUND.",
-        },
-        "message": {"type": "string", "description": "What went wrong, in English."},
-        "details": {
-            "type": "array",
-            "items": _WELL_KNOWN["google.protobuf.Any"],
-            "description": "Machine-readable details such as google.rpc.ErrorInfo, "
-            "BadRequest or RetryInfo.",
-        },
-    },
-}
 
 _INFO = """\
 Generated from the gRPC service definitions. Every operation calls one gRPC method.
@@ -160,7 +58,10 @@ code: INVALID_ARGUMENT, FAILED_PRECONDITION and OUT_OF_RANGE 400, UNAUTHENTICATE
 401, PERMISSION_DENIED 403, NOT_FOUND 404, ALREADY_EXISTS and ABORTED 409, \
 RESOURCE_EXHAUSTED 429, CANCELLED 499, UNIMPLEMENTED 501, UNAVAILABLE 503, \
 DEADLINE_EXCEEDED 504, others 500; 405 for a method not allowed on a path and 413 \
-for a body that is too large."""
+for a body that is too large.
+
+Operations marked `x-codec` speak another protocol's format instead of protobuf's \
+JSON mapping, bodies and errors alike: their schemas are the codec's."""
 
 _SSE = (
     "Server-Sent Events, sent when the request has `Accept: text/event-stream`. Each "
@@ -186,6 +87,7 @@ def build_openapi(
     version: str,
     comments: Mapping[str, str] | None = None,
     use_proto_names: bool = True,
+    codecs: Mapping[str, Codec] | None = None,
 ) -> dict[str, Any]:
     """An OpenAPI 3.1.0 document describing ``bindings`` as the gateway serves them.
 
@@ -201,11 +103,15 @@ def build_openapi(
             (see ``comments_from_descriptor_set``).
         use_proto_names: whether responses use proto field names (the gateway's
             default) or lowerCamelCase JSON names; schemas name properties to match.
+        codecs: full method name -> its codec: the codec, not protobuf's JSON mapping,
+            describes the bodies of those methods' operations (``x-codec``).
 
     Returns:
         The document as JSON-ready dicts and lists.
     """
     schemas = _Schemas(comments or {}, use_proto_names)
+    codecs = codecs or {}
+    codec_schemas: dict[str, Schema] = {}
     services = _short_names({b.method.containing_service.full_name for b in bindings})
     paths: dict[str, dict[str, Any]] = {}
     tags: dict[str, Schema] = {}
@@ -230,8 +136,16 @@ def build_openapi(
         while operation_id in operation_ids:
             operation_id += "_"
         operation_ids.add(operation_id)
-        item[verb] = _operation(binding, operation_id, tag, schemas)
+        codec = codecs.get(method.full_name)
+        if codec is None:
+            item[verb] = _operation(binding, operation_id, tag, schemas)
+        else:
+            item[verb] = _codec_operation(binding, operation_id, tag, schemas, codec)
+            codec_schemas.update(copy.deepcopy(codec.openapi_schemas()))
     schemas.fill()
+    # A codec's schemas are its own; a name the descriptors also use stays the descriptors'.
+    for name, schema in codec_schemas.items():
+        schemas.components.setdefault(name, schema)
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version, "description": _INFO},
@@ -406,7 +320,8 @@ def _behaviors(field: FieldDescriptor) -> list[int]:
     return list(options.Extensions[field_behavior_pb2.field_behavior])
 
 
-def _operation(binding: Binding, operation_id: str, tag: str, schemas: _Schemas) -> Schema:
+def _operation_head(binding: Binding, operation_id: str, tag: str, schemas: _Schemas) -> Schema:
+    """What every operation has, whatever its bodies: ids, tags, comments, the gRPC method."""
     method = binding.method
     comment = schemas.comment(method.full_name)
     operation: Schema = {"operationId": operation_id, "tags": [tag]}
@@ -419,7 +334,12 @@ def _operation(binding: Binding, operation_id: str, tag: str, schemas: _Schemas)
     if method.GetOptions().deprecated:
         operation["deprecated"] = True
     operation["x-grpc-method"] = f"/{method.containing_service.full_name}/{method.name}"
+    return operation
 
+
+def _operation(binding: Binding, operation_id: str, tag: str, schemas: _Schemas) -> Schema:
+    method = binding.method
+    operation = _operation_head(binding, operation_id, tag, schemas)
     parameters = _path_parameters(binding, schemas)
     bound = set(binding.template.fields)
     if binding.body != "*":
@@ -439,6 +359,44 @@ def _operation(binding: Binding, operation_id: str, tag: str, schemas: _Schemas)
             },
         },
     }
+    return operation
+
+
+def _codec_operation(
+    binding: Binding, operation_id: str, tag: str, schemas: _Schemas, codec: Codec
+) -> Schema:
+    """An operation whose bodies a codec defines: the codec's fields over the gateway's.
+
+    The path parameters are still the template's; no query parameters or protobuf
+    schemas are guessed. A codec that describes nothing gets bodies marked as its own.
+    """
+    operation = _operation_head(binding, operation_id, tag, schemas)
+    operation["x-codec"] = codec.name
+    parameters = _path_parameters(binding, schemas)
+    if parameters:
+        operation["parameters"] = parameters
+    given = copy.deepcopy(codec.openapi_operation(binding))
+    if given is None:
+        note = (
+            f"Bodies are in the format of the gateway's `{codec.name}` codec, "
+            "not protobuf's JSON mapping."
+        )
+        operation["description"] = "\n\n".join(filter(None, [operation.get("description"), note]))
+        if binding.body:
+            operation["requestBody"] = {
+                "description": f"Defined by the `{codec.name}` codec.",
+                "content": {"application/json": {"schema": {}}},
+            }
+        given = {}
+    for key, value in given.items():
+        operation[key] = [*parameters, *value] if key == "parameters" else value
+    operation.setdefault(
+        "responses",
+        {
+            "200": {"description": f"The response, as the `{codec.name}` codec writes it."},
+            "default": {"description": f"An error, as the `{codec.name}` codec writes it."},
+        },
+    )
     return operation
 
 
