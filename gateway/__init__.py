@@ -11,11 +11,23 @@ Example::
     from protoserve.gateway import build_gateway, from_reflection
 
     app = build_gateway("127.0.0.1:50051", descriptors=from_reflection("127.0.0.1:50051"))
+
+Methods whose protocol has a JSON of its own get a :class:`Codec` (``codecs=``): the
+Open Inference Protocol's REST format is built in, for
+``inference.GRPCInferenceService`` (see ``docs/gateway-codecs.md``).
 """
 
 from __future__ import annotations
 
 from protoserve.gateway._app import DEFAULT_FORWARDED_HEADERS, build_gateway
+from protoserve.gateway._codecs import (
+    OIP_SERVICE,
+    Codec,
+    CodecRequest,
+    CodecResponse,
+    ErrorInfo,
+    load_codec,
+)
 from protoserve.gateway._descriptors import (
     Descriptors,
     DescriptorSourceError,
@@ -23,16 +35,25 @@ from protoserve.gateway._descriptors import (
     from_descriptor_set,
     from_reflection,
 )
-from protoserve.gateway._errors import HTTP_STATUS, GatewayError
+from protoserve.gateway._errors import HTTP_STATUS, GatewayError, bad_request
+from protoserve.gateway._rules import Binding
 
 __all__ = [
     "DEFAULT_FORWARDED_HEADERS",
     "HTTP_STATUS",
+    "OIP_SERVICE",
+    "Binding",
+    "Codec",
+    "CodecRequest",
+    "CodecResponse",
     "DescriptorSourceError",
     "Descriptors",
+    "ErrorInfo",
     "GatewayError",
+    "bad_request",
     "build_gateway",
     "from_compiled",
     "from_descriptor_set",
     "from_reflection",
+    "load_codec",
 ]

@@ -2,7 +2,8 @@
 
 Three sources, one result (:class:`Descriptors`):
 
-- the stubs compiled into this package (``protoserve.inference.v1``), the default;
+- the stubs compiled into this package (``protoserve.inference.v1`` and the Open
+  Inference Protocol's ``inference``), the default;
 - a ``FileDescriptorSet`` file (``protoc --include_imports --descriptor_set_out``),
   for any gRPC service whose protos you have;
 - the upstream server's reflection service, for any gRPC server that has it.
@@ -85,10 +86,19 @@ def _comments(files: Sequence[descriptor_pb2.FileDescriptorProto]) -> dict[str, 
 
 
 def from_compiled() -> Descriptors:
-    """protoserve's own API, from the stubs in this package (comments from the shipped set)."""
+    """protoserve's own API, from the stubs in this package: the task API
+    (``protoserve.inference.v1.InferenceService``, with comments from its shipped
+    descriptor set) and the Open Inference Protocol (``inference.GRPCInferenceService``,
+    which the gateway serves with its OIP codec)."""
     from protoserve.inference.v1 import inference_service_pb2 as pb
+    from protoserve.oip.v2 import grpc_service_pb2 as oip
 
-    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    services = (
+        pb.DESCRIPTOR.services_by_name["InferenceService"],
+        oip.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+    )
+    # Only the task API's comments: they are what the server's reflection sends too,
+    # so the compiled-in and the reflected documents say the same.
     comments: dict[str, str] = {}
     try:
         from importlib.resources import files
@@ -100,7 +110,7 @@ def from_compiled() -> Descriptors:
             comments = comments_from_descriptor_set(shipped.read_bytes())
     except (ModuleNotFoundError, OSError):
         comments = {}
-    return Descriptors(descriptor_pool.Default(), (service,), comments, "compiled-in stubs")
+    return Descriptors(descriptor_pool.Default(), services, comments, "compiled-in stubs")
 
 
 def from_descriptor_set(

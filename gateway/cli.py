@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the private key of --certfile (unencrypted PEM)",
     )
     parser.add_argument(
+        "--codec",
+        action="append",
+        default=[],
+        metavar="NAME=CODEC",
+        help="serve a service or method (full name) in another HTTP format: CODEC is 'oip', "
+        "'protobuf' (protobuf's JSON mapping; turns a codec off) or package.module:attribute "
+        "(a protoserve.gateway.Codec, or what makes one). Repeatable. "
+        "inference.GRPCInferenceService gets 'oip' by default",
+    )
+    parser.add_argument(
         "--camel-case",
         action="store_true",
         help="answer with lowerCamelCase JSON names instead of the .proto names",
@@ -141,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     configure_logging(args.log_level, args.log_format)
     from protoserve.gateway._app import build_gateway
+    from protoserve.gateway._codecs import parse_codec_option
     from protoserve.gateway._descriptors import (
         DescriptorSourceError,
         from_compiled,
@@ -158,12 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             descriptors = from_compiled()
+        codecs = dict(parse_codec_option(option) for option in args.codec)
         app = build_gateway(
             args.upstream,
             descriptors=descriptors,
             cors_origins=args.cors_origin,
             max_body_bytes=args.max_body_bytes,
             use_proto_names=not args.camel_case,
+            codecs=codecs,
         )
         if args.certfile:
             # Load the pair now so that a bad file is a one-line error (exit 2), not a

@@ -1,0 +1,294 @@
+"""Per-method codecs: an HTTP format of its own for a method whose protocol is not protobuf's JSON.
+
+The gateway's routes come from ``google.api.http`` rules and its JSON from
+protobuf's mapping. Some protocols bind gRPC methods to REST paths but speak a
+JSON of their own over them: the Open Inference Protocol (KServe V2) has
+``{"inputs": [{"data": [...]}]}`` tensors and binary bodies, answers health with
+400 for "not ready", and errors as ``{"error": "..."}``. A :class:`Codec`,
+registered for a method or for a whole service, decides for those methods how
+an HTTP request becomes the request message and how the response message and
+errors become the HTTP response. Routing, deadlines, metadata, request ids,
+metrics and cancelling stay the gateway's (see ``docs/gateway-codecs.md``).
+
+Codecs are unary only: a stream's framing (SSE, NDJSON) is the gateway's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+
+from protoserve.gateway._body import check_content_type
+from protoserve.gateway._rules import Binding
+from protoserve.gateway._transcode import build_request, render_response
+
+__all__ = [
+    "BUILT_IN_CODECS",
+    "OIP_SERVICE",
+    "Codec",
+    "CodecRequest",
+    "CodecResponse",
+    "ErrorInfo",
+    "load_codec",
+    "parse_codec_option",
+    "resolve_codecs",
+]
+
+#: The Open Inference Protocol's service, which gets the OIP codec unless told otherwise.
+OIP_SERVICE = "inference.GRPCInferenceService"
+#: Names ``load_codec`` knows without an import path: "protobuf" turns a codec off.
+BUILT_IN_CODECS = ("protobuf", "oip")
+
+
+@dataclass(frozen=True)
+class CodecRequest:
+    """One HTTP request to a method that has a codec.
+
+    Attributes:
+        binding: the rule the request matched (its method, template, body and
+            response_body).
+        path_params: dotted field path -> decoded value, from the URL path.
+        query: the query string's (key, value) pairs, in order.
+        headers: the request headers; lookups ignore case.
+        body: the body, already inflated from its ``Content-Encoding`` and within the
+            gateway's ``max_body_bytes``.
+        state: the codec's scratch space for this request: what ``decode_request``
+            puts here, ``encode_response`` finds (as Starlette's ``request.state``).
+    """
+
+    binding: Binding
+    path_params: Mapping[str, str]
+    query: Sequence[tuple[str, str]]
+    headers: Mapping[str, str]
+    body: bytes
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CodecResponse:
+    """What a codec answers: the gateway adds ``X-Request-Id`` and the call's metadata headers.
+
+    Attributes:
+        body: the body's bytes.
+        status: the HTTP status.
+        media_type: the Content-Type (``charset`` is the codec's to add), or None for none.
+        headers: more response headers.
+    """
+
+    body: bytes
+    status: int = 200
+    media_type: str | None = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(
+        cls, value: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> CodecResponse:
+        """``value`` as compact UTF-8 JSON (non-finite floats as ``NaN``/``Infinity``)."""
+        body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        return cls(body, status, "application/json", dict(headers or {}))
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """An error to answer, from the upstream call or from the gateway itself.
+
+    Attributes:
+        status: the HTTP status from the gateway's table (``HTTP_STATUS``), or the
+            gateway's own choice (413, 415, 405).
+        code: the gRPC status code.
+        message: the message for people.
+        details: the ``google.rpc`` details, as Anys (upstream) or messages (gateway).
+        status_json: the ``google.rpc.Status`` JSON the gateway answers by default.
+    """
+
+    status: int
+    code: grpc.StatusCode
+    message: str
+    details: tuple[Message, ...]
+    status_json: dict[str, Any]
+
+
+class Codec:
+    """The HTTP format of the methods a codec is registered for.
+
+    The base class speaks protobuf's JSON mapping, as the gateway does for methods
+    without a codec: a subclass overrides what its protocol does differently and
+    keeps the rest. Codec methods run on the event loop, once per request; they
+    must not block. They may raise :class:`~protoserve.gateway.GatewayError` (for
+    bad input, ``bad_request``); any other exception is logged and answered as a
+    500 INTERNAL error, without the traceback.
+    """
+
+    #: JSON names of the default encoding: proto names (``generated_text``) or lowerCamelCase.
+    use_proto_names: bool = True
+
+    @property
+    def name(self) -> str:
+        """The codec's name in logs and OpenAPI (``x-codec``): its class name by default."""
+        return type(self).__name__
+
+    def check(self, method: MethodDescriptor) -> None:
+        """Called once per method at build time; raise ValueError if it cannot serve ``method``."""
+
+    def decode_request(self, request: CodecRequest, message_class: type[Message]) -> Message:
+        """The request message for ``request``; ``message_class`` is the method's input type.
+
+        Raises:
+            GatewayError: the request is not valid for this codec (400 with a message).
+        """
+        if request.body and request.binding.body:
+            check_content_type(request.headers.get("content-type", ""))
+        return build_request(
+            request.binding, request.path_params, request.query, request.body, message_class
+        )
+
+    def encode_response(self, request: CodecRequest, message: Message) -> CodecResponse:
+        """The HTTP response for the upstream's answer ``message`` to ``request``."""
+        body = render_response(request.binding, message, use_proto_names=self.use_proto_names)
+        return CodecResponse(body)
+
+    def encode_error(self, binding: Binding, error: ErrorInfo) -> CodecResponse:
+        """The HTTP response for an error of a request that matched ``binding``.
+
+        Both the upstream's errors and the gateway's own (a body too large, a bad
+        ``Grpc-Timeout``, what ``decode_request`` raised) come here.
+        """
+        return CodecResponse.json(error.status_json, status=error.status)
+
+    def openapi_operation(self, binding: Binding) -> dict[str, Any] | None:
+        """OpenAPI Operation fields for ``binding``, or None for "defined by the codec".
+
+        The gateway writes operationId, tags, summary, description, ``x-grpc-method``,
+        ``x-codec`` and the path parameters; the keys returned here (``requestBody``,
+        ``responses``, more ``parameters``, ...) are set over those. ``$ref`` may point
+        at the schemas of :meth:`openapi_schemas`.
+        """
+        return None
+
+    def openapi_schemas(self) -> dict[str, Any]:
+        """Schemas this codec adds to ``components.schemas``, by name."""
+        return {}
+
+
+def resolve_codecs(
+    services: Iterable[ServiceDescriptor], codecs: Mapping[str, Codec | None]
+) -> dict[str, Codec]:
+    """The codec of every method that has one, by the method's full name.
+
+    ``codecs`` maps a full method name (``pkg.Service.Method``) or a full service
+    name (``pkg.Service``) to a codec, or to None for protobuf's JSON mapping; a
+    method's own entry wins over its service's. A service's codec covers its unary
+    methods; its streaming methods keep the gateway's framing. The OIP codec is
+    registered for ``inference.GRPCInferenceService`` unless ``codecs`` names that
+    service; it applies only when the service is served.
+
+    Raises:
+        ValueError: a codec is registered for a name that is neither a served
+            service nor a served method, or for a streaming method, or its ``check``
+            refused a method.
+    """
+    served = list(services)
+    methods = {m.full_name: m for s in served for m in s.methods}
+    service_names = {s.full_name for s in served}
+    wanted = dict(codecs)
+    if OIP_SERVICE in service_names and OIP_SERVICE not in wanted:
+        wanted[OIP_SERVICE] = _oip_codec()
+    for name, codec in wanted.items():
+        if codec is not None and name not in methods and name not in service_names:
+            known = ", ".join(sorted(service_names))
+            raise ValueError(
+                f"codec {codec.name} is registered for {name!r}, which is neither a served "
+                f"service nor a method of one (served: {known})"
+            )
+        if codec is not None and not isinstance(codec, Codec):
+            raise ValueError(f"the codec for {name!r} is not a protoserve.gateway.Codec")
+    resolved: dict[str, Codec] = {}
+    for full_name, method in methods.items():
+        streaming = method.server_streaming or method.client_streaming
+        if full_name in wanted:
+            codec = wanted[full_name]
+            if codec is not None and streaming:
+                kind = "server-streaming" if method.server_streaming else "client-streaming"
+                raise ValueError(
+                    f"codec {codec.name} is registered for {full_name}, a {kind} method; "
+                    "codecs serve unary methods only"
+                )
+        else:
+            codec = None if streaming else wanted.get(method.containing_service.full_name)
+        if codec is None:
+            continue
+        try:
+            codec.check(method)
+        except ValueError as exc:
+            raise ValueError(f"codec {codec.name} cannot serve {full_name}: {exc}") from exc
+        resolved[full_name] = codec
+    return resolved
+
+
+def _oip_codec() -> Codec:
+    # Imported only when needed: the OIP codec brings numpy.
+    from protoserve.gateway._oip import OipCodec
+
+    return OipCodec()
+
+
+def load_codec(spec: str) -> Codec | None:
+    """The codec ``spec`` names: ``protobuf`` (None: no codec), ``oip``, or ``package.module:attr``.
+
+    The attribute is a :class:`Codec` instance, or a class or function that makes
+    one when called with no arguments.
+
+    Raises:
+        ValueError: the module or attribute cannot be found, or is not a codec.
+    """
+    spec = spec.strip()
+    if spec == "protobuf":
+        return None
+    if spec == "oip":
+        return _oip_codec()
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise ValueError(f"codec {spec!r} is not 'protobuf', 'oip' or 'package.module:attribute'")
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"codec {spec!r}: cannot import {module_name}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise ValueError(f"codec {spec!r}: {module_name} has no attribute {attr!r}") from None
+    if not isinstance(found, Codec) and callable(found):
+        try:
+            found = found()
+        except Exception as exc:
+            raise ValueError(f"codec {spec!r}: calling {attr}() failed: {exc}") from exc
+    if not isinstance(found, Codec):
+        raise ValueError(
+            f"codec {spec!r} is a {type(found).__name__}, not a protoserve.gateway.Codec"
+        )
+    return found
+
+
+def parse_codec_option(option: str) -> tuple[str, Codec | None]:
+    """``NAME=SPEC`` (the CLI's ``--codec``) as (name, codec); see :func:`load_codec`.
+
+    Raises:
+        ValueError: no ``=``, an empty name, or a spec ``load_codec`` refuses.
+    """
+    name, equals, spec = option.partition("=")
+    name = name.strip().lstrip("/").replace("/", ".")
+    if not equals or not name:
+        raise ValueError(
+            f"--codec {option!r} is not NAME=CODEC (for example "
+            f"{OIP_SERVICE}=protobuf, or pkg.Service.Method=package.module:attr)"
+        )
+    return name, load_codec(spec)
