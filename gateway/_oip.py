@@ -131,6 +131,14 @@ def _text(value: Any, where: str) -> str:
     return value
 
 
+def _parameters(value: Any, where: str) -> list[tuple[str, Any]]:
+    """A parameters object's (name, value) pairs; names must be text a proto map can key."""
+    pairs = list(_object(value, where).items())
+    for key, _ in pairs:
+        _text(key, f"{where} name {key[:40]!r}")
+    return pairs
+
+
 def _body_object(request: CodecRequest) -> dict[str, Any]:
     """The body as a JSON object; an empty body is ``{}``."""
     if not request.body.strip():
@@ -182,7 +190,7 @@ def _decode_infer(request: CodecRequest, message_class: type[Message]) -> Messag
     if "id" in document:
         message.id = _text(document["id"], "id")
     binary_all = False
-    for key, value in _object(document.get("parameters", {}), "parameters").items():
+    for key, value in _parameters(document.get("parameters", {}), "parameters"):
         if key == "binary_data_output":
             binary_all = _flag(value, "parameters.binary_data_output")
         else:
@@ -208,7 +216,7 @@ def _decode_infer(request: CodecRequest, message_class: type[Message]) -> Messag
         item = _object(item, where)
         output = message.outputs.add()
         output.name = _text(item.get("name"), f"{where}.name")
-        for key, value in _object(item.get("parameters", {}), f"{where}.parameters").items():
+        for key, value in _parameters(item.get("parameters", {}), f"{where}.parameters"):
             if key == "binary_data":
                 binary_outputs[output.name] = _flag(value, f"output {output.name!r} binary_data")
             elif key.startswith("shared_memory_"):
@@ -253,7 +261,7 @@ def _decode_input(message: Any, item: Any, index: int, binary: bytes, offset: in
     tensor.name, tensor.datatype = name, datatype
     tensor.shape.extend(shape)
     size: int | None = None
-    for key, value in _object(item.get("parameters", {}), f"{where}.parameters").items():
+    for key, value in _parameters(item.get("parameters", {}), f"{where}.parameters"):
         if key == "binary_data_size":
             if type(value) is not int or value < 0:
                 raise _bad(f"{what}: binary_data_size must be a non-negative integer", where)
@@ -298,7 +306,7 @@ def _decode_repository_change(request: CodecRequest, message_class: type[Message
     """Load or unload: ``{"parameters": {"config": "...", "file:1/model.pt": "<base64>"}}``."""
     message: Any = build_request(request.binding, request.path_params, (), b"", message_class)
     document = _body_object(request)
-    for key, value in _object(document.get("parameters", {}), "parameters").items():
+    for key, value in _parameters(document.get("parameters", {}), "parameters"):
         where = f"parameters.{key}"
         parameter = message.parameters[key]
         if isinstance(value, bool):

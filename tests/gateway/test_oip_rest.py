@@ -498,6 +498,9 @@ def test_bodies_that_are_not_json(gateway: httpx.Client, state: State) -> None:
         (b"{", "the inference request is not valid JSON"),
         (b"[1]", "the inference request must be a JSON object"),
         (b"\xff", "the inference request is not valid UTF-8"),
+        # Valid JSON, but no text: a lone surrogate cannot name a parameter.
+        (b'{"parameters": {"\\ud800": 1}, "inputs": []}', "parameters name '\\ud800' holds"),
+        (b'{"inputs": [{"name": "\\udfff"}]}', "inputs[0].name holds a lone UTF-16"),
     ]:
         response = gateway.post(INFER, content=content)
         assert (response.status_code, response.json()["error"][: len(error)]) == (400, error)
