@@ -28,6 +28,13 @@ __all__ = ["build_parser", "main"]
 
 
 def _env(name: str, default: str) -> str:
+    """A flag's default from ``PROTOSERVE_GATEWAY_<NAME>``, as a string.
+
+    Numeric flags keep it a string and let argparse apply the flag's type: a bad
+    value is then a usage error naming the flag, and only when the flag is not
+    given. (Kubernetes' service links set ``PROTOSERVE_GATEWAY_PORT=tcp://...``
+    for a Service named protoserve-gateway; ``--port`` must still win over it.)
+    """
     return os.environ.get(f"PROTOSERVE_GATEWAY_{name}", default)
 
 
@@ -72,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port",
         type=int,
-        default=int(_env("PORT", "8080")),
+        default=_env("PORT", "8080"),
         help="port to listen on (default %(default)s)",
     )
     parser.add_argument(
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-body-bytes",
         type=int,
-        default=int(_env("MAX_BODY_BYTES", str(4 * 1024 * 1024))),
+        default=_env("MAX_BODY_BYTES", str(4 * 1024 * 1024)),
         help="larger request bodies get 413 (default %(default)s)",
     )
     parser.add_argument(
