@@ -128,6 +128,8 @@ def test_unload_and_load(grpc_client: Any) -> None:
     grpc_client.unload_model(SPARE)
     try:
         assert grpc_client.is_model_ready(SPARE) is False
+        # As Triton's: a model unloaded on purpose does not make the server unready.
+        assert grpc_client.is_server_ready() is True
         assert _index(grpc_client)[SPARE] == "UNAVAILABLE"
         with pytest.raises(InferenceServerException, match=SPARE):
             _add_sub(grpc_client, case)

@@ -1,0 +1,71 @@
+"""perf_analyzer, Triton's load generator, against protoserve over gRPC and over HTTP.
+
+perf_analyzer reads ServerMetadata, ModelMetadata and ModelConfig before it sends
+ModelInfer requests, and fails at the first answer it cannot use; a short run
+that reports a throughput shows the whole path works as Triton's does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.compat._cases import CASES, TEXT
+from tests.compat._processes import Process
+
+pytestmark = pytest.mark.e2e
+THROUGHPUT = re.compile(r"Concurrency: (\d+), throughput: ([0-9.]+) infer/sec")
+
+
+def _run(
+    perf_analyzer: tuple[str, dict[str, str]], protocol: str, address: str, model: str, *extra: str
+) -> str:
+    binary, env = perf_analyzer
+    command = [binary, "-m", model, "-u", address, "-i", protocol]
+    # Short: 500 ms windows, stable enough at 50 %, at concurrency 1 and 3.
+    command += ["--measurement-interval", "500", "--concurrency-range", "1:3:2"]
+    command += ["--stability-percentage", "50", "--max-trials", "10", *extra]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    bad = [line for line in output.splitlines() if re.search(r"error|failed", line, re.I)]
+    assert not bad, output
+    rates = {int(c): float(r) for c, r in THROUGHPUT.findall(output)}
+    assert set(rates) == {1, 3}, output
+    assert all(rate > 0 for rate in rates.values()), output
+    return output
+
+
+def test_grpc(perf_analyzer: tuple[str, dict[str, str]], server: Process) -> None:
+    _run(perf_analyzer, "grpc", server.address, CASES[0].model)
+
+
+def test_http(perf_analyzer: tuple[str, dict[str, str]], gateway: Process) -> None:
+    _run(perf_analyzer, "http", gateway.address, CASES[0].model)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """perf_analyzer's --input-data: one prompt, instead of random bytes."""
+    path = tmp_path_factory.mktemp("perf") / "prompt.json"
+    path.write_text(json.dumps({"data": [{"text_input": ["The cat sat on"]}]}))
+    return path
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_text_generation(
+    perf_analyzer: tuple[str, dict[str, str]],
+    server: Process,
+    gateway: Process,
+    prompt_file: Path,
+    protocol: str,
+) -> None:
+    address = server.address if protocol == "grpc" else gateway.address
+    text = ["--input-data", str(prompt_file), "--shape", "text_input:1"]
+    if protocol == "grpc":  # perf_analyzer takes request parameters over gRPC only
+        text += ["--request-parameter", "max_new_tokens:4:int"]
+    _run(perf_analyzer, protocol, address, TEXT, *text)
