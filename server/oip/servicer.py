@@ -58,8 +58,19 @@ def _model_name(name: str, field: str = "model_name") -> str:
     return name
 
 
-def _no_parameters(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> None:
-    names = sorted(parameters)
+#: Unload parameters protoserve understands: Triton's ``unload_dependents`` (tritonclient
+#: always sends it) needs no work, since protoserve has no models that depend on others.
+_UNLOAD_PARAMETERS = {"unload_dependents": "bool_param"}
+
+
+def _no_parameters(
+    parameters: Mapping[str, pb.ModelRepositoryParameter], allowed: Mapping[str, str] | None = None
+) -> None:
+    allowed = allowed or {}
+    for name, kind in allowed.items():
+        if name in parameters and parameters[name].WhichOneof("parameter_choice") != kind:
+            raise InvalidArgument.field(f"parameters.{name}", "must be a bool")
+    names = sorted(set(parameters) - set(allowed))
     if names:
         raise InvalidArgument(
             f"load and unload parameters are not supported: {', '.join(names)}",
@@ -140,6 +151,6 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, rid: str
     ) -> pb.RepositoryModelUnloadResponse:
         _repository(request.repository_name)
-        _no_parameters(request.parameters)
+        _no_parameters(request.parameters, _UNLOAD_PARAMETERS)
         await self.runtime.unload_model(_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()

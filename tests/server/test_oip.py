@@ -834,6 +834,21 @@ def test_repository_rpcs_refuse_other_repositories_and_parameters(stub) -> None:
         assert violations(err) == [("parameters.config", "is not supported")]
         err = error(rpc, message(model_name=""), timeout=5)
         assert violations(err) == [("model_name", "must name a model")]
+    # unload_dependents is understood by unload only, and only as a bool.
+    text = {"unload_dependents": pb.ModelRepositoryParameter(string_param="no")}
+    err = error(
+        stub.RepositoryModelUnload,
+        pb.RepositoryModelUnloadRequest(model_name="rows", parameters=text),
+        timeout=5,
+    )
+    assert violations(err) == [("parameters.unload_dependents", "must be a bool")]
+    flag = {"unload_dependents": pb.ModelRepositoryParameter(bool_param=False)}
+    err = error(
+        stub.RepositoryModelLoad,
+        pb.RepositoryModelLoadRequest(model_name="rows", parameters=flag),
+        timeout=5,
+    )
+    assert violations(err) == [("parameters.unload_dependents", "is not supported")]
     assert stub.ModelReady(pb.ModelReadyRequest(name="rows"), timeout=5).ready
 
 
@@ -900,7 +915,12 @@ def test_repository_versions_load_and_unload_through_the_protocol(tmp_path) -> N
         assert infer(stub, "rows", x).model_version == "2"  # the latest
         assert infer(stub, "rows", x, model_version="1").model_version == "1"
 
-        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="rows"), timeout=30)
+        # As tritonclient sends it: unload_dependents=false on every unload.
+        no_dependents = {"unload_dependents": pb.ModelRepositoryParameter(bool_param=False)}
+        stub.RepositoryModelUnload(
+            pb.RepositoryModelUnloadRequest(model_name="rows", parameters=no_dependents),
+            timeout=30,
+        )
         assert not stub.ModelReady(pb.ModelReadyRequest(name="rows"), timeout=5).ready
         assert error(infer, stub, "rows", x).code() in (
             grpc.StatusCode.NOT_FOUND,
