@@ -83,7 +83,7 @@ def test_readme_commands_are_the_ci_commands() -> None:
 
 
 def test_curl_examples_run(up: Up) -> None:
-    (block,) = [b for b in blocks("sh") if "curl -s" in b]
+    (block,) = [b for b in blocks("sh") if "curl -s" in b and "/v2/" not in b]
     outputs = []
     for command in commands(block):
         done = subprocess.run(
@@ -98,6 +98,21 @@ def test_curl_examples_run(up: Up) -> None:
     lines = [json.loads(line) for line in ndjson.splitlines()]
     assert len(lines) == 10 and lines[-1]["usage"]["completion_tokens"] == 10
     assert len(json.loads(embed)["embeddings"]) == 2
+
+
+def test_open_inference_protocol_curl_example_runs(up: Up) -> None:
+    (block,) = [b for b in blocks("sh") if "curl -s" in b and "/v2/" in b]
+    # One command whose JSON body spans lines inside its quotes.
+    done = subprocess.run(
+        shlex.split(up.localize(block)), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["model_name"], answer["model_version"]) == ("bytelm", "1")
+    (output,) = answer["outputs"]
+    assert (output["name"], output["datatype"], output["shape"]) == ("text_output", "BYTES", [1])
+    (text,) = output["data"]
+    assert isinstance(text, str) and text
 
 
 def test_error_example_is_what_the_gateway_answers(up: Up) -> None:
