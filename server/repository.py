@@ -38,7 +38,6 @@ them in is the runtime's work (``Runtime.load_model``).
 
 from __future__ import annotations
 
-import itertools
 import math
 import tomllib
 from collections.abc import Mapping
@@ -54,7 +53,7 @@ from protoserve.server.runtime.loader import (
     is_file_source,
     model_from_source,
 )
-from protoserve.server.runtime.model import GenerationParams, Model, Task
+from protoserve.server.runtime.model import Model, Task, warm_up_text
 from protoserve.server.runtime.tensors import DTYPES
 
 __all__ = [
@@ -128,20 +127,7 @@ class Warmup:
         if self.text is not None:
             if not tasks & {Task.TEXT_GENERATION, Task.EMBEDDING}:
                 raise ValueError("warmup.text is set, but the model neither generates nor embeds")
-            if Task.TEXT_GENERATION in tasks:
-                params = GenerationParams(
-                    max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0, seed=0
-                )
-                tokens = iter(model.generate(self.text, params))
-                try:
-                    for _ in itertools.islice(tokens, params.max_new_tokens):
-                        pass
-                finally:
-                    close = getattr(tokens, "close", None)
-                    if close is not None:
-                        close()
-            if Task.EMBEDDING in tasks:
-                model.embed([self.text])
+            warm_up_text(model, self.text)
         if self.inputs:
             if Task.TENSOR_PREDICTION not in tasks:
                 raise ValueError("warmup.inputs is set, but the model does not predict")

@@ -34,6 +34,7 @@ __all__ = [
     "Task",
     "TensorInfo",
     "Token",
+    "warm_up_text",
 ]
 
 
@@ -190,19 +191,7 @@ class Model:
 
         The model is not READY until this has returned.
         """
-        if Task.TEXT_GENERATION in self.tasks():
-            params = GenerationParams(max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0, seed=0)
-            tokens = iter(self.generate("warm up", params))
-            try:
-                # Two steps: the prefill and one decode step; never the whole text.
-                for _ in itertools.islice(tokens, params.max_new_tokens):
-                    pass
-            finally:
-                close = getattr(tokens, "close", None)
-                if close is not None:
-                    close()
-        if Task.EMBEDDING in self.tasks():
-            self.embed(["warm up"])
+        warm_up_text(self, "warm up")
 
     def tasks(self) -> set[Task]:
         """The tasks this model serves: those whose method the subclass overrides."""
@@ -333,3 +322,25 @@ class Model:
         if Task.EMBEDDING in tasks:
             found.append(TensorInfo("embeddings", "float32", (-1, -1), "One vector per text."))
         return found
+
+
+def warm_up_text(model: Model, text: str) -> None:
+    """Run the model's text tasks once on ``text``: two generation steps, one embedding.
+
+    Tasks the model does not serve are skipped. Used by :meth:`Model.warmup` and by
+    a model repository's ``[warmup] text``.
+    """
+    tasks = model.tasks()
+    if Task.TEXT_GENERATION in tasks:
+        params = GenerationParams(max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0, seed=0)
+        tokens = iter(model.generate(text, params))
+        try:
+            # Two steps: the prefill and one decode step; never the whole text.
+            for _ in itertools.islice(tokens, params.max_new_tokens):
+                pass
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
+    if Task.EMBEDDING in tasks:
+        model.embed([text])
