@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "listening_socket", "main"]
 
 
 def _env(name: str, default: str) -> str:
@@ -195,15 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(args.log_format, str(exc))
         return 2
     # The socket is bound here, not by the server, so that --port 0 can report its port.
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host.strip("[]"), args.port))
+        sock = listening_socket(args.host, args.port)
     except OSError as exc:
         _fail(args.log_format, f"cannot listen on {args.host}:{args.port}: {exc.strerror}")
         return 1
-    sock.listen(2048)
     port = sock.getsockname()[1]
     port_file = Path(args.port_file) if args.port_file else None
     scheme = "HTTPS" if args.certfile else "HTTP"
@@ -214,6 +210,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.http2:
         return _serve_hypercorn(app, sock, args, port_file)
     return _serve_uvicorn(app, sock, args, port_file)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening. Raises OSError.
+
+    Made with proto IPPROTO_TCP, not the default 0: asyncio turns Nagle off
+    (TCP_NODELAY) only on connections accepted from a socket whose proto says TCP.
+    With Nagle on, a response's body waits for the ACK of its headers, which the
+    client delays by about 40 ms, on every keep-alive request after the first.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _fail(log_format: str, message: str) -> None:
