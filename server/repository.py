@@ -21,6 +21,15 @@
     enabled = true
     max_batch_size = 16
     max_batch_delay_ms = 2.0
+    predict_batches = true    # predict's dimension 0 is the batch: requests may be joined
+
+    [inputs.INPUT0]           # optional: predict's inputs, one table per tensor, in order
+    dtype = "float32"         # the runtime's dtype names (runtime.tensors.DTYPES)
+    shape = [-1, 8]           # -1: any size
+    description = "..."       # optional
+    [outputs.OUTPUT0]         # optional: predict's outputs, the same keys
+    dtype = "float32"
+    shape = [-1, 4]
 
     [warmup]                  # optional; run after load, before the model is READY
     text = "hello"            # for models that generate or embed
@@ -32,6 +41,13 @@
 Every key is checked: an unknown key, a wrong type or a missing file makes the
 folder malformed (:class:`RepositoryError`, naming the folder and the key), and
 never stops the server; the runtime reports the model UNAVAILABLE with the reason.
+
+Declared tensors and ``predict_batches`` are set on each model built
+(:meth:`ModelConfig.build`), over its class's own: they give a file model, which
+cannot say what it takes, a signature (v1 GetModel, the Open Inference Protocol's
+ModelMetadata and ModelConfig) and request validation, and let its requests be
+joined into batches. ``predict_batches = true`` needs declared inputs and outputs
+whose dimension 0 is -1.
 This module only reads folders and builds model objects; loading them and swapping
 them in is the runtime's work (``Runtime.load_model``).
 """
@@ -40,7 +56,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +69,7 @@ from protoserve.server.runtime.loader import (
     is_file_source,
     model_from_source,
 )
-from protoserve.server.runtime.model import Model, Task, warm_up_text
+from protoserve.server.runtime.model import Model, Task, TensorInfo, warm_up_text
 from protoserve.server.runtime.tensors import DTYPES
 
 __all__ = [
@@ -70,10 +86,11 @@ __all__ = [
 #: The file that makes a folder a model.
 CONFIG_FILE = "model.toml"
 
-_TOP_KEYS = {"name", "source", "versions", "batching", "warmup"}
-_BATCHING_KEYS = {"enabled", "max_batch_size", "max_batch_delay_ms"}
+_TOP_KEYS = {"name", "source", "versions", "batching", "warmup", "inputs", "outputs"}
+_BATCHING_KEYS = {"enabled", "max_batch_size", "max_batch_delay_ms", "predict_batches"}
 _WARMUP_KEYS = {"text", "inputs"}
 _TENSOR_KEYS = {"dtype", "shape", "data"}
+_DECLARED_KEYS = {"dtype", "shape", "description"}
 #: Folders a file system or volume puts at the top of a repository (ext4 on a PVC).
 _NOT_MODELS = {"lost+found"}
 #: Elements of a warm-up tensor at most: warm-up inputs are meant to be tiny.
@@ -91,6 +108,8 @@ class Batching:
     enabled: bool | None = None
     max_batch_size: int | None = None
     max_batch_delay_ms: float | None = None
+    #: Sets :attr:`Model.predict_batches` on the model built; None keeps its class's.
+    predict_batches: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +164,9 @@ class ModelConfig:
     versions: tuple[int, ...]
     batching: Batching = Batching()
     warmup: Warmup | None = None
+    #: Predict's declared inputs and outputs, in file order; empty keeps the model's own.
+    inputs: tuple[TensorInfo, ...] = ()
+    outputs: tuple[TensorInfo, ...] = ()
 
     def version_folder(self, version: int) -> Path:
         return _version_folders(self.folder)[version]
@@ -152,18 +174,57 @@ class ModelConfig:
     def build(self, version: int) -> Model:
         """A new, not yet loaded, model for one version. May import the model's module.
 
+        The declared tensors and ``predict_batches`` are set on the model, over
+        its class's.
+
         Raises:
             RepositoryError: the module or class is missing, is not a Model, or
-                failed to import or to build (the user's code raised).
+                failed to import or to build (the user's code raised); or tensors
+                are declared for a model that does not predict, or the model then
+                batches rows its tensors do not have.
         """
         try:
-            return model_from_source(self.source, folder=self.version_folder(version))
+            model = model_from_source(self.source, folder=self.version_folder(version))
         except ModelSpecError as exc:
             raise RepositoryError(f"source: {exc}") from exc
         except Exception as exc:  # the user's module or constructor failed
             raise RepositoryError(
                 f"source: building {self.source!r} failed: {type(exc).__name__}: {exc}"
             ) from exc
+        self._declare(model)
+        return model
+
+    def _declare(self, model: Model) -> None:
+        """Set the declared tensors and ``predict_batches`` on ``model`` (instance
+        attributes shadow the class's, and every reader goes through the instance)."""
+        overrides: dict[str, object] = {}
+        if self.inputs:
+            overrides["inputs"] = self.inputs
+        if self.outputs:
+            overrides["outputs"] = self.outputs
+        if self.batching.predict_batches is not None:
+            overrides["predict_batches"] = self.batching.predict_batches
+        if not overrides:
+            return
+        if Task.TENSOR_PREDICTION not in model.tasks():
+            key = next(iter(overrides))
+            key = "batching.predict_batches" if key == "predict_batches" else key
+            raise RepositoryError(
+                f"{key}: {type(model).__name__} does not predict; "
+                "tensors are declared only for models that do"
+            )
+        for key, value in overrides.items():
+            try:
+                setattr(model, key, value)
+            except AttributeError as exc:  # a property or __slots__ in the user's class
+                raise RepositoryError(
+                    f"{key}: {type(model).__name__} does not let it be set: {exc}"
+                ) from exc
+        if model.predict_batches:
+            problem = _rows_problem(model.inputs, model.outputs, require=True)
+            if problem is not None:
+                why = "" if self.batching.predict_batches else " (the model's class sets it)"
+                raise RepositoryError(f"batching.predict_batches{why}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -255,13 +316,26 @@ def read_config(folder: Path, *, reserved: frozenset[str] = frozenset()) -> Mode
         for version in versions:
             if not (folder / str(version) / source).is_file():
                 raise RepositoryError(f"version {version}: {source} is missing")
+    inputs = _declared(raw, "inputs")
+    outputs = _declared(raw, "outputs")
+    batching = _batching(raw.get("batching", {}))
+    if batching.predict_batches:
+        # A class may declare its tensors itself (checked once built); a file cannot.
+        problem = _rows_problem(inputs, outputs, require=is_file_source(source))
+        if problem is not None:
+            raise RepositoryError(f"batching.predict_batches: {problem}")
+    warmup = _warmup(raw["warmup"]) if "warmup" in raw else None
+    if warmup is not None and inputs:
+        _check_warmup_inputs(warmup, inputs)
     return ModelConfig(
         name=name,
         folder=folder,
         source=source,
         versions=versions,
-        batching=_batching(raw.get("batching", {})),
-        warmup=_warmup(raw["warmup"]) if "warmup" in raw else None,
+        batching=batching,
+        warmup=warmup,
+        inputs=inputs,
+        outputs=outputs,
     )
 
 
@@ -305,7 +379,79 @@ def _batching(raw: object) -> Batching:
     delay = table.get("max_batch_delay_ms")
     if delay is not None and not (_is_number(delay) and 0 <= delay < math.inf):
         raise RepositoryError("batching.max_batch_delay_ms: must be a number, at least 0")
-    return Batching(enabled, size, None if delay is None else float(delay))
+    rows = table.get("predict_batches")
+    if rows is not None and not isinstance(rows, bool):
+        raise RepositoryError("batching.predict_batches: must be true or false")
+    return Batching(enabled, size, None if delay is None else float(delay), rows)
+
+
+def _declared(raw: Mapping[str, Any], kind: str) -> tuple[TensorInfo, ...]:
+    """``[inputs.NAME]`` or ``[outputs.NAME]`` tables as tensors, in file order."""
+    if kind not in raw:
+        return ()
+    tables = _table(raw[kind], kind)
+    if not tables:
+        raise RepositoryError(f"{kind}: needs one table per tensor, such as [{kind}.x]")
+    return tuple(_declared_tensor(f"{kind}.{name}", name, spec) for name, spec in tables.items())
+
+
+def _declared_tensor(where: str, name: str, raw: object) -> TensorInfo:
+    table = _table(raw, where)
+    _known_keys(table, _DECLARED_KEYS, where + ".")
+    if not name.strip():
+        raise RepositoryError(f"{where}: a tensor needs a name")
+    dtype = table.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise RepositoryError(f"{where}.dtype: must be one of {', '.join(DTYPES)}")
+    shape = table.get("shape")
+    if not (isinstance(shape, list) and all(_is_int(d) and (d == -1 or d >= 1) for d in shape)):
+        raise RepositoryError(
+            f"{where}.shape: must be a list of sizes, -1 for any size, such as [-1, 8]"
+        )
+    description = table.get("description", "")
+    if not isinstance(description, str):
+        raise RepositoryError(f"{where}.description: must be a string")
+    return TensorInfo(name, str(dtype), tuple(shape), description)
+
+
+def _rows_problem(
+    inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], *, require: bool
+) -> str | None:
+    """Why these tensors cannot be batched by rows (None: they can). ``require``:
+    inputs and outputs must both be declared."""
+    for kind, tensors in (("inputs", inputs), ("outputs", outputs)):
+        if require and not tensors:
+            return f"needs declared {kind} ([{kind}.NAME] tables) whose first dimension is -1"
+        for t in tensors:
+            if not t.shape or t.shape[0] != -1:
+                return (
+                    f"{kind}.{t.name}.shape is {list(t.shape)}; "
+                    "its first dimension must be -1, the batch"
+                )
+    return None
+
+
+def _check_warmup_inputs(warmup: Warmup, inputs: Sequence[TensorInfo]) -> None:
+    """The warm-up calls ``predict`` directly, so its inputs must be the declared ones."""
+    if not warmup.inputs:
+        return
+    declared = {t.name: t for t in inputs}
+    for tensor in warmup.inputs:
+        where = f"warmup.inputs.{tensor.name}"
+        spec = declared.get(tensor.name)
+        if spec is None:
+            raise RepositoryError(f"{where}: not a declared input; inputs are {list(declared)}")
+        if tensor.dtype != spec.dtype:
+            raise RepositoryError(f"{where}.dtype: the input is declared {spec.dtype}")
+        if len(tensor.shape) != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, tensor.shape, strict=True)
+        ):
+            raise RepositoryError(
+                f"{where}.shape: {list(tensor.shape)} does not fit the declared {list(spec.shape)}"
+            )
+    missing = [name for name in declared if name not in {t.name for t in warmup.inputs}]
+    if missing:
+        raise RepositoryError(f"warmup.inputs: missing the declared input {missing[0]!r}")
 
 
 def _warmup(raw: object) -> Warmup:
@@ -326,7 +472,7 @@ def _warmup_tensor(name: str, raw: object) -> WarmupTensor:
     table = _table(raw, where)
     _known_keys(table, _TENSOR_KEYS, where + ".")
     dtype = table.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise RepositoryError(f"{where}.dtype: must be one of {', '.join(DTYPES)}")
     shape = table.get("shape")
     if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):

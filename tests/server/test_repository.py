@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import struct
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from protoserve.inference.v1 import inference_service_pb2 as v1
 from protoserve.inference.v1 import inference_service_pb2_grpc as v1_grpc
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.oip.v2 import grpc_service_pb2_grpc as pb_grpc
-from protoserve.server import InferenceServer, Runtime
+from protoserve.server import InferenceServer, Runtime, TensorInfo
 from protoserve.server.app import model_health_name
 from protoserve.server.config import add_arguments, from_arguments
 from protoserve.server.errors import FailedPrecondition
@@ -302,6 +303,22 @@ BROKEN = {
         (1,),
         "neither generates nor embeds",
     ),
+    # Declared tensors are checked against the model built from a class.
+    "tensors-for-text": (
+        'source = "bytelm"\n[inputs.x]\ndtype = "float32"\nshape = [-1]\n',
+        (1,),
+        "inputs: ByteLMModel does not predict",
+    ),
+    "batches-undeclared": (
+        f'source = "{REPO_MODELS}:NoNegatives"\n[batching]\npredict_batches = true\n',
+        (1,),
+        "batching.predict_batches: needs declared inputs",
+    ),
+    "class-batches-fixed-rows": (
+        f'source = "{REPO_MODELS}:RowTripler"\n[inputs.x]\ndtype = "float32"\nshape = [4, 2]\n',
+        (1,),
+        "batching.predict_batches (the model's class sets it): inputs.x.shape is [4, 2]",
+    ),
 }
 
 
@@ -545,6 +562,94 @@ def test_model_toml_mistakes_name_the_key(tmp_path: Path, toml: str, message: st
     path = model_folder(tmp_path, "m", toml)
     with pytest.raises(RepositoryError, match=message.replace("[", r"\[").replace("(", r"\(")):
         read_config(path)
+
+
+X = '[inputs.x]\ndtype = "float32"\nshape = [-1, 2]\n'
+Y = '[outputs.y]\ndtype = "float32"\nshape = [-1, 2]\n'
+ROWS = "[batching]\npredict_batches = true\n"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("inputs = 3\n", "inputs: must be a table"),
+        ("[inputs]\n", "inputs: needs one table per tensor, such as [inputs.x]"),
+        ("[inputs]\nx = 3\n", "inputs.x: must be a table"),
+        ('[inputs.x]\ndtype = "float99"\nshape = [1]\n', "inputs.x.dtype: must be one of bool"),
+        ("[inputs.x]\ndtype = [1]\nshape = [1]\n", "inputs.x.dtype: must be one of"),
+        ("[inputs.x]\nshape = [1]\n", "inputs.x.dtype: must be one of"),
+        ('[outputs.y]\ndtype = "int64"\n', "outputs.y.shape: must be a list of sizes"),
+        ('[outputs.y]\ndtype = "int64"\nshape = "8"\n', "outputs.y.shape: must be a list"),
+        ('[outputs.y]\ndtype = "int64"\nshape = [0]\n', "outputs.y.shape: must be a list"),
+        ('[outputs.y]\ndtype = "int64"\nshape = [-2]\n', "outputs.y.shape: must be a list"),
+        ('[outputs.y]\ndtype = "int64"\nshape = [1.5]\n', "outputs.y.shape: must be a list"),
+        (
+            '[outputs.y]\ndtype = "int64"\nshape = [-1]\ndescription = 3\n',
+            "outputs.y.description: must be a string",
+        ),
+        (
+            '[outputs.y]\ndtype = "int64"\nshape = [-1]\nsize = 3\n',
+            "unknown key outputs.y.size; known keys: outputs.y.description, outputs.y.dtype",
+        ),
+        ('[inputs.""]\ndtype = "int64"\nshape = [-1]\n', "inputs.: a tensor needs a name"),
+        ("[batching]\npredict_batches = 1\n", "batching.predict_batches: must be true or false"),
+        (ROWS, "batching.predict_batches: needs declared inputs ([inputs.NAME] tables)"),
+        (ROWS + X, "batching.predict_batches: needs declared outputs ([outputs.NAME] tables)"),
+        (
+            ROWS + X.replace("-1, 2", "4, 2") + Y,
+            "batching.predict_batches: inputs.x.shape is [4, 2]; its first dimension must be -1",
+        ),
+        (ROWS + X + Y.replace("[-1, 2]", "[]"), "batching.predict_batches: outputs.y.shape is []"),
+        (
+            X + '[warmup.inputs.z]\ndtype = "float32"\nshape = [1, 2]\n',
+            "warmup.inputs.z: not a declared input; inputs are ['x']",
+        ),
+        (
+            X + '[warmup.inputs.x]\ndtype = "float64"\nshape = [1, 2]\n',
+            "warmup.inputs.x.dtype: the input is declared float32",
+        ),
+        (
+            X + '[warmup.inputs.x]\ndtype = "float32"\nshape = [2]\n',
+            "warmup.inputs.x.shape: [2] does not fit the declared [-1, 2]",
+        ),
+        (
+            X + X.replace(".x]", ".w]") + '[warmup.inputs.x]\ndtype = "float32"\nshape = [1, 2]\n',
+            "warmup.inputs: missing the declared input 'w'",
+        ),
+    ],
+)
+def test_declared_tensor_mistakes_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    path = model_folder(
+        tmp_path, "m", 'source = "model.pt"\n' + toml, files={1: {"model.pt": b"stand-in"}}
+    )
+    with pytest.raises(RepositoryError, match=re.escape(message)):
+        read_config(path)
+
+
+def test_declared_tensors_are_read_in_file_order(tmp_path: Path) -> None:
+    path = model_folder(
+        tmp_path,
+        "m",
+        'source = "model.pt"\n'
+        + ROWS
+        + '[inputs.z]\ndtype = "int64"\nshape = [-1]\ndescription = "Token ids."\n'
+        + X
+        + Y
+        + '[warmup.inputs.z]\ndtype = "int64"\nshape = [1]\n'
+        + '[warmup.inputs.x]\ndtype = "float32"\nshape = [1, 2]\n',
+        files={1: {"model.pt": b"stand-in"}},
+    )
+    config = read_config(path)
+    assert config.inputs == (
+        TensorInfo("z", "int64", (-1,), "Token ids."),
+        TensorInfo("x", "float32", (-1, 2)),
+    )
+    assert config.outputs == (TensorInfo("y", "float32", (-1, 2)),)
+    assert config.batching.predict_batches is True
+    # Left out, nothing is declared and the model's class decides.
+    plain = model_folder(tmp_path, "plain", 'source = "bytelm"\n')
+    config = read_config(plain)
+    assert (config.inputs, config.outputs, config.batching.predict_batches) == ((), (), None)
 
 
 def test_two_folders_naming_one_model_are_both_broken(tmp_path: Path) -> None:

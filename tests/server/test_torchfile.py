@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import warnings
 from pathlib import Path
 
@@ -87,3 +88,43 @@ def test_byte_count_mismatch_is_invalid_argument() -> None:
     assert info.value.violations == [
         ("inputs[0].raw_data", "shape [2, 2] of float32 needs 16 bytes, got 15")
     ]
+
+
+class Named(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sum": x.sum(dim=-1), "twice": x * 2}
+
+
+def test_declared_outputs_name_and_check_what_the_file_returns(tmp_path: Path) -> None:
+    from protoserve.server import TensorInfo
+    from protoserve.server.errors import FailedPrecondition
+    from protoserve.server.models.torchfile import TorchFileModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(Named()), str(tmp_path / "named.pt"))  # type: ignore[no-untyped-call]
+    model = TorchFileModel(tmp_path / "named.pt")
+    model.load()
+    x = torch.ones(2, 3)
+    # A dict result comes back in the declared order, whatever the file's.
+    model.outputs = (  # type: ignore[misc]
+        TensorInfo("twice", "float32", (-1, 3)),
+        TensorInfo("sum", "float32", (-1,)),
+    )
+    got = model.predict({"x": x}, {})
+    assert list(got) == ["twice", "sum"] and got["sum"].tolist() == [3.0, 3.0]
+    # Declarations the result does not fit: the message says what and where to fix it.
+    for outputs, message in [
+        ((TensorInfo("sum", "float32", (-1,)),), "returned outputs ['sum', 'twice']"),
+        (
+            (TensorInfo("twice", "int64", (-1, 3)), TensorInfo("sum", "float32", (-1,))),
+            "returned 'twice' as float32 [2, 3], declared int64 [-1, 3]",
+        ),
+        (
+            (TensorInfo("twice", "float32", (-1, 4)), TensorInfo("sum", "float32", (-1,))),
+            "returned 'twice' as float32 [2, 3], declared float32 [-1, 4]",
+        ),
+    ]:
+        model.outputs = outputs  # type: ignore[misc]
+        with pytest.raises(FailedPrecondition, match=re.escape(message)):
+            model.predict({"x": x}, {})
