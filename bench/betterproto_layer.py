@@ -50,6 +50,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from _harness import import_protoserve, server_python
+
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = "protoserve/inference/v1/inference_service.proto"
 PLUGIN = "protoc-gen-python_betterproto2"
@@ -63,28 +65,6 @@ INSTALL = (
 
 # ---------------------------------------------------------------------------
 # Imports: protoserve (installed, or straight from this checkout) and betterproto2.
-
-
-def import_protoserve(tmp: Path) -> tuple[ModuleType, ModuleType]:
-    """The protobuf messages and grpc stubs of protoserve.inference.v1.
-
-    From the installed package when there is one; otherwise from this checkout,
-    through a tree of symlinks like the one `nox -s lint` gives mypy (ADR 0001):
-    setuptools maps clients/ and gen/ to protoserve.clients and protoserve.inference.
-    """
-    try:
-        pb = importlib.import_module("protoserve.inference.v1.inference_service_pb2")
-    except ImportError:
-        tree = tmp / "checkout" / "protoserve"
-        tree.mkdir(parents=True)
-        (tree / "inference").symlink_to(ROOT / "gen" / "protoserve" / "inference")
-        (tree / "clients").symlink_to(ROOT / "clients")
-        sys.path.insert(0, str(tree.parent))
-        for name in [m for m in sys.modules if m == "protoserve" or m.startswith("protoserve.")]:
-            del sys.modules[name]
-        pb = importlib.import_module("protoserve.inference.v1.inference_service_pb2")
-    grpc_stubs = importlib.import_module("protoserve.inference.v1.inference_service_pb2_grpc")
-    return pb, grpc_stubs
 
 
 def generate_betterproto(tmp: Path) -> ModuleType:
@@ -305,20 +285,6 @@ def server(python: str, tmp: Path, pb: ModuleType, stubs: ModuleType) -> Iterato
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def server_python() -> str:
-    if importlib.util.find_spec("torch") is not None:
-        with contextlib.suppress(ImportError):
-            if importlib.util.find_spec("protoserve.server") is not None:
-                return sys.executable
-    venv = ROOT / ".venv" / "bin" / "python"
-    if venv.exists():
-        return str(venv)
-    raise SystemExit(
-        "no Python here can run the server: install protoserve, pass --server-python, "
-        "--target HOST:PORT or --no-server"
-    )
 
 
 # ---------------------------------------------------------------------------

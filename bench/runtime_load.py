@@ -43,303 +43,41 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
-import importlib.metadata
-import importlib.util
 import json
 import math
 import os
-import platform
-import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "bytelm"
-
-# ---------------------------------------------------------------------------
-# Imports: protoserve's stubs, installed or straight from this checkout.
-
-
-def import_protoserve(tmp: Path) -> tuple[ModuleType, ModuleType]:
-    """The protobuf messages and grpc stubs of protoserve.inference.v1.
-
-    From the installed package when there is one; otherwise from this checkout's
-    gen/, through a tree of symlinks (as bench/betterproto_layer.py does).
-    """
-    try:
-        pb = importlib.import_module("protoserve.inference.v1.inference_service_pb2")
-    except ImportError:
-        tree = tmp / "checkout" / "protoserve"
-        tree.mkdir(parents=True)
-        (tree / "inference").symlink_to(ROOT / "gen" / "protoserve" / "inference")
-        sys.path.insert(0, str(tree.parent))
-        for name in [m for m in sys.modules if m == "protoserve" or m.startswith("protoserve.")]:
-            del sys.modules[name]
-        pb = importlib.import_module("protoserve.inference.v1.inference_service_pb2")
-    stubs = importlib.import_module("protoserve.inference.v1.inference_service_pb2_grpc")
-    return pb, stubs
-
-
-def server_python() -> str:
-    """A Python that can run ``protoserve serve``: this one, or the checkout's .venv."""
-    if importlib.util.find_spec("torch") is not None:
-        with contextlib.suppress(ImportError):
-            if importlib.util.find_spec("protoserve.server") is not None:
-                return sys.executable
-    venv = ROOT / ".venv" / "bin" / "python"
-    if venv.exists():
-        return str(venv)
-    raise SystemExit(
-        "no Python here can run the server: install protoserve or pass --server-python"
-    )
-
-
-# ---------------------------------------------------------------------------
-# Workload: texts and prompts, varied and reproducible.
-
-_WORDS = (
-    "def class return import from yield lambda async await self value items key "
-    "result buffer offset length header stream socket thread lock queue event "
-    "parse format encode decode read write open close flush path name args kwargs "
-    "None True False for while if else elif try except finally with as raise"
-).split()
-
-_PROMPTS = (
-    "def fibonacci(n):\n",
-    "import os\nimport sys\n\n",
-    "class Queue:\n    def __init__(self",
-    "    for key, value in items.items():\n",
-    'def read_config(path):\n    """Read the',
-    "try:\n    import json\nexcept ImportError:\n",
-    "    if not isinstance(name, str):\n        raise",
-    "from collections import",
-    "def main(argv=None):\n    parser = ",
-    "    return self._buffer[",
-    "with open(filename, 'rb') as f:\n",
-    "class Error(Exception):\n",
-    "    def __repr__(self):\n        return",
-    "async def fetch(session, url):\n",
-    "# Copyright 2001 Python Software Foundation\n",
-    "    while True:\n        line = ",
+from _harness import (
+    MODEL,
+    Proc,
+    Samples,
+    delta,
+    embed_texts,
+    finite,
+    fmt,
+    generation_prompts,
+    import_protoserve,
+    launch,
+    md_table,
+    percentile,
+    ratio,
+    scrape,
+    server_python,
+    stopping,
+    value,
+    versions,
+    wait_gateway,
+    wait_ready,
 )
-
-
-def embed_texts(count: int, chars: tuple[int, int] = (60, 100), seed: int = 5) -> list[str]:
-    """``count`` distinct texts of ``chars`` (least, most) characters of Python-like words."""
-    rng = random.Random(seed)
-    texts: list[str] = []
-    seen: set[str] = set()
-    while len(texts) < count:
-        target = rng.randint(*chars)
-        words: list[str] = []
-        while len(" ".join(words)) < target:
-            words.append(rng.choice(_WORDS))
-        text = " ".join(words)[:target]
-        if text not in seen:
-            seen.add(text)
-            texts.append(text)
-    return texts
-
-
-def generation_prompts(count: int) -> list[str]:
-    """``count`` distinct prompts: the base prompts, varied by a numbered comment."""
-    return [
-        (f"# case {i}\n" if i >= len(_PROMPTS) else "") + _PROMPTS[i % len(_PROMPTS)]
-        for i in range(count)
-    ]
-
-
-# ---------------------------------------------------------------------------
-# Statistics.
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100), linear between closest ranks; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def ms(seconds: float) -> str:
-    return "-" if math.isnan(seconds) else f"{seconds * 1e3:.1f}"
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b else math.nan
-
-
-def fmt(x: float, digits: int = 1) -> str:
-    return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
-
-
-# ---------------------------------------------------------------------------
-# Processes: servers and the gateway.
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Proc:
-    """A server or gateway this run started."""
-
-    name: str
-    cmd: list[str]
-    port_file: Path
-    log: Path
-    proc: subprocess.Popen[bytes]
-    metrics_port: int | None = None
-    port: int = 0
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str | None:
-        return (
-            None if self.metrics_port is None else f"http://127.0.0.1:{self.metrics_port}/metrics"
-        )
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> None:
-        """SIGTERM by PID (the server drains, then exits); SIGKILL after 30 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def launch(
-    python: str,
-    tmp: Path,
-    name: str,
-    command: str,
-    flags: Sequence[str],
-    metrics: bool,
-    threads: int | None = None,
-) -> Proc:
-    port_file = tmp / f"{name}.port"
-    log = tmp / f"{name}.log"
-    cmd = [python, "-m", "protoserve.clients.cli", command, "--port", "0"]
-    cmd += ["--port-file", str(port_file), "--log-level", "WARNING", *flags]
-    metrics_port = None
-    if metrics:
-        # The server logs a port it picked only at INFO (one line per request
-        # too): choose one here instead.
-        metrics_port = free_port()
-        cmd += ["--metrics-port", str(metrics_port)]
-    env = dict(os.environ)
-    if threads:
-        # torch's intra-op threads (its default: one per core) read these at start.
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env
-        )
-    return Proc(name, cmd, port_file, log, proc, metrics_port)
-
-
-async def wait_port(p: Proc, deadline: float) -> None:
-    while not p.port_file.exists() or not p.port_file.read_text().strip():
-        if p.proc.poll() is not None:
-            raise SystemExit(
-                f"{p.name} exited ({p.proc.returncode}): {' '.join(p.cmd)}\n{p.log_tail()}"
-            )
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{p.name} did not write its port in time\n{p.log_tail()}")
-        await asyncio.sleep(0.1)
-    p.port = int(p.port_file.read_text().strip())
-
-
-async def wait_ready(p: Proc, pb: ModuleType, stubs: ModuleType, deadline: float) -> None:
-    import grpc
-
-    await wait_port(p, deadline)
-    async with grpc.aio.insecure_channel(p.target) as channel:
-        stub = stubs.InferenceServiceStub(channel)
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.GetModel(pb.GetModelRequest(name=MODEL), timeout=10)
-                if reply.model.state == pb.MODEL_STATE_READY:
-                    return
-                if reply.model.state == pb.MODEL_STATE_FAILED:
-                    raise SystemExit(f"{p.name}: {MODEL} failed: {reply.model.state_message}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{p.name}: {MODEL} not ready in time\n{p.log_tail()}")
-            await asyncio.sleep(0.2)
-
-
-async def wait_gateway(p: Proc, deadline: float) -> None:
-    import httpx
-
-    await wait_port(p, deadline)
-    async with httpx.AsyncClient(base_url=f"http://{p.target}", timeout=10) as http:
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get("/v1/models")).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{p.name} not answering in time\n{p.log_tail()}")
-            await asyncio.sleep(0.2)
-
-
-# ---------------------------------------------------------------------------
-# Metrics.
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-async def scrape(url: str | None) -> Samples:
-    """Every sample of a /metrics page: (name, sorted labels) -> value."""
-    if url is None:
-        return {}
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    async with httpx.AsyncClient(timeout=10) as http:
-        text = (await http.get(url)).text
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels``."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
-
-
-def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
-
 
 #: (what the report calls it, the sample's name); counters and histogram parts.
 _COUNTED = (
@@ -884,51 +622,6 @@ async def scenario_overload(
 # Report.
 
 
-def versions(python: str) -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("grpcio", "protobuf", "torch", "numpy", "httpx", "prometheus-client"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "-"
-    if python != sys.executable:
-        # The servers run another Python: its torch and grpcio are the ones that count.
-        probe = (
-            "import importlib.metadata as m, platform;"
-            "print(platform.python_version(), m.version('torch'), m.version('grpcio'))"
-        )
-        with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
-            got = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
-            py, torch_v, grpc_v = got.stdout.split()
-            out["server python/torch/grpcio"] = f"{py} / {torch_v} / {grpc_v} ({python})"
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    out["machine"] = f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
-    out["platform"] = platform.platform()
-    return out
-
-
-def finite(data: Any) -> Any:
-    """``data`` with NaN and infinities as None, for strict JSON."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return None
-    if isinstance(data, dict):
-        return {str(k): finite(v) for k, v in data.items()}
-    if isinstance(data, list | tuple):
-        return [finite(v) for v in data]
-    return data
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def report_embed(r: dict[str, Any], args: argparse.Namespace) -> list[str]:
     rows = [
         (
@@ -1251,15 +944,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     args.rounds = max(1, args.rounds)
     return args
-
-
-@contextlib.contextmanager
-def stopping(procs: list[Proc]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for p in reversed(procs):
-            p.stop()
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
