@@ -279,27 +279,45 @@ def up(session: nox.Session) -> None:
 BETTERPROTO = ("betterproto2==0.10.0", "betterproto2-compiler==0.10.1")
 
 
+#: The suite's plots (bench/_report.py); perf_analyzer comes from tritonclient's wheel,
+#: installed without its dependencies (they pin protobuf < 5; the binary needs none of them).
+MATPLOTLIB = "matplotlib==3.11.2"
+PERF_ANALYZER_WHEEL = "tritonclient==2.51.0"
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks in bench/: protobuf vs betterproto2 (ADR 0009), the runtime under load.
+    """The benchmarks in bench/: the suite (issue #7), protobuf vs betterproto2, the runtime.
 
     Ratios of two things measured in one run, never absolute timings alone.
-    `nox -s bench` runs both; `nox -s bench -- runtime --quick` or
-    `nox -s bench -- betterproto --repeat 5` one of them, with its arguments; arguments
-    without a name go to betterproto_layer.py, as before (bench/README.md).
+    `nox -s bench` runs the suite and writes bench/results/<date>.md, .json and plots;
+    `nox -s bench -- --quick` the same within 5 minutes. A first argument naming a
+    script runs it with the rest: `nox -s bench -- runtime --quick`,
+    `nox -s bench -- betterproto --repeat 5` (bench/README.md).
     """
-    names = ("betterproto", "runtime")
+    names = ("suite", "betterproto", "runtime")
     args = list(session.posargs)
-    if args and args[0] in names:
-        chosen, args = {args[0]}, args[1:]
-    else:
-        chosen = {"betterproto"} if args else set(names)
+    chosen = args.pop(0) if args and args[0] in names else "suite"
     install_project(session)
-    if "betterproto" in chosen:
+    if chosen == "betterproto":
         session.install(GRPCIO_TOOLS, *BETTERPROTO)
         session.run("python", "bench/betterproto_layer.py", *args)
-    if "runtime" in chosen:
+    elif chosen == "runtime":
         session.run("python", "bench/runtime_load.py", *args)
+    else:
+        session.install(MATPLOTLIB, CUDA_RUNTIME)
+        session.install("--no-deps", PERF_ANALYZER_WHEEL)
+        libraries = [_cuda_runtime_lib(session), _libb64_lib(session)]
+        binary = Path(session.bin) / "perf_analyzer"
+        session.run(
+            "python",
+            "bench/suite.py",
+            *args,
+            env={
+                "PROTOSERVE_PERF_ANALYZER": str(binary),
+                "PROTOSERVE_PERF_ANALYZER_LD_LIBRARY_PATH": os.pathsep.join(libraries),
+            },
+        )
 
 
 def _proto_files(protos_root: Path) -> list[str]:
