@@ -165,8 +165,10 @@ class Model:
     #: Requests that arrive together are run as one call up to this size; 1 turns it off.
     max_batch_size: ClassVar[int] = 32
     #: Seconds the runtime may wait for more requests to fill a batch, and only
-    #: while the model has nothing else to do.
-    max_batch_delay: ClassVar[float] = 0.002
+    #: while the model has nothing else to do. 0: an idle model runs what is queued
+    #: at once, and batches form from what arrives while it is busy (a wait only
+    #: adds latency when requests come one at a time: bench/README.md).
+    max_batch_delay: ClassVar[float] = 0.0
     #: True when every ``predict`` input and output has the batch as dimension 0
     #: and rows do not affect each other, so that requests whose inputs agree in
     #: dtype and in every other dimension may be concatenated into one call.

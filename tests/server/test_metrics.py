@@ -102,8 +102,11 @@ def test_metrics_count_calls_tokens_cancellations_and_rejections(served) -> None
     with pytest.raises(grpc.RpcError) as full:
         stub.Generate(pb.GenerateRequest(model="slow", parameters=params(1)), timeout=10)
     assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    running.cancel()
+    # The waiting one first: cancelled the other way round, the queue could admit it
+    # between the two cancels, and it would no longer have been cancelled in the queue.
     waiting.cancel()
+    wait_for(url, "protoserve_queue_depth", 0, model="slow")
+    running.cancel()
 
     s = wait_for(url, "protoserve_cancellations_total", 2, model="slow")
     s = wait_for(url, "protoserve_requests_total", 2, method="GenerateStream", code="CANCELLED")

@@ -266,9 +266,9 @@ def test_config_of_a_multi_task_model_marks_its_inputs_optional(oip) -> None:
         ("text_output", pb.TYPE_STRING, [-1]),
         ("embedding", pb.TYPE_FP32, [-1, -1]),
     ]
-    # Embeddings batch (bytelm waits up to 2 ms); generations decode together.
+    # Embeddings batch (bytelm runs what is queued, with no wait); generations decode together.
     assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
-    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
     assert config.HasField("model_transaction_policy")
     assert config.model_transaction_policy.decoupled is False
 
