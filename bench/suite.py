@@ -822,6 +822,10 @@ def find_perf_analyzer() -> tuple[Path, dict[str, str]]:
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     plan = QUICK if args.quick else FULL
+    if missing := [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]:
+        raise SystemExit(
+            f"the suite needs {' and '.join(missing)}: apt-get install wrk nghttp2-client"
+        )
     pb, stubs = h.import_protoserve(tmp)
     binary, pa_env = find_perf_analyzer()
     model_file = tmp / "mlp.pt"
