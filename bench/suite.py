@@ -791,8 +791,10 @@ def versions(s: Suite) -> dict[str, str]:
     ):
         with contextlib.suppress(OSError):
             got = subprocess.run(argv, capture_output=True, text=True, env=s.pa_env, check=False)
-            words = (got.stdout + got.stderr).split()
-            out[tool] = next((w for w in words if w[:1].isdigit()), "?")
+            # "wrk debian/4.1.0-3+b2 [epoll] ...", "h2load nghttp2/1.52.0", "Perf Analyzer
+            # Version 2.51.0 (commit ...)": the first word that is a version, after any "/".
+            words = [w.rsplit("/", 1)[-1] for w in (got.stdout + got.stderr).split()]
+            out[tool] = next((w for w in words if w[:1].isdigit() and "." in w), "?")
     return out
 
 
