@@ -242,9 +242,9 @@ def test_rss_of_a_process_tree_and_its_peak() -> None:
     script = (
         "import subprocess, sys, time;"
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']);"
-        "time.sleep(0.5); blob = b'x' * (64 << 20); time.sleep(30)"
+        "time.sleep(0.5); blob = b'x' * (64 << 20); print('written', flush=True); time.sleep(30)"
     )
-    child = subprocess.Popen([sys.executable, "-c", script])
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     grandchildren: list[int] = []
     try:
         with lg.RssSampler([child.pid], interval=0.05) as sampler:
@@ -253,6 +253,8 @@ def test_rss_of_a_process_tree_and_its_peak() -> None:
                 assert time.monotonic() < deadline, "the child's 64 MiB never showed"
                 time.sleep(0.05)
         assert sampler.peak(child.pid) >= sampler.idle(child.pid) + (48 << 20)
+        # The sampler may see the blob while it is being written: wait until it all is.
+        assert child.stdout is not None and child.stdout.readline().strip() == "written"
         grandchildren = lg._descendants(child.pid)
         (grandchild,) = grandchildren
         own, below = lg.rss_bytes(child.pid), lg.rss_bytes(grandchild)
@@ -263,3 +265,5 @@ def test_rss_of_a_process_tree_and_its_peak() -> None:
             os.kill(pid, signal.SIGKILL)
         child.kill()
         child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
