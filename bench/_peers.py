@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from _harness import free_port
 
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 REQUEST_ID = "bench"  # fixed, so every server's reply has the same size
@@ -122,12 +123,6 @@ def ensure_venv(name: str, root: Path, *, python: str = "python3") -> Path:
 
 # ---------------------------------------------------------------------------
 # Settings and command lines
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def default_settings(name: str) -> dict[str, Any]:
@@ -520,17 +515,6 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of one process (0 when it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def pss_bytes(pid: int) -> int:
     """Proportional set size of one process (0 when it is gone).
 
@@ -545,11 +529,6 @@ def pss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def tree_rss(pid: int) -> dict[int, int]:
-    """RSS of ``pid`` and each descendant (see :func:`tree_pss` for a sum)."""
-    return {p: rss_bytes(p) for p in process_tree(pid)}
 
 
 def tree_pss(pid: int) -> dict[int, int]:
