@@ -349,13 +349,29 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-def versions(python: str) -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("grpcio", "protobuf", "torch", "numpy", "httpx", "prometheus-client"):
+def dist_versions(*dists: str) -> dict[str, str]:
+    """The installed version of each distribution, "-" for one that is not installed."""
+    out = {}
+    for dist in dists:
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "-"
+    return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def versions(python: str) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    out.update(dist_versions("grpcio", "protobuf", "torch", "numpy", "httpx", "prometheus-client"))
     if python != sys.executable:
         # The servers run another Python: its torch and grpcio are the ones that count.
         probe = (
@@ -366,32 +382,22 @@ def versions(python: str) -> dict[str, str]:
             got = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
             py, torch_v, grpc_v = got.stdout.split()
             out["server python/torch/grpcio"] = f"{py} / {torch_v} / {grpc_v} ({python})"
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    out["machine"] = f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+    out["machine"] = (
+        f"{cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+    )
     out["platform"] = platform.platform()
     return out
 
 
 def machine() -> dict[str, Any]:
     """What a report says about the machine: CPU, cores, memory, OS, load before the run."""
-    cpu = platform.processor() or platform.machine()
     memory_gib = math.nan
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 memory_gib = int(line.split()[1]) / 2**20
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpus": os.cpu_count(),
         "memory_gib": round(memory_gib, 1),
         "os": platform.platform(),

@@ -50,7 +50,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from _harness import import_protoserve, server_python
+from _harness import cpu_name, dist_versions, import_protoserve, server_python
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = "protoserve/inference/v1/inference_service.proto"
@@ -310,19 +310,15 @@ def versions() -> dict[str, str]:
     from google.protobuf.internal import api_implementation
 
     out = {"python": platform.python_version()}
-    for dist in ("protobuf", "grpcio", "betterproto2", "betterproto2-compiler", "numpy", "torch"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "-"
+    out.update(
+        dist_versions(
+            "protobuf", "grpcio", "betterproto2", "betterproto2-compiler", "numpy", "torch"
+        )
+    )
     out["protobuf"] += f" ({api_implementation.Type()})"
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    out["machine"] = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    out["machine"] = (
+        f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    )
     out["load average"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return out
 

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import os
@@ -780,10 +779,9 @@ def scenario_memory(s: Suite) -> dict[str, Any]:
 
 
 def versions(s: Suite) -> dict[str, str]:
-    out = {"protoserve": "-", "python": sys.version.split()[0]}
-    for dist in ("protoserve", "torch", "grpcio", "protobuf", "starlette", "uvicorn"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[dist] = importlib.metadata.version(dist)
+    out = h.dist_versions("protoserve")
+    out["python"] = sys.version.split()[0]
+    out.update(h.dist_versions("torch", "grpcio", "protobuf", "starlette", "uvicorn"))
     for tool, argv in (
         ("perf_analyzer", [str(s.perf_analyzer), "--version"]),
         ("wrk", ["wrk", "--version"]),
