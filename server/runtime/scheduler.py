@@ -88,15 +88,25 @@ class _StepJob(Job[T]):
     """An iterator stepped once per round; each ``next()`` is one unit of model work."""
 
     def __init__(
-        self, scheduler: Scheduler, factory: Callable[[], Iterator[T]], request: bool
+        self,
+        scheduler: Scheduler,
+        factory: Callable[[], Iterator[T]],
+        request: bool,
+        once: bool = False,
     ) -> None:
         super().__init__(scheduler)
         self._factory = factory
         self._request = request
+        self._once = once
         self._iterator: Iterator[T] | None = None
 
     def _step(self, out: list[_Delivery]) -> bool:
-        """One step; False when the job ended (its last delivery is in ``out``)."""
+        """One step; False when the job ended (its last delivery is in ``out``).
+
+        A job of one item (``once``) ends on the step that makes it: it must not
+        stay among the active jobs after its caller has its result, or the model
+        would look busy to the next request (which then skips the batch delay).
+        """
         try:
             if self._iterator is None:
                 if self._request:
@@ -110,6 +120,9 @@ class _StepJob(Job[T]):
             out.append((self, _ERROR, exc))
             return False
         out.append((self, _ITEM, item))
+        if self._once:
+            out.append((self, _DONE, None))
+            return False
         return True
 
     def _close(self) -> None:
@@ -204,13 +217,16 @@ class Scheduler:
         return len(self._active)
 
     # Submitting (from the event loop).
-    def submit(self, factory: Callable[[], Iterator[T]], *, request: bool = True) -> Job[T]:
+    def submit(
+        self, factory: Callable[[], Iterator[T]], *, request: bool = True, once: bool = False
+    ) -> Job[T]:
         """Queue a step job; raises ResourceExhausted at once when the model is full.
 
         ``request=False`` marks the server's own work (loading): its queue time
-        is not a request's.
+        is not a request's. ``once``: the iterator yields one item, and the job
+        ends with it.
         """
-        job: _StepJob[T] = _StepJob(self, factory, request)
+        job: _StepJob[T] = _StepJob(self, factory, request, once)
         with self._lock:
             self._admit(job)
             self._waiting.append(job)
@@ -232,7 +248,8 @@ class Scheduler:
 
     async def run(self, fn: Callable[[], T], *, request: bool = True) -> T:
         """Run ``fn()`` as one step in the worker thread and return its result."""
-        return await self._result(self.submit(lambda: iter((fn(),)), request=request))
+        job = self.submit(lambda: iter((fn(),)), request=request, once=True)
+        return await self._result(job)
 
     async def run_batched(
         self,
@@ -412,10 +429,12 @@ class Scheduler:
                         else:
                             assert isinstance(job, _StepJob)
                             steps.append(job)
-                    busy = bool(dropped or steps or prefills or decodes)
+                    # Dropping a job is bookkeeping, not model work: it does not make
+                    # the model busy, so a lone request still waits for stragglers.
+                    busy = bool(steps or prefills or decodes)
                     now = time.perf_counter()
                     batches, next_due = self._take_batches(now, idle=not busy)
-                    if busy or batches:
+                    if busy or batches or dropped:
                         break
                     if self._closed and not self._active:
                         return
