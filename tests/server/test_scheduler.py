@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from protoserve.server.runtime.scheduler import Scheduler
@@ -43,82 +43,75 @@ def gil_contention(threads: int = 2) -> Iterator[None]:
             spinner.join()
 
 
-def run_batch(calls: list[list[str]]) -> Any:
-    def run(payloads: list[str]) -> list[str]:
+def on_scheduler(body: Callable[[Scheduler], Awaitable[None]], **settings: Any) -> None:
+    """Run ``body`` with a scheduler of ``settings``, closed afterwards."""
+
+    async def main() -> None:
+        scheduler = Scheduler("m", **settings)
+        try:
+            await body(scheduler)
+        finally:
+            scheduler.close()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+async def two_requests(scheduler: Scheduler, i: int) -> list[list[str]]:
+    """Two one-item batch requests 10 ms apart; the model calls that served them."""
+    calls: list[list[str]] = []
+
+    def run_batch(payloads: list[str]) -> list[str]:
         calls.append(list(payloads))
         return [p.upper() for p in payloads]
 
-    return run
+    first = asyncio.ensure_future(scheduler.run_batched("embed", (), f"a{i}", 1, run_batch))
+    await asyncio.sleep(0.01)
+    second = scheduler.run_batched("embed", (), f"b{i}", 1, run_batch)
+    assert await asyncio.wait_for(asyncio.gather(first, second), 20) == [f"A{i}", f"B{i}"]
+    return calls
+
+
+#: Two items fill a batch, so a correct round ends as soon as the second request
+#: arrives; the delay (2 s, long against the 10 ms between the two) only matters
+#: when the first request is wrongly sent alone.
+PAIRS = {"max_batch_size": 2, "max_batch_delay": 2}
 
 
 def test_a_one_off_job_has_left_the_model_when_its_caller_has_its_result() -> None:
-    async def main() -> None:
-        scheduler = Scheduler("m")
-        try:
-            with gil_contention():
-                for i in range(50):
-                    assert await scheduler.run(lambda i=i: i * 2) == i * 2
-                    assert scheduler.active == 0, f"round {i}: the job is still running"
-        finally:
-            scheduler.close()
+    async def body(scheduler: Scheduler) -> None:
+        with gil_contention():
+            for i in range(50):
+                assert await scheduler.run(lambda i=i: i * 2) == i * 2
+                assert scheduler.active == 0, f"round {i}: the job is still running"
 
-    asyncio.run(asyncio.wait_for(main(), 60))
+    on_scheduler(body)
 
 
 def test_a_lone_request_after_a_one_off_job_waits_for_its_batch_to_fill() -> None:
-    async def main() -> None:
-        calls: list[list[str]] = []
-        # Two items fill a batch, so a correct round ends as soon as the second one
-        # arrives; the delay (2 s, long against the
-        # 10 ms between the two) only matters when the first is wrongly sent alone.
-        scheduler = Scheduler("m", max_batch_size=2, max_batch_delay=2)
-        try:
-            with gil_contention():
-                for i in range(25):
-                    calls.clear()
-                    await scheduler.run(lambda: None, request=False)  # as loading does
-                    first = asyncio.ensure_future(
-                        scheduler.run_batched("embed", (), f"a{i}", 1, run_batch(calls))
-                    )
-                    await asyncio.sleep(0.01)
-                    second = scheduler.run_batched("embed", (), f"b{i}", 1, run_batch(calls))
-                    results = await asyncio.wait_for(asyncio.gather(first, second), 20)
-                    assert results == [f"A{i}", f"B{i}"]
-                    assert calls == [[f"a{i}", f"b{i}"]], f"round {i}"
-        finally:
-            scheduler.close()
+    async def body(scheduler: Scheduler) -> None:
+        with gil_contention():
+            for i in range(25):
+                await scheduler.run(lambda: None, request=False)  # as loading does
+                assert await two_requests(scheduler, i) == [[f"a{i}", f"b{i}"]], f"round {i}"
 
-    asyncio.run(asyncio.wait_for(main(), 120))
+    on_scheduler(body, **PAIRS)
 
 
 def test_a_job_whose_caller_left_does_not_keep_the_model_busy() -> None:
-    async def main() -> None:
-        calls: list[list[str]] = []
-        scheduler = Scheduler("m", max_batch_size=2, max_batch_delay=2, buffer=2)
-        try:
-            for i in range(10):
-                calls.clear()
+    def endless() -> Iterator[int]:
+        n = 0
+        while True:
+            n += 1
+            yield n
 
-                def endless() -> Iterator[int]:
-                    n = 0
-                    while True:
-                        n += 1
-                        yield n
+    async def body(scheduler: Scheduler) -> None:
+        for i in range(10):
+            job = scheduler.submit(endless)
+            # Unread items pause the job once its buffer is full; then its reader leaves.
+            while job.unread < scheduler.buffer:  # noqa: ASYNC110 (a worker-thread counter)
+                await asyncio.sleep(0.001)
+            job.cancel()
+            assert await two_requests(scheduler, i) == [[f"a{i}", f"b{i}"]], f"round {i}"
+            assert scheduler.active == 0
 
-                job = scheduler.submit(endless)
-                # Unread items pause the job once its buffer is full; then its reader leaves.
-                while job.unread < scheduler.buffer:  # noqa: ASYNC110 (a worker-thread counter)
-                    await asyncio.sleep(0.001)
-                job.cancel()
-                first = asyncio.ensure_future(
-                    scheduler.run_batched("embed", (), f"a{i}", 1, run_batch(calls))
-                )
-                await asyncio.sleep(0.01)
-                second = scheduler.run_batched("embed", (), f"b{i}", 1, run_batch(calls))
-                await asyncio.wait_for(asyncio.gather(first, second), 20)
-                assert calls == [[f"a{i}", f"b{i}"]], f"round {i}"
-                assert scheduler.active == 0
-        finally:
-            scheduler.close()
-
-    asyncio.run(asyncio.wait_for(main(), 120))
+    on_scheduler(body, buffer=2, **PAIRS)
