@@ -185,6 +185,8 @@ def _header(results: dict[str, Any]) -> list[str]:
         lines.append("**Versions:** " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "  ")
     run = [f"`{results['command']}`"] if results.get("command") else []
     run.append(f"wall time {_duration(results.get('wall_s'))}")
+    if _number(results.get("setup_s")):
+        run.append(f"set-up before it {_duration(results['setup_s'])}")
     if results.get("started"):
         run.append(f"started {results['started']}")
     if results.get("quick"):

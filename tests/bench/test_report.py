@@ -100,6 +100,7 @@ def _results() -> dict[str, Any]:
         "started": "2026-11-23T10:00:00+00:00",
         "wall_s": 312.5,
         "quick": True,
+        "setup_s": 95.0,
         "command": "nox -s bench -- --quick",
         "machine": {
             "cpu": "Test CPU",
@@ -128,6 +129,8 @@ def test_markdown_has_targets_failures_scenarios_and_plot_link(tmp_path: Path) -
     md = report.write_report(_results(), tmp_path)["md"].read_text(encoding="utf-8")
     assert md.startswith("# protoserve benchmarks: 2026-11-23-quick\n")
     assert "`nox -s bench -- --quick`" in md and "quick mode" in md
+    # The timed run and the one-off set-up (the peers' virtualenvs) apart.
+    assert "wall time 5 min 12 s · set-up before it 1 min 35 s" in md
     # Targets come first, before any scenario, with the failed one in bold.
     assert md.index("## Targets") < md.index("## Failures") < md.index("## Gateway overhead")
     assert "| Gateway overhead: unary calls | REST / gRPC throughput" in md
