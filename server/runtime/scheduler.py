@@ -41,6 +41,7 @@ from protoserve.server.runtime.model import BatchDecoder, GenerationParams
 __all__ = ["Job", "Scheduler"]
 
 T = TypeVar("T")
+J = TypeVar("J", bound="Job[Any]")
 
 _ITEM, _DONE, _ERROR = range(3)
 #: Prompt tokens prefilled per round at most (but always one sequence): a burst of
@@ -217,21 +218,13 @@ class Scheduler:
         return len(self._active)
 
     # Submitting (from the event loop).
-    def submit(
-        self, factory: Callable[[], Iterator[T]], *, request: bool = True, once: bool = False
-    ) -> Job[T]:
+    def submit(self, factory: Callable[[], Iterator[T]], *, request: bool = True) -> Job[T]:
         """Queue a step job; raises ResourceExhausted at once when the model is full.
 
         ``request=False`` marks the server's own work (loading): its queue time
-        is not a request's. ``once``: the iterator yields one item, and the job
-        ends with it.
+        is not a request's.
         """
-        job: _StepJob[T] = _StepJob(self, factory, request, once)
-        with self._lock:
-            self._admit(job)
-            self._waiting.append(job)
-            self._wake.notify()
-        return job
+        return self._enqueue(_StepJob(self, factory, request))
 
     def submit_sequence(
         self, text: str, params: GenerationParams, prompt_tokens: int
@@ -239,7 +232,10 @@ class Scheduler:
         """Queue a generation for the continuous batch (needs :attr:`decoder`)."""
         if self.decoder is None:
             raise RuntimeError(f"model {self.name!r} has no batch decoder")
-        job = _Sequence(self, text, params, prompt_tokens)
+        return self._enqueue(_Sequence(self, text, params, prompt_tokens))
+
+    def _enqueue(self, job: J) -> J:
+        """Admit ``job`` (or raise) and queue it for the worker's next round."""
         with self._lock:
             self._admit(job)
             self._waiting.append(job)
@@ -248,8 +244,8 @@ class Scheduler:
 
     async def run(self, fn: Callable[[], T], *, request: bool = True) -> T:
         """Run ``fn()`` as one step in the worker thread and return its result."""
-        job = self.submit(lambda: iter((fn(),)), request=request, once=True)
-        return await self._result(job)
+        job = _StepJob(self, lambda: iter((fn(),)), request, once=True)
+        return await self._result(self._enqueue(job))
 
     async def run_batched(
         self,
