@@ -23,6 +23,8 @@ THROUGHPUT = re.compile(r"Concurrency: (\d+), throughput: ([0-9.]+) infer/sec")
 
 #: Short measurement windows: 500 ms each, enough for requests of a few milliseconds.
 TIME_WINDOWS = ("--measurement-interval", "500")
+#: Windows of 4 requests, for requests too slow for a 500 ms window to hold several.
+COUNT_WINDOWS = ("--measurement-mode", "count_windows", "--measurement-request-count", "4")
 
 
 def _run(
@@ -75,12 +77,10 @@ def test_text_generation(
 ) -> None:
     address = server.address if protocol == "grpc" else gateway.address
     text = ["--input-data", str(prompt_file), "--shape", "text_input:1"]
-    windows = TIME_WINDOWS
     if protocol == "grpc":  # perf_analyzer takes request parameters over gRPC only
         text += ["--request-parameter", "max_new_tokens:4:int"]
-    else:
-        # Over HTTP every request generates the default 64 tokens, about 0.4 s on
-        # these cores: a 500 ms window holds one or two of them, and throughput
-        # never settles within 50 % (CI failed so). Windows of 4 requests do.
-        windows = ("--measurement-mode", "count_windows", "--measurement-request-count", "4")
+    # Over HTTP every request generates the default 64 tokens, about 0.4 s on these
+    # cores: a 500 ms window holds one or two of them, and throughput never settles
+    # within 50 % (CI failed so). Windows of 4 requests do.
+    windows = TIME_WINDOWS if protocol == "grpc" else COUNT_WINDOWS
     _run(perf_analyzer, protocol, address, TEXT, *text, windows=windows)
