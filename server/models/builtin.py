@@ -12,7 +12,13 @@ from typing import Any
 import torch
 
 from protoserve.server.models import bytelm
-from protoserve.server.runtime.model import BatchDecoder, GenerationParams, Model, Token
+from protoserve.server.runtime.model import (
+    BatchDecoder,
+    Decoding,
+    GenerationParams,
+    Model,
+    Token,
+)
 
 __all__ = ["EMBED_TOKENS_PER_PASS", "ByteLMModel"]
 
@@ -67,8 +73,9 @@ class ByteLMModel(Model):
             yield Token(token_id, bytes((token_id,)))
 
     def batch_decoder(self, max_sequences: int) -> BatchDecoder:
-        # Continuous batching with exactly the tokens generate() gives each request.
-        return _ByteLMDecoder(self.model, max_sequences)
+        # Continuous batching with the tokens generate() gives each request: to float
+        # rounding, or bit for bit when the server asks for batch invariance.
+        return _ByteLMDecoder(self.model, max_sequences, exact=self.batch_invariant)
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         # Windows of the model's context: a longer text is embedded from its end.
@@ -98,13 +105,27 @@ class ByteLMModel(Model):
 class _ByteLMDecoder(BatchDecoder):
     """Continuous batching of ByteLM generations over :class:`bytelm.BatchedDecoding`.
 
-    A sequence's state is its ``BatchedDecoding`` handle. Each sequence gets
-    exactly the tokens :meth:`ByteLMModel.generate` would give it.
+    A sequence's state is its ``BatchedDecoding`` handle. Each sequence gets the
+    tokens :meth:`ByteLMModel.generate` would give it: to float rounding, or, with
+    ``exact``, bit for bit.
     """
 
-    def __init__(self, model: bytelm.ByteLM, max_sequences: int) -> None:
+    def __init__(self, model: bytelm.ByteLM, max_sequences: int, *, exact: bool) -> None:
         self.max_sequences = max_sequences
-        self._batch = bytelm.BatchedDecoding(model, max_sequences)
+        self._batch = bytelm.BatchedDecoding(model, max_sequences, exact=exact)
+        difference = self._batch.probe_difference
+        if not self._batch.batched:
+            self.decoding = Decoding.SEQUENTIAL
+            self.decoding_note = (
+                f"a batched step is not bit-exact on this machine's kernels (a row off by "
+                f"{difference:.1e} of its largest logit)"
+                if exact
+                else f"a batched step is off by {difference:.1e} of the largest logit, more "
+                f"than float rounding ({bytelm.ROUNDING_TOLERANCE:.0e}): the model's forward "
+                "is not what the batched step computes"
+            )
+        else:
+            self.decoding = Decoding.BATCHED_EXACT if exact else Decoding.BATCHED
 
     def prefill(self, text: str, params: GenerationParams) -> tuple[Any, Token | None]:
         handle, token_id = self._batch.add(

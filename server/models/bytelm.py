@@ -14,8 +14,8 @@ Public surface:
 * :func:`sample_next` / :func:`generate_tokens` -- sampling and streaming
   generation, one decode step per ``next()``.
 * :class:`BatchedDecoding` -- continuous batching: many sequences decoding
-  together, one forward pass per step, each with exactly the tokens
-  :func:`generate_tokens` gives it alone.
+  together, one forward pass per step, each with the tokens
+  :func:`generate_tokens` gives it alone: to float rounding, or exactly.
 * :func:`embed` -- mean-pooled final hidden states for a batch of texts.
 * :func:`load_pretrained` / :func:`save_pretrained` -- weights I/O.
 * :func:`encode` / :func:`decode_bytes` -- text <-> ids.
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 __all__ = [
     "CONFIG_NAME",
     "EOT_ID",
+    "ROUNDING_TOLERANCE",
     "WEIGHTS_NAME",
     "BatchedDecoding",
     "ByteLM",
@@ -52,6 +53,7 @@ __all__ = [
     "generate_tokens",
     "load_pretrained",
     "read_metadata",
+    "rounding_difference",
     "sample_next",
     "save_pretrained",
 ]
@@ -532,8 +534,37 @@ def generate_tokens(
 #: many elements and scalar code over the rest of each piece of work; see
 #: :func:`_rowwise_gelu`.
 _VECTOR_STEP = 64
-#: Most rows :meth:`BatchedDecoding._batched_step_is_exact` tries at once.
+#: Most rows :meth:`BatchedDecoding._probe_batched_step` tries at once.
 _PROBE_ROWS = 64
+#: How far a batched step's logits may be from a lone step's, relative to the row's
+#: largest logit, in the default (not exact) mode. float32 rounds each product and
+#: sum to 6e-8; a dot product of 1024 terms (bytelm's widest) can be off by at most
+#: 1024 times that, 6e-5, of its terms' magnitudes, and is in practice far closer:
+#: measured at most 2e-6 on every dispatch path of an AMD EPYC (bench/decoding.py,
+#: docs/adr/0015-batch-invariance.md). A step that mixed up rows, or a model whose
+#: ``forward`` the batched step does not reproduce, is off by far more than this.
+ROUNDING_TOLERANCE = 1e-4
+
+
+def rounding_difference(alone: Tensor, batched: Tensor) -> float:
+    """How far ``batched`` logits are from ``alone``: ``max |batched - alone| / max |alone|``.
+
+    0.0 when they are equal bit for bit; ``inf`` where they disagree on a value
+    that is not finite (a masked ``-inf`` logit against a computed one, a NaN).
+    """
+    if torch.equal(alone, batched):
+        return 0.0
+    alone, batched = alone.to(torch.float32), batched.to(torch.float32)
+    diff = (alone - batched).abs().masked_fill(alone == batched, 0.0)
+    worst = float(torch.nan_to_num(diff, nan=math.inf, posinf=math.inf).max())
+    finite = alone[torch.isfinite(alone)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return worst / scale if scale > 0 else math.inf
+
+
+def _gelu(x: Tensor) -> Tensor:
+    """The model's GELU (tanh approximation), as one call over every row."""
+    return F.gelu(x, approximate="tanh")
 
 
 class _SlotCache(KVCache):
@@ -633,25 +664,39 @@ class BatchedDecoding:
     parameters and generator. :meth:`remove` ends a sequence and frees its
     slot for another. Sequences may join and leave between any two steps.
 
-    Every sequence gets exactly the token ids :func:`generate_tokens` yields
-    for the same prompt, parameters and seed, whatever else is in the batch:
-    the same prompt handling (an empty prompt starts from ``eot_id``; a long
-    one keeps its last ``context_length`` ids), the same context slide (a
-    sequence whose cache is full re-prefills, alone, from its last
-    ``context_length // 2`` ids), the same generator seeding and the same
-    :func:`sample_next` calls. There is no ``max_new_tokens``: the caller
-    stops stepping a sequence when it has enough tokens.
+    Every sequence is decoded as :func:`generate_tokens` decodes it alone, for
+    the same prompt, parameters and seed, whatever else is in the batch: the
+    same prompt handling (an empty prompt starts from ``eot_id``; a long one
+    keeps its last ``context_length`` ids), the same context slide (a sequence
+    whose cache is full re-prefills, alone, from its last ``context_length //
+    2`` ids), the same generator seeding and the same :func:`sample_next`
+    calls. There is no ``max_new_tokens``: the caller stops stepping a
+    sequence when it has enough tokens.
 
-    Exactness is bit for bit, not approximate: a batched step computes, for
-    each row, the very floating-point operations the lone sequence's decode
-    step computes. Row-wise operations (embedding, LayerNorm, RoPE, residual
-    adds) do not depend on the other rows; the linear layers are batches of
-    one-row matrix products (:func:`_rowwise_linear`); GELU keeps every row
-    out of the kernel's scalar tail (:func:`_rowwise_gelu`); and attention is
-    the same ``scaled_dot_product_attention`` call over the sequence's own
-    cache that the lone sequence makes, one call per row. The construction
-    checks this on the machine at hand (:attr:`batched`); where it does not
-    hold, each step runs the model once per sequence, still exactly.
+    How close a batched step's logits are to a lone step's depends on the mode
+    (docs/adr/0015-batch-invariance.md):
+
+    - **Batched** (the default): the linear layers are one matrix product over
+      all the rows, the fastest way to run them. BLAS rounds a product of many
+      rows differently from one of a single row, so each row's logits are the
+      lone step's to float rounding (within :data:`ROUNDING_TOLERANCE`), and
+      where two tokens are that close a sequence may take the other one.
+    - **Exact** (``exact=True``; the server's ``--batch-invariant``): a batched
+      step computes, for each row, the very floating-point operations the lone
+      step computes, so every sequence gets exactly the tokens it gets alone.
+      Row-wise operations (embedding, LayerNorm, RoPE, residual adds) do not
+      depend on the other rows; the linear layers are batches of one-row matrix
+      products (:func:`_rowwise_linear`); GELU keeps every row out of the
+      kernel's scalar tail (:func:`_rowwise_gelu`). This is 10-25% slower at
+      32 sequences, and it holds only where the kernels that torch and MKL pick
+      for this CPU give a row of a batched product what they give a lone row
+      (on an Intel Xeon with AVX-512, MKL's did not: issue #13).
+
+    In both, attention is the same ``scaled_dot_product_attention`` call over
+    the sequence's own cache that the lone sequence makes, one call per row.
+    The construction tries a batched step against lone steps on the machine at
+    hand (:attr:`batched`); where the mode's promise does not hold, each step
+    runs the model once per sequence, exactly as it runs alone.
 
     Keys and values live in one preallocated store per layer,
     ``[max_sequences, n_head, context_length, head_dim]``; each live sequence
@@ -661,18 +706,24 @@ class BatchedDecoding:
     Attributes:
         model: The model; it is not modified.
         max_sequences: Most live sequences (added and not yet removed).
+        exact: The mode: True when every sequence must get exactly the tokens
+            it gets alone.
         batched: True when steps run as one batched forward pass; False when
-            the construction-time check found this platform's kernels not
-            row-exact (or the model's ``forward`` overridden), so that steps
-            run the model once per sequence.
+            the construction-time check found the mode's promise broken here
+            (this platform's kernels not row-exact, or the model's ``forward``
+            overridden), so that steps run the model once per sequence.
+        probe_difference: What that check measured: the largest
+            :func:`rounding_difference` of a batched row from its lone step.
     """
 
-    def __init__(self, model: ByteLM, max_sequences: int) -> None:
+    def __init__(self, model: ByteLM, max_sequences: int, *, exact: bool = False) -> None:
         """Allocates the key/value store and checks the batched step.
 
         Args:
             model: The model.
             max_sequences: Most sequences held at once.
+            exact: Every sequence gets bit for bit the tokens it gets alone
+                (see the class notes); False: to float rounding, faster.
 
         Raises:
             ValueError: If ``max_sequences < 1``.
@@ -682,6 +733,7 @@ class BatchedDecoding:
         config = model.config
         self.model = model
         self.max_sequences = max_sequences
+        self.exact = exact
         self._config = config
         self._device, dtype = _model_device_dtype(model)
         ctx = config.context_length
@@ -711,7 +763,10 @@ class BatchedDecoding:
         self._free = list(range(max_sequences))
         self._sequences: dict[int, _Sequence] = {}
         self._next_handle = 0
-        self.batched = self._batched_step_is_exact()
+        self.probe_difference = self._probe_batched_step()
+        self.batched = (
+            self.probe_difference == 0.0 if exact else self.probe_difference <= ROUNDING_TOLERANCE
+        )
 
     @property
     def size(self) -> int:
@@ -885,10 +940,12 @@ class BatchedDecoding:
     def _forward(self, tokens: list[int], caches: list[_SlotCache]) -> Tensor:
         """One decode step of several sequences as one batch; returns logits ``[B, V]``.
 
-        Row ``i`` feeds ``tokens[i]`` at position ``caches[i].length`` and is,
-        bit for bit, what ``model(tokens[i], cache=caches[i])`` computes for
-        that sequence alone (see the class notes); each cache advances by one.
+        Row ``i`` feeds ``tokens[i]`` at position ``caches[i].length`` and is
+        what ``model(tokens[i], cache=caches[i])`` computes for that sequence
+        alone: bit for bit when :attr:`exact`, else to float rounding (see the
+        class notes); each cache advances by one.
         """
+        linear, gelu = (_rowwise_linear, _rowwise_gelu) if self.exact else (F.linear, _gelu)
         model, config = self.model, self._config
         b, d = len(tokens), config.d_model
         n_head, head_dim = config.n_head, config.head_dim
@@ -902,7 +959,7 @@ class BatchedDecoding:
         for layer, module in enumerate(model.blocks):
             block = cast(_Block, module)
             attn = block.attn
-            q, k, v = torch.split(_rowwise_linear(block.ln1(x), attn.qkv.weight), d, dim=2)
+            q, k, v = torch.split(linear(block.ln1(x), attn.qkv.weight), d, dim=2)
             q = _apply_rope(q.view(b, 1, n_head, head_dim).transpose(1, 2), cos, sin)
             k = _apply_rope(k.view(b, 1, n_head, head_dim).transpose(1, 2), cos, sin)
             v = v.view(b, 1, n_head, head_dim).transpose(1, 2)
@@ -919,26 +976,32 @@ class BatchedDecoding:
                     for q_row, c, n in zip(torch.split(q, 1), caches, lengths, strict=True)
                 ]
             )
-            x = x + _rowwise_linear(y.transpose(1, 2).reshape(b, 1, d), attn.proj.weight)
-            h = _rowwise_gelu(_rowwise_linear(block.ln2(x), block.fc.weight))
-            x = x + _rowwise_linear(h, block.out.weight)
+            x = x + linear(y.transpose(1, 2).reshape(b, 1, d), attn.proj.weight)
+            x = x + linear(gelu(linear(block.ln2(x), block.fc.weight)), block.out.weight)
         for c in caches:
             c.advance(1)
-        return _rowwise_linear(model.ln_f(x), model.wte.weight).view(b, -1)
+        return linear(model.ln_f(x), model.wte.weight).view(b, -1)
 
-    def _batched_step_is_exact(self) -> bool:
-        """Checks here and now that a batched step reproduces lone steps bit for bit.
+    def _probe_batched_step(self) -> float:
+        """The largest difference between a batched step's logits and lone steps' here and now.
 
-        The batched step relies on kernels (batched BLAS, element-wise loops)
-        giving each row what they give a lone row. That holds for the CPU
-        kernels PyTorch uses, but it is a property of the platform rather
-        than a promise, so it is tried once, on random sequences in up to
-        ``_PROBE_ROWS`` slots; the store is left empty afterwards.
+        A batched step relies on kernels (BLAS, element-wise loops) giving each
+        row what they give a lone row, bit for bit (:attr:`exact`) or to float
+        rounding. That is a property of the platform (the CPU and the code path
+        torch and MKL pick for it) rather than a promise, so it is tried once,
+        on random sequences in up to ``_PROBE_ROWS`` slots: all the rows in slot
+        order, then every other one reversed, each time against the model's own
+        forward pass on each row alone. The store is left empty afterwards.
+
+        Returns:
+            The largest :func:`rounding_difference` of a row: 0.0 when every
+            row equals its lone step bit for bit.
         """
         config = self._config
         n = min(self.max_sequences, _PROBE_ROWS)
         gen = torch.Generator(device="cpu").manual_seed(0)
         caches = self._caches[:n]
+        worst = 0.0
         try:
             with torch.inference_mode():
                 for i, cache in enumerate(caches):
@@ -947,8 +1010,7 @@ class BatchedDecoding:
                     prompt = torch.randint(0, config.vocab_size, (1, length), generator=gen)
                     self.model(prompt.to(self._device), cache=cache)
                 tokens = torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
-                # All the rows in slot order, then every other one, reversed;
-                # each time at the same positions (below context_length).
+                # Each time at the same positions (below context_length).
                 for order in (list(range(n)), list(range(n))[::-2]):
                     batched = self._forward([tokens[i] for i in order], [caches[i] for i in order])
                     for row, i in enumerate(order):
@@ -956,12 +1018,11 @@ class BatchedDecoding:
                         idx = torch.tensor([[tokens[i]]], dtype=torch.long, device=self._device)
                         alone, _ = self.model(idx, cache=caches[i])
                         caches[i].length -= 1
-                        if not torch.equal(alone[0, -1], batched[row]):
-                            return False
+                        worst = max(worst, rounding_difference(alone[0, -1], batched[row]))
         finally:
             for cache in caches:
                 cache.reset()
-        return True
+        return worst
 
 
 def embed(model: ByteLM, batch_ids: list[list[int]]) -> Tensor:

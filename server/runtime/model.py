@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "BatchDecoder",
+    "Decoding",
     "GenerationParams",
     "Model",
     "Parameter",
@@ -44,6 +45,21 @@ class Task(enum.Enum):
     TEXT_GENERATION = "text_generation"
     EMBEDDING = "embedding"
     TENSOR_PREDICTION = "tensor_prediction"
+
+
+class Decoding(enum.Enum):
+    """How a model's generations decode when several run at once (GetModel's ``decoding``)."""
+
+    #: One forward pass per step for every running sequence. A sequence's tokens are
+    #: the ones it gets alone up to float rounding: where two candidate tokens are
+    #: that close, a batched run may take the other one.
+    BATCHED = "batched"
+    #: One forward pass per step, and every sequence gets, bit for bit, the tokens it
+    #: gets alone (batch invariance, ``--batch-invariant``).
+    BATCHED_EXACT = "batched-exact"
+    #: Each sequence's step runs alone, the model once per sequence per step: the
+    #: tokens it gets alone, without batching's speed.
+    SEQUENTIAL = "sequential"
 
 
 @dataclass(frozen=True)
@@ -108,11 +124,18 @@ class BatchDecoder:
     out. All calls come from the model's worker thread, one at a time.
 
     Each sequence keeps its own parameters and seed: its tokens must be the
-    same whether it decodes alone or beside others.
+    ones it gets decoding alone, to float rounding (:attr:`decoding`).
     """
 
     #: Most sequences held at once; the runtime never prefills more.
     max_sequences: int = 1
+    #: How steps decode. BATCHED promises a sequence the tokens it gets alone to
+    #: float rounding; BATCHED_EXACT promises them bit for bit (``--batch-invariant``
+    #: uses a decoder only then); SEQUENTIAL says each step runs the model once per
+    #: sequence (a decoder that found it cannot keep its promise batched, here).
+    decoding: Decoding = Decoding.BATCHED
+    #: Why ``decoding`` is SEQUENTIAL, in a few words; the server logs it at start-up.
+    decoding_note: str = ""
 
     def prefill(self, text: str, params: GenerationParams) -> tuple[Any, Token | None]:
         """Start a sequence: read the prompt and choose the first token.
@@ -175,6 +198,11 @@ class Model:
     predict_batches: ClassVar[bool] = False
 
     served_name: str = ""
+    #: Set by the server before it calls :meth:`batch_decoder`: every sequence must get
+    #: bit for bit the tokens it gets alone (``--batch-invariant``, or a repository
+    #: model's ``[batching] batch_invariant``). A decoder that cannot promise that
+    #: (its ``decoding`` is BATCHED) is not used; generations then take turns.
+    batch_invariant: bool = False
 
     def load(self) -> None:
         """Load weights and get ready. Called once, before anything else."""
