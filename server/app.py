@@ -75,6 +75,7 @@ class InferenceServer:
             max_queue=config.max_queue,
             max_active=config.max_active,
             batching=config.batching,
+            batch_invariant=config.batch_invariant,
             max_batch_size=config.max_batch_size,
             max_batch_delay=(
                 None if config.max_batch_delay_ms is None else config.max_batch_delay_ms / 1000

@@ -46,6 +46,10 @@ class ServerConfig:
     #: Batch requests together: Embed/Predict requests that arrive together run as
     #: one model call, generations decode together. Off: one request per model call.
     batching: bool = True
+    #: Generations decoded together get, bit for bit, the tokens each gets alone
+    #: (batch invariance); off: to float rounding, which is faster. A model that
+    #: cannot promise it on this machine decodes one sequence at a time, with a warning.
+    batch_invariant: bool = False
     #: Largest dynamic batch (texts for Embed, rows for Predict); None: each model's own.
     max_batch_size: int | None = None
     #: Milliseconds to wait for more requests to fill a batch while the model is
@@ -84,6 +88,8 @@ _HELP = {
     "(default %(default)s)",
     "batching": "batch requests that arrive together into one model call, and decode "
     "generations together (default: on)",
+    "batch_invariant": "generations decoded together get bit for bit the tokens each gets "
+    "alone, on every CPU; slower (default: off: the same to float rounding)",
     "max_batch_size": "largest dynamic batch: texts for Embed, rows for Predict "
     "(default: each model's own; 1 turns dynamic batching off)",
     "max_batch_delay_ms": "milliseconds an idle model waits for more requests to fill "

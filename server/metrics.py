@@ -13,7 +13,7 @@ here imports grpc; status codes arrive as their names.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -98,6 +98,14 @@ class Metrics:
             ("model",),
             registry=r,
         )
+        self.decoding = Gauge(
+            "protoserve_model_decoding",
+            "1 for how a model's generations decode: batched (to float rounding), "
+            "batched-exact (bit for bit, --batch-invariant) or sequential (one "
+            "sequence at a time); 0 for the others.",
+            ("model", "decoding"),
+            registry=r,
+        )
         self.rejections = Counter(
             "protoserve_rejections",
             "Requests refused with RESOURCE_EXHAUSTED because the model was at capacity.",
@@ -115,6 +123,11 @@ class Metrics:
         self.streams_in_flight.labels(name)
         for counter in (self.tokens, self.cancellations, self.rejections):
             counter.labels(name)
+
+    def set_decoding(self, name: str, decoding: str, choices: Iterable[str]) -> None:
+        """Say how a model's generations decode now: ``decoding``, one of ``choices``."""
+        for value in choices:
+            self.decoding.labels(name, value).set(1 if value == decoding else 0)
 
 
 class MetricsEndpoint:

@@ -22,6 +22,7 @@
     max_batch_size = 16
     max_batch_delay_ms = 2.0
     predict_batches = true    # predict's dimension 0 is the batch: requests may be joined
+    batch_invariant = true    # generations decoded together get exactly their lone tokens
 
     [inputs.INPUT0]           # optional: predict's inputs, one table per tensor, in order
     dtype = "float32"         # the runtime's dtype names (runtime.tensors.DTYPES)
@@ -87,7 +88,13 @@ __all__ = [
 CONFIG_FILE = "model.toml"
 
 _TOP_KEYS = {"name", "source", "versions", "batching", "warmup", "inputs", "outputs"}
-_BATCHING_KEYS = {"enabled", "max_batch_size", "max_batch_delay_ms", "predict_batches"}
+_BATCHING_KEYS = {
+    "enabled",
+    "max_batch_size",
+    "max_batch_delay_ms",
+    "predict_batches",
+    "batch_invariant",
+}
 _WARMUP_KEYS = {"text", "inputs"}
 _TENSOR_KEYS = {"dtype", "shape", "data"}
 _DECLARED_KEYS = {"dtype", "shape", "description"}
@@ -110,6 +117,9 @@ class Batching:
     max_batch_delay_ms: float | None = None
     #: Sets :attr:`Model.predict_batches` on the model built; None keeps its class's.
     predict_batches: bool | None = None
+    #: Generations decoded together get bit for bit their lone tokens (the server's
+    #: ``--batch-invariant`` for this model); None keeps the server's setting.
+    batch_invariant: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -382,7 +392,10 @@ def _batching(raw: object) -> Batching:
     rows = table.get("predict_batches")
     if rows is not None and not isinstance(rows, bool):
         raise RepositoryError("batching.predict_batches: must be true or false")
-    return Batching(enabled, size, None if delay is None else float(delay), rows)
+    invariant = table.get("batch_invariant")
+    if invariant is not None and not isinstance(invariant, bool):
+        raise RepositoryError("batching.batch_invariant: must be true or false")
+    return Batching(enabled, size, None if delay is None else float(delay), rows, invariant)
 
 
 def _declared(raw: Mapping[str, Any], kind: str) -> tuple[TensorInfo, ...]:

@@ -34,7 +34,7 @@ from protoserve.server.logs import REQUEST_ID
 from protoserve.server.metrics import Metrics
 from protoserve.server.runtime.core import ModelEntry, ModelState, Runtime
 from protoserve.server.runtime.generation import Chunk, FinishReason
-from protoserve.server.runtime.model import Parameter, Task, TensorInfo
+from protoserve.server.runtime.model import Decoding, Parameter, Task, TensorInfo
 from protoserve.server.runtime.tensors import RawTensor
 
 __all__ = ["InferenceServicer", "add_service", "add_to_server", "unary"]
@@ -62,6 +62,12 @@ _STATES = {
     ModelState.LOADING: pb.MODEL_STATE_LOADING,
     ModelState.READY: pb.MODEL_STATE_READY,
     ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}
+_DECODINGS = {
+    None: pb.DECODING_UNSPECIFIED,
+    Decoding.BATCHED: pb.DECODING_BATCHED,
+    Decoding.BATCHED_EXACT: pb.DECODING_BATCHED_EXACT,
+    Decoding.SEQUENTIAL: pb.DECODING_SEQUENTIAL,
 }
 _PARAMETER_TYPES = {
     int: pb.PARAMETER_TYPE_INTEGER,
@@ -283,6 +289,7 @@ def model_message(entry: ModelEntry) -> pb.Model:
         tasks=[_TASKS[t] for t in sorted(model.tasks(), key=lambda t: _TASKS[t])],
         state=_STATES[entry.state],
         state_message=entry.state_message,
+        decoding=_DECODINGS[entry.decoding],
         description=model.description,
         inputs=[_tensor_spec(i) for i in model.describe_inputs()],
         outputs=[_tensor_spec(o) for o in model.describe_outputs()],

@@ -256,4 +256,6 @@ def model_config(entry: ModelEntry) -> pb.ModelConfig:
     batching = _dynamic_batching(entry)
     if batching is not None:
         config.dynamic_batching.CopyFrom(batching)
+    if entry.decoding is not None:
+        config.parameters["decoding"].string_value = entry.decoding.value
     return config

@@ -35,8 +35,15 @@ from protoserve.server.errors import (
 )
 from protoserve.server.metrics import Metrics
 from protoserve.server.repository import Batching, Warmup
+from protoserve.server.runtime.decoding import DecodingChoice, choose_decoder
 from protoserve.server.runtime.generation import Chunk, FinishReason, Usage, run_generation
-from protoserve.server.runtime.model import BatchDecoder, GenerationParams, Model, Task
+from protoserve.server.runtime.model import (
+    BatchDecoder,
+    Decoding,
+    GenerationParams,
+    Model,
+    Task,
+)
 from protoserve.server.runtime.params import validate_generation
 from protoserve.server.runtime.registry import IndexEntry, ModelEntry, ModelRegistry, ModelState
 from protoserve.server.runtime.scheduler import Scheduler
@@ -86,6 +93,9 @@ class Runtime:
         max_active: per model version, most requests stepped in turn at once.
         batching, max_batch_size, max_batch_delay: the server's batching settings
             (None: each model's own); a repository model's ``[batching]`` overrides them.
+        batch_invariant: generations decoded together must get bit for bit the tokens
+            each gets alone (:mod:`~protoserve.server.runtime.decoding`); a repository
+            model's ``[batching] batch_invariant`` overrides it.
         on_change: called (on the event loop) whenever a model's state or the
             server's readiness changes; the health service listens here.
         metrics: where to count queueing, tokens, cancellations and rejections;
@@ -103,6 +113,7 @@ class Runtime:
         max_queue: int = 64,
         max_active: int = 32,
         batching: bool = True,
+        batch_invariant: bool = False,
         max_batch_size: int | None = None,
         max_batch_delay: float | None = None,
         max_streams: int = 256,
@@ -114,6 +125,7 @@ class Runtime:
     ) -> None:
         self.metrics = metrics
         self.batching = batching
+        self.batch_invariant = batch_invariant
         self.max_streams = max_streams
         self._limits = (max_queue, max_active, max_batch_size, max_batch_delay)
         self._streams = 0
@@ -141,6 +153,7 @@ class Runtime:
         own = own or Batching()
         max_queue, max_active, max_batch_size, max_batch_delay = self._limits
         batching = self.batching if own.enabled is None else own.enabled
+        invariant = self.batch_invariant if own.batch_invariant is None else own.batch_invariant
         size = _first(own.max_batch_size, max_batch_size, model.max_batch_size)
         own_delay = None if own.max_batch_delay_ms is None else own.max_batch_delay_ms / 1000
         scheduler = Scheduler(
@@ -156,7 +169,9 @@ class Runtime:
             # read sums the versions served at the time (0 once unloaded).
             self._metered.add(name)
             self.metrics.add_model(name, self._depth_of(name))
-        return ModelEntry(name, model, scheduler, version=version, batching=batching)
+        return ModelEntry(
+            name, model, scheduler, version=version, batching=batching, batch_invariant=invariant
+        )
 
     def _depth_of(self, name: str) -> Callable[[], int]:
         return lambda: sum(e.scheduler.depth for e in self._models.versions_of(name))
@@ -190,19 +205,33 @@ class Runtime:
 
     async def _warm(self, entry: ModelEntry, warmup: Warmup | None) -> None:
         """Load and warm up one version in its worker thread; raises what the model raised."""
-        scheduler, model, batching = entry.scheduler, entry.model, entry.batching
+        scheduler, model = entry.scheduler, entry.model
 
-        def load() -> None:
+        def load() -> DecodingChoice:
             model.load()
             model.warmup()
             if warmup is not None:
                 warmup.run(model)
-            decoder = model.batch_decoder(scheduler.max_active) if batching else None
-            if decoder is not None:
-                _warm_up_decoder(decoder)
-                scheduler.decoder = decoder
+            choice = choose_decoder(
+                model,
+                entry.name,
+                max_active=scheduler.max_active,
+                batching=entry.batching,
+                batch_invariant=entry.batch_invariant,
+            )
+            if choice.decoder is not None:
+                _warm_up_decoder(choice.decoder)
+                scheduler.decoder = choice.decoder
+            return choice
 
-        await scheduler.run(load, request=False)
+        choice = await scheduler.run(load, request=False)
+        entry.decoding = choice.decoding
+        if choice.message:
+            log.log(choice.level, "%s", choice.message)
+        if self.metrics is not None and choice.decoding is not None:
+            self.metrics.set_decoding(
+                entry.name, choice.decoding.value, [d.value for d in Decoding]
+            )
 
     @property
     def ready(self) -> bool:

@@ -38,7 +38,7 @@ from protoserve.server.repository import (
     RepositoryError,
     Warmup,
 )
-from protoserve.server.runtime.model import Model
+from protoserve.server.runtime.model import Decoding, Model
 from protoserve.server.runtime.scheduler import Scheduler
 
 __all__ = [
@@ -81,6 +81,11 @@ class ModelEntry:
     #: Batch requests and decode generations together: the server's flag, or the
     #: model's own setting in the repository.
     batching: bool = True
+    #: Generations decoded together must get bit for bit their lone tokens: the
+    #: server's ``--batch-invariant``, or the model's own setting in the repository.
+    batch_invariant: bool = False
+    #: How its generations decode, once loaded (None: it does not generate text).
+    decoding: Decoding | None = None
     #: Requests using this version now; it is unloaded once none is left.
     in_flight: int = field(default=0, init=False)
     idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)

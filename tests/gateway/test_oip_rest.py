@@ -185,6 +185,7 @@ def test_model_config_is_tritons_json(http: httpx.Client, state: State) -> None:
         "dynamic_batching": {"preferred_batch_size": [4], "max_queue_delay_microseconds": 100},
         "backend": "python",
         "model_transaction_policy": {"decoupled": False},
+        "parameters": {},  # a default too: the empty map
     }
 
 

@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 import torch
 
 from protoserve.server import BatchDecoder, GenerationParams, Model, TensorInfo, Token
+from protoserve.server.models import bytelm
+from protoserve.server.models.builtin import ByteLMModel
 
 
 class Doubler(Model):
@@ -260,3 +262,32 @@ class Rows(Model):
         self, inputs: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]
     ) -> Mapping[str, torch.Tensor]:
         return {"y": inputs["x"] + 1}
+
+
+class NoEndOfText(ByteLMModel):
+    """bytelm whose forward never ends the text: not what its batched step computes.
+
+    Its batch decoder's check sees that (the end-of-text logit is -inf alone and a
+    number batched), so it decodes one sequence at a time, and the server says so.
+    """
+
+    name = "no-eot"
+
+    def load(self) -> None:
+        super().load()
+        masked = _NoEotByteLM(self.model.config).eval()
+        masked.load_state_dict(self.model.state_dict())
+        self._model = masked
+
+
+class _NoEotByteLM(bytelm.ByteLM):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: bytelm.KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, hidden = super().forward(idx, cache=cache, attention_mask=attention_mask)
+        logits = logits.clone()
+        logits[..., self.config.eot_id] = float("-inf")
+        return logits, hidden

@@ -39,6 +39,17 @@ def test_flag_beats_environment_beats_default() -> None:
     assert (config.port, config.models) == (7000, ("c=bytelm",))
 
 
+def test_batch_invariance_is_off_unless_asked_for() -> None:
+    # Off: generations decoded together match their lone runs to float rounding.
+    assert parse([], {}).batch_invariant is False
+    assert parse([], {"PROTOSERVE_BATCH_INVARIANT": "1"}).batch_invariant is True
+    assert parse(["--batch-invariant"], {}).batch_invariant is True
+    assert (
+        parse(["--no-batch-invariant"], {"PROTOSERVE_BATCH_INVARIANT": "yes"}).batch_invariant
+        is False
+    )
+
+
 def test_bad_environment_value_names_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse([], {"PROTOSERVE_MAX_QUEUE": "lots"})

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server.config import add_arguments, from_arguments
+from protoserve.server.runtime.model import Decoding
 from tests._threads import start_grpc_server, stop_grpc_server
 
 RID = "request-id-that-must-not-be-a-label"
@@ -129,9 +130,15 @@ def test_metrics_count_calls_tokens_cancellations_and_rejections(served) -> None
     assert value(s, "protoserve_queue_duration_seconds_count", model="scripted") == 3
     # The waiting stream was cancelled in the queue: it never started, so no queue time.
     assert value(s, "protoserve_queue_duration_seconds_count", model="slow") == 1
+    # How each model's generations decode: these models have no batch decoder.
+    assert value(s, "protoserve_model_decoding", model="scripted", decoding="sequential") == 1
+    # Exported at 0 for the others (present, not merely absent).
+    labels = frozenset({("model", "slow"), ("decoding", "batched")})
+    assert s[("protoserve_model_decoding", labels)] == 0
 
     # Labels come from bounded sets only: never a request id or an unknown model's name.
-    allowed = {"method": METHODS, "code": CODES, "model": MODELS}
+    decodings = {d.value for d in Decoding}
+    allowed = {"method": METHODS, "code": CODES, "model": MODELS, "decoding": decodings}
     for _, labels in s:
         for key, label in labels:
             if key != "le":

@@ -31,6 +31,7 @@ from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from protoserve.inference.v1 import inference_service_pb2 as v1
+from protoserve.inference.v1 import inference_service_pb2_grpc as v1_grpc
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 from protoserve.server import InferenceServer
@@ -271,6 +272,8 @@ def test_config_of_a_multi_task_model_marks_its_inputs_optional(oip) -> None:
     assert config.dynamic_batching.max_queue_delay_microseconds == 0
     assert config.HasField("model_transaction_policy")
     assert config.model_transaction_policy.decoupled is False
+    # How generations decode, as GetModel's decoding says (the server's default).
+    assert dict(config.parameters) == {"decoding": pb.ModelParameter(string_value="batched")}
 
 
 def test_config_of_a_row_batching_model_leaves_out_the_batch_dimension(stub) -> None:
@@ -496,14 +499,26 @@ def test_text_round_trips_as_bytes_typed_and_raw(stub, shape: list[int]) -> None
     assert [e.decode() for e in unframe(data)] == texts
 
 
-# The same answers as the v1 API, on the same runtime.
-def test_generation_equals_v1_for_each_text_of_a_batch(running: Running, oip) -> None:
+@pytest.fixture(scope="module")
+def invariant() -> Iterator[tuple[v1_grpc.InferenceServiceStub, pb_grpc.GRPCInferenceServiceStub]]:
+    """bytelm with --batch-invariant: texts decoded together are bit for bit their lone texts."""
+    thread, server = start_grpc_server(["bytelm"], max_active=2, batch_invariant=True)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield v1_grpc.InferenceServiceStub(channel), pb_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+    stop_grpc_server(thread, server)
+
+
+# The same answers as the v1 API, on the same runtime. An OIP request's texts decode
+# together; the v1 calls one at a time: equal bit for bit with batch invariance.
+def test_generation_equals_v1_for_each_text_of_a_batch(invariant) -> None:
+    v1_stub, oip = invariant
     prompts = ["def main(", "import os\n", "class Foo:"]
     # Values exact in float32, which v1's fields are; OIP's are doubles.
     settings = {"max_new_tokens": 24, "seed": 7, "temperature": 0.75, "top_k": 20, "top_p": 0.875}
     stops = ["\n\n"]
     want = [
-        running.stub.Generate(
+        v1_stub.Generate(
             v1.GenerateRequest(
                 model="bytelm",
                 inputs=prompt,

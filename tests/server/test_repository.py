@@ -37,6 +37,7 @@ from protoserve.server import InferenceServer, Runtime, TensorInfo
 from protoserve.server.app import model_health_name
 from protoserve.server.config import add_arguments, from_arguments
 from protoserve.server.errors import FailedPrecondition
+from protoserve.server.models.bytelm import BatchedDecoding, load_pretrained
 from protoserve.server.repository import RepositoryError, read_config
 from tests._threads import LoopThread, start_grpc_server, stop_grpc_server
 from tests.server.repository_models import Held, SlowToLoad
@@ -270,6 +271,31 @@ def test_a_folder_may_name_its_model_and_set_its_own_batching(tmp_path: Path) ->
         assert config("server-default").max_batch_size == 16
         unbatched = config("unbatched")
         assert unbatched.max_batch_size == 0 and not unbatched.HasField("dynamic_batching")
+
+
+def test_a_folder_may_ask_for_batch_invariance(tmp_path: Path) -> None:
+    model_folder(tmp_path, "exact", 'source = "bytelm"\n[batching]\nbatch_invariant = true\n')
+    model_folder(tmp_path, "rounded", 'source = "bytelm"\n')
+    exact_here = BatchedDecoding(load_pretrained(), 4, exact=True).batched
+    # GetModel's decoding and ModelConfig's "decoding" parameter say the same.
+    words = {
+        "DECODING_BATCHED": "batched",
+        "DECODING_BATCHED_EXACT": "batched-exact",
+        "DECODING_SEQUENTIAL": "sequential",
+    }
+    with serving(tmp_path, max_active=4) as s:
+
+        def decoding(name: str) -> str:
+            model = s.v1.GetModel(v1.GetModelRequest(name=name), timeout=10).model
+            config = s.oip.ModelConfig(pb.ModelConfigRequest(name=name), timeout=10).config
+            found = v1.Decoding.Name(model.decoding)
+            assert config.parameters["decoding"].string_value == words[found]
+            return found
+
+        assert decoding("rounded") == "DECODING_BATCHED"  # the server's setting
+        assert decoding("exact") == (
+            "DECODING_BATCHED_EXACT" if exact_here else "DECODING_SEQUENTIAL"
+        )
 
 
 # Broken folders.
@@ -542,6 +568,7 @@ def test_without_a_repository_the_repository_calls_are_failed_precondition() -> 
         ('source = "bytelm"\n[batching]\nsize = 4', "unknown key batching.size"),
         ('source = "bytelm"\n[batching]\nenabled = "yes"', "batching.enabled: must be true"),
         ('source = "bytelm"\n[batching]\nmax_batch_delay_ms = -1', "batching.max_batch_delay_ms"),
+        ('source = "bytelm"\n[batching]\nbatch_invariant = 1', "batching.batch_invariant: must be"),
         ('source = "bytelm"\n[warmup]', "warmup: needs text, or inputs"),
         ('source = "bytelm"\n[warmup]\ntext = 3', "warmup.text: must be a string"),
         (

@@ -1,7 +1,8 @@
 """Issue #5's acceptance, as a user sees it over gRPC: many callers at once, the built-in model.
 
-Results under load must equal results alone, and /metrics must show that the
-model really batched. Speed is the benchmark's business (bench/runtime_load.py).
+Results under load must equal results alone (generated text bit for bit with
+``--batch-invariant``, to float rounding by default), and /metrics must show that
+the model really batched. Speed is the benchmark's business (bench/runtime_load.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ PROMPTS = [(f"import module_{i}\n" + "class A:" * (i % 3), 1000 + i) for i in ra
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[InferenceServer, LoopThread]]:
     thread, server = start_grpc_server(["bytelm"], metrics_port=0, max_active=32)
+    yield server, thread
+    stop_grpc_server(thread, server)
+
+
+@pytest.fixture(scope="module")
+def invariant() -> Iterator[tuple[InferenceServer, LoopThread]]:
+    """With --batch-invariant: texts decoded together are bit for bit their lone texts."""
+    thread, server = start_grpc_server(
+        ["bytelm"], metrics_port=0, max_active=32, batch_invariant=True
+    )
     yield server, thread
     stop_grpc_server(thread, server)
 
@@ -74,8 +85,11 @@ def test_64_concurrent_embeds_batch_and_equal_one_at_a_time(served) -> None:
     assert texts == 64 and calls < 32, (calls, texts)
 
 
-def test_32_concurrent_streams_decode_together_and_equal_their_alone_text(served) -> None:
-    server, _ = served
+@pytest.mark.parametrize("mode", ["invariant", "default"])
+def test_32_concurrent_streams_decode_together_and_equal_their_alone_text(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    server, _ = request.getfixturevalue("invariant" if mode == "invariant" else "served")
     target = f"127.0.0.1:{server.port}"
 
     def request(prompt: str, seed: int) -> dict[str, object]:
@@ -106,7 +120,13 @@ def test_32_concurrent_streams_decode_together_and_equal_their_alone_text(served
 
     texts = asyncio.run(together())
     steps, sequences = batch_sizes(server, "generate")
-    assert texts == alone
+    if mode == "invariant":
+        assert texts == alone
+    else:
+        # To float rounding: where two tokens' logits are that close, a batched
+        # stream may take the other one (measured: no text of 64, 256 tokens each,
+        # differed on any dispatch path here; docs/adr/0015-batch-invariance.md).
+        assert all(texts) and sum(t == a for t, a in zip(texts, alone, strict=True)) >= 30
     mean = (sequences - sequences_before) / (steps - steps_before)
     # 32 streams of 24 tokens: most steps decoded many sequences at once.
     assert mean > 8, mean

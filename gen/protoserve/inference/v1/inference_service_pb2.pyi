@@ -54,6 +54,13 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP_SEQUENCE: _ClassVar[FinishReason]
     FINISH_REASON_END_OF_TEXT: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+
+class Decoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECODING_UNSPECIFIED: _ClassVar[Decoding]
+    DECODING_BATCHED: _ClassVar[Decoding]
+    DECODING_BATCHED_EXACT: _ClassVar[Decoding]
+    DECODING_SEQUENTIAL: _ClassVar[Decoding]
 TASK_UNSPECIFIED: Task
 TASK_TEXT_GENERATION: Task
 TASK_EMBEDDING: Task
@@ -85,9 +92,13 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_SEQUENCE: FinishReason
 FINISH_REASON_END_OF_TEXT: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
+DECODING_UNSPECIFIED: Decoding
+DECODING_BATCHED: Decoding
+DECODING_BATCHED_EXACT: Decoding
+DECODING_SEQUENTIAL: Decoding
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "tasks", "state", "description", "inputs", "outputs", "parameters", "state_message")
+    __slots__ = ("name", "version", "tasks", "state", "description", "inputs", "outputs", "parameters", "state_message", "decoding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +108,7 @@ class Model(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     STATE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DECODING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     tasks: _containers.RepeatedScalarFieldContainer[Task]
@@ -106,7 +118,8 @@ class Model(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     parameters: _containers.RepeatedCompositeFieldContainer[ParameterSpec]
     state_message: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., state: _Optional[_Union[ModelState, str]] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ..., state_message: _Optional[str] = ...) -> None: ...
+    decoding: Decoding
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., state: _Optional[_Union[ModelState, str]] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ..., state_message: _Optional[str] = ..., decoding: _Optional[_Union[Decoding, str]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "data_type", "shape", "description")
