@@ -96,6 +96,8 @@ def test_embed_shapes(client: Client) -> None:
     batch = client.embed(["hello", "world", "!"])
     assert one.dtype == torch.float32 and one.dim() == 1
     assert batch.shape == (3, one.shape[0])
+    # Batched with padding: equal to rounding only, which varies by CPU (measured:
+    # at most 3e-8 on every dispatch path; different texts differ by > 0.18).
     assert torch.allclose(batch[0], one, atol=1e-5)
     assert torch.allclose(batch.norm(dim=1), torch.ones(3), atol=1e-4)
 

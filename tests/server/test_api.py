@@ -242,6 +242,8 @@ def test_embed_one_unit_vector_per_text(stub) -> None:
     assert vectors.shape[0] == 3 and vectors.shape[1] > 8
     assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-4)
     alone = stub.Embed(pb.EmbedRequest(model="bytelm", inputs=["import os"]), timeout=10)
+    # Alone and in a padded batch of 3: equal to rounding only, which varies by CPU
+    # (measured: at most 3e-8 on every dispatch path; the three rows differ by > 0.18).
     assert torch.allclose(torch.tensor(alone.embeddings[0].values), vectors[1], atol=1e-4)
     raw = stub.Embed(
         pb.EmbedRequest(

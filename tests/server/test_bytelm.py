@@ -135,6 +135,9 @@ def test_incremental_decoding_matches_full_forward(chunks: list[int]) -> None:
             pieces_h.append(hd)
             start += n
         assert cache.length == 16
+    # Different kernels (cached single queries against one causal pass): equal to
+    # rounding only, which varies by CPU. Measured: at most 1.8e-7 (logits) and
+    # 7.2e-7 (hidden) under every ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS.
     torch.testing.assert_close(torch.cat(pieces_l, 1), full_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(pieces_h, 1), full_hidden, atol=1e-5, rtol=1e-5)
 
@@ -231,22 +234,35 @@ def test_greedy_is_deterministic_and_seed_independent() -> None:
     assert _gen(model, prompt, 10, seed=1) == _gen(model, prompt, 10, seed=2)
 
 
-def _reference_greedy(model: ByteLM, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding by full recomputation, with the same slide rule."""
+#: How far below the recomputed maximum a greedy token's logit may be. Decoding
+#: through the KV cache (one query a step) and recomputing the whole window (one
+#: matrix product over all its rows) are different kernels: their logits agree
+#: to rounding only, which differs between CPUs and dispatch paths. Measured on
+#: these tiny models (logits of size ~0.7): at most 1.8e-7 apart, under
+#: ATEN_CPU_CAPABILITY=default, avx2 and avx512 and MKL_ENABLE_INSTRUCTIONS=SSE4_2
+#: and AVX2. A wrong cache, position or slide moves logits by far more: the
+#: smallest gap between the two best logits at these steps is 8.6e-3.
+GREEDY_LOGIT_TOL = 1e-5
+
+
+def _check_against_full_recomputation(model: ByteLM, prompt: list[int], got: list[int]) -> None:
+    """Each greedy token is the argmax, up to rounding, of a full recomputation.
+
+    The reference recomputes the logits of the whole window at every step, with
+    the same slide rule, and the window follows the tokens the run chose: a
+    near-tie that rounding tips the other way does not make the two runs part.
+    """
     ctx = model.config.context_length
     window = list(prompt) or [model.config.eot_id]
-    out: list[int] = []
     with torch.inference_mode():
-        for _ in range(n):
+        for step, tok in enumerate(got):
             logits, _ = model(torch.tensor([window]))
-            tok = int(logits[0, -1].argmax())
-            if tok == model.config.eot_id:
-                break
-            out.append(tok)
+            last = logits[0, -1]
+            below = float(last.max() - last[tok])
+            assert below <= GREEDY_LOGIT_TOL, (step, tok, int(last.argmax()), below)
             window.append(tok)
             if len(window) > ctx:
                 window = window[-(ctx // 2) :]
-    return out
 
 
 @pytest.mark.parametrize("prompt", [[], [65], list(range(40, 52))])
@@ -255,7 +271,7 @@ def test_greedy_matches_full_recomputation_across_slides(prompt: list[int]) -> N
     model = _no_eot()
     got = _gen(model, prompt, 60)
     assert len(got) == 60
-    assert got == _reference_greedy(model, prompt, 60)
+    _check_against_full_recomputation(model, prompt, got)
 
 
 def test_generation_longer_than_context_with_sampling() -> None:
@@ -327,6 +343,9 @@ def test_embed_alone_equals_row_in_padded_batch() -> None:
     batch = embed(model, [longer, short, other])
     assert alone.dtype == torch.float32
     assert batch.shape == (3, model.config.d_model)
+    # A padded batch is a larger matrix product than one text alone: equal to
+    # rounding only (measured: at most 1.2e-7 on every dispatch path), while
+    # two different rows differ by 0.8 (the last assert).
     torch.testing.assert_close(batch[1], alone[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batch[2], embed(model, [other])[0], atol=1e-5, rtol=1e-5)
     # Pooling covers exactly the real tokens.
