@@ -1,4 +1,6 @@
-"""Developer tasks: `nox -s tests`, `nox -s protos`, `nox -s lint`.
+"""Developer tasks: `python3 dev.py tests`, `python3 dev.py protos`, `python3 dev.py lint`.
+
+dev.py runs each as `nox -s NAME`, with the nox it pins and installs in .nox/_nox.
 
 Every session runs in a virtualenv of its own; tool versions are pinned here so
 that a regenerated stub or a lint verdict is the same on every machine.
@@ -34,8 +36,12 @@ DEFAULT_BREAKING_AGAINST = "main"
 GRPCIO_TOOLS = "grpcio-tools==1.85.1"
 MYPY_PROTOBUF = "mypy-protobuf==5.1.0"
 GOOGLEAPIS = "googleapis-common-protos==1.76.0"
-# torch from a pinned release: a bare `torch` may resolve to a multi-GB CUDA build.
+# torch from a pinned release, so that every machine tests the same one. On Linux x86_64,
+# PyPI's wheel of it is the CUDA build (527 MB, about 2.5 GB with the nvidia-* CUDA
+# packages it pulls in); $PROTOSERVE_TORCH_INDEX is the index pip takes torch from
+# instead, e.g. https://download.pytorch.org/whl/cpu for the CPU build (README, "Run it").
 TORCH = "torch==2.13.0"
+TORCH_INDEX_ENV = "PROTOSERVE_TORCH_INDEX"
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_venv = "yes"
@@ -107,9 +113,15 @@ def generate_stubs(session: nox.Session, out: Path, googleapis: str | None = Non
 
 
 def _project_installs(*extras: str) -> list[list[str]]:
-    """The `pip install` arguments that install the project, in order (torch first)."""
+    """The `pip install` arguments that install the project, in order (torch first).
+
+    torch (and what torch needs) comes from $PROTOSERVE_TORCH_INDEX where that is
+    set; the project's other dependencies come from pip's own index either way.
+    """
     spec = f".[{','.join(extras)}]" if extras else "."
-    return [[TORCH], ["-e", spec]]
+    index = os.environ.get(TORCH_INDEX_ENV, "").strip()
+    torch = ["--index-url", index, TORCH] if index else [TORCH]
+    return [torch, ["-e", spec]]
 
 
 def install_project(session: nox.Session, *extras: str) -> None:
@@ -552,7 +564,9 @@ def lint(session: nox.Session) -> None:
     """ruff (lint and format) and mypy (strict) over our own code."""
     install_project(session, "dev")
     session.run("ruff", "check", ".")
-    session.run("ruff", "format", "--check", "server", "gateway", "clients", "tests", "noxfile.py")
+    session.run(
+        "ruff", "format", "--check", "server", "gateway", "clients", "tests", "noxfile.py", "dev.py"
+    )
     session.run(
         "mypy",
         "-p",
