@@ -299,15 +299,16 @@ PERF_ANALYZER_WHEEL = "tritonclient==2.51.0"
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks in bench/: the suite (issue #7), protobuf vs betterproto2, the runtime.
+    """The benchmarks in bench/: the suite (issue #7), protobuf vs betterproto2, the
+    runtime, batched decoding on every CPU dispatch path.
 
     Ratios of two things measured in one run, never absolute timings alone.
     `nox -s bench` runs the suite and writes bench/results/<date>.md, .json and plots;
     `nox -s bench -- --quick` the same within 5 minutes. A first argument naming a
     script runs it with the rest: `nox -s bench -- runtime --quick`,
-    `nox -s bench -- betterproto --repeat 5` (bench/README.md).
+    `nox -s bench -- betterproto --repeat 5`, `nox -s bench -- decoding` (bench/README.md).
     """
-    names = ("suite", "betterproto", "runtime")
+    names = ("suite", "betterproto", "runtime", "decoding")
     args = list(session.posargs)
     chosen = args.pop(0) if args and args[0] in names else "suite"
     install_project(session)
@@ -316,6 +317,8 @@ def bench(session: nox.Session) -> None:
         session.run("python", "bench/betterproto_layer.py", *args)
     elif chosen == "runtime":
         session.run("python", "bench/runtime_load.py", *args)
+    elif chosen == "decoding":
+        session.run("python", "bench/decoding.py", *args)
     else:
         session.install(MATPLOTLIB, CUDA_RUNTIME)
         session.install("--no-deps", PERF_ANALYZER_WHEEL)

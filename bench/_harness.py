@@ -215,6 +215,7 @@ def launch(
     flags: Sequence[str],
     metrics: bool,
     threads: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Proc:
     port_file = tmp / f"{name}.port"
     cmd = [python, "-m", "protoserve.clients.cli", command, "--port", "0"]
@@ -225,7 +226,7 @@ def launch(
         # too): choose one here instead.
         metrics_port = free_port()
         cmd += ["--metrics-port", str(metrics_port)]
-    env = {}
+    env = dict(env or {})
     if threads:
         # torch's intra-op threads (its default: one per core) read these at start.
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)

@@ -14,7 +14,8 @@ comparison is made within one run, against servers started by this run:
    (64 new tokens, temperature 0.8, distinct seeds and prompts) against the
    same requests one alone at a time (all 32, or the first ``--gen-alone``),
    and the 32 against the ``--no-batching`` server (generations take turns,
-   one step each). Every concurrent stream must equal its alone text.
+   one step each). Every concurrent stream must equal its alone text: the batched
+   server runs with ``--batch-invariant``, which promises that bit for bit.
 3. Overload: a server with ``--max-queue 8 --max-active 4`` gets 64
    concurrent long generations at once over gRPC (RESOURCE_EXHAUSTED with a
    RetryInfo detail for the refused), then through ``protoserve gateway``
@@ -958,8 +959,14 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         # Every server starts at once (they load in parallel), then waits idle.
         both = args.scenarios & {"embed", "generate"}
         if both:
-            for name, flag in (("batched", "--batching"), ("unbatched", "--no-batching")):
-                procs.append(launch(python, tmp, name, "serve", [flag], True, args.server_threads))
+            # The batched server decodes batch-invariantly, so that its streams must equal
+            # their alone texts bit for bit (by default they would to float rounding;
+            # docs/adr/0015-batch-invariance.md). bench/suite.py measures the default.
+            for name, flags in (
+                ("batched", ["--batching", "--batch-invariant"]),
+                ("unbatched", ["--no-batching"]),
+            ):
+                procs.append(launch(python, tmp, name, "serve", flags, True, args.server_threads))
         if "overload" in args.scenarios:
             flags = ["--max-queue", str(args.overload_max_queue)]
             flags += ["--max-active", str(args.overload_max_active)]

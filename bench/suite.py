@@ -15,6 +15,9 @@ measured in this run, on this machine, one after the other:
   Embed (bytelm), Predict (the MLP), and generation tokens per second.
 - **Batching**: dynamic batching on and off (Embed at concurrency 64); continuous
   batching against one stream at a time and against round-robin stepping.
+- **Dispatch paths**: continuous batching (32 streams against one stream) on every
+  CPU code path this machine can run (``ATEN_CPU_CAPABILITY`` and
+  ``MKL_ENABLE_INSTRUCTIONS``), a server started on each.
 - **Peers**: the same TorchScript file served by protoserve, MLServer and KServe
   (each peer in a virtualenv of its own), driven by perf_analyzer over the Open
   Inference Protocol, gRPC and REST.
@@ -48,6 +51,7 @@ import _loadgen
 import _model
 import _peers
 import _report
+import grpc
 
 RESULTS = h.ROOT / "bench" / "results"
 MLP = "mlp"
@@ -58,7 +62,7 @@ PERF_ANALYZER_LIBS_ENV = "PROTOSERVE_PERF_ANALYZER_LD_LIBRARY_PATH"
 EMBED_PATH = "/protoserve.inference.v1.InferenceService/Embed"
 PREDICT_PATH = "/protoserve.inference.v1.InferenceService/Predict"
 JSON_TENSORS = ("--input-tensor-format", "json", "--output-tensor-format", "json")
-SCENARIOS = ("gateway", "streams", "limit", "batching", "peers", "memory")
+SCENARIOS = ("gateway", "streams", "limit", "batching", "paths", "peers", "memory")
 
 
 @dataclass(frozen=True)
@@ -174,12 +178,14 @@ def write_repository(root: Path, model_file: Path, features: int) -> Path:
     return root
 
 
-async def start_server(s: Suite, name: str, *flags: str) -> h.Proc:
+async def start_server(
+    s: Suite, name: str, *flags: str, env: dict[str, str] | None = None
+) -> h.Proc:
     repo = s.tmp / "repository"
     if not repo.exists():
         write_repository(repo, s.model_file, _model.FEATURES)
     common = ["--model-repository", str(repo), "--max-active", "64", "--max-queue", "256"]
-    proc = h.launch(s.python, s.tmp, name, "serve", [*common, *flags], True)
+    proc = h.launch(s.python, s.tmp, name, "serve", [*common, *flags], True, env=env)
     s.procs.append(proc)
     deadline = time.monotonic() + 240
     await h.wait_ready(proc, s.pb, s.stubs, deadline, model=TEXT_MODEL)
@@ -634,6 +640,98 @@ async def scenario_batching(s: Suite) -> dict[str, Any]:
     }
 
 
+def dispatch_paths(s: Suite) -> list[tuple[str, dict[str, str], str | None]]:
+    """Every CPU dispatch path, as the server's Python sees this machine:
+    (name, the environment that selects it, why this machine cannot run it)."""
+    code = (
+        "import json; from protoserve.server.dispatch import dispatch_paths as d; "
+        "print(json.dumps([[str(p), p.env(), why] for p, why in d()]))"
+    )
+    out = subprocess.run([s.python, "-c", code], capture_output=True, text=True, check=True)
+    return [(name, env, why) for name, env, why in json.loads(out.stdout.splitlines()[-1])]
+
+
+def dispatch_of(python: str, env: dict[str, str] | None = None) -> str:
+    """How ``python`` (with ``env``) runs torch: capability, MKL's cap, the CPU."""
+    code = "from protoserve.server.dispatch import describe_current as d; print(d())"
+    out = subprocess.run(
+        [python, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    return out.stdout.strip() or out.stderr.strip()[-300:]
+
+
+async def scenario_paths(s: Suite) -> dict[str, Any]:
+    """Continuous batching on every dispatch path: 32 streams at once against one stream."""
+    tokens = s.plan.stream_tokens
+    requests = stream_requests(s, 32, tokens)
+    rows, targets, series_out, notes = [], [], [], []
+    for i, (name, env, why) in enumerate(dispatch_paths(s)):
+        if why:
+            notes.append(f"`{name}` not measured: {why}.")
+            continue
+        proc = await start_server(s, f"path-{i}", "--max-active", "32", env=env)
+        async with grpc.aio.insecure_channel(proc.target) as channel:
+            stub = s.stubs.InferenceServiceStub(channel)
+            found = await stub.GetModel(s.pb.GetModelRequest(name=TEXT_MODEL), timeout=10)
+            decoding = s.pb.Decoding.Name(found.model.decoding)
+        together = s.check(
+            await _loadgen.grpc_streams(proc.target, requests, 32, f"{name}: 32 at once"),
+            "paths",
+        )
+        alone = s.check(
+            await _loadgen.grpc_streams(proc.target, requests[:8], 1, f"{name}: one at a time"),
+            "paths",
+        )
+        proc.stop()
+        s.procs.remove(proc)
+        ratio = together.throughput / alone.throughput
+        speeds = [fig(together.throughput), fig(alone.throughput)]
+        rows.append([f"`{name}`", decoding, *speeds, fig(ratio)])
+        targets.append(
+            target(
+                f"Generation tokens/s, 32 streams / one stream, `{name}`",
+                ratio,
+                ">= 3",
+                ratio >= 3,
+                " vs ".join(speeds),
+            )
+        )
+        series_out.append(series(f"{name}: 32 at once", "grpc-stream-client", [together]))
+        series_out.append(series(f"{name}: one at a time", "grpc-stream-client", [alone]))
+    return {
+        "id": "paths",
+        "title": "Continuous batching on every dispatch path",
+        "description": (
+            "A server started on each CPU code path this machine can run "
+            "(`ATEN_CPU_CAPABILITY` x `MKL_ENABLE_INSTRUCTIONS`, `--max-active 32`, default "
+            f"decoding): 32 generations of {tokens} tokens at once against 8 of them one at a "
+            "time, tokens per second. `decoding` is what the server's GetModel reports."
+        ),
+        "settings": {"tokens": tokens, "streams": 32},
+        "series": series_out,
+        "plot": False,
+        "tables": [
+            {
+                "title": "32 streams against one stream",
+                "header": [
+                    "path",
+                    "decoding",
+                    "32 at once, tok/s",
+                    "one at a time, tok/s",
+                    "ratio",
+                ],
+                "rows": rows,
+            }
+        ],
+        "targets": targets,
+        "notes": notes,
+    }
+
+
 #: Per-request logging off in every server: protoserve runs at --log-level WARNING.
 PEER_SETTINGS = {"mlserver": {"debug": False}, "kserve": {"enable_latency_logging": False}}
 
@@ -846,8 +944,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": bool(args.quick),
         "setup_s": setup_s,
-        "command": "nox -s bench" + (" -- --quick" if args.quick else ""),
-        "machine": h.machine(),
+        "command": command_line(args),
+        "machine": {**h.machine(), "dispatch": dispatch_of(s.python)},
         "versions": versions(s),
         "scenarios": [],
         "failures": s.failures,
@@ -858,6 +956,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "streams": scenario_streams,
         "limit": scenario_limit,
         "batching": scenario_batching,
+        "paths": scenario_paths,
         "peers": scenario_peers,
     }
     with h.stopping(s.procs):
@@ -875,6 +974,14 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         results["scenarios"].append(scenario_memory(s))
     results["wall_s"] = round(time.perf_counter() - started, 1)
     return results
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that runs this suite again, as the report shows it."""
+    flags = ["--quick"] if args.quick else []
+    if args.scenarios != set(SCENARIOS):
+        flags += ["--scenarios", ",".join(n for n in SCENARIOS if n in args.scenarios)]
+    return "nox -s bench" + (" -- " + " ".join(flags) if flags else "")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
