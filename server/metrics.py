@@ -100,9 +100,10 @@ class Metrics:
         )
         self.decoding = Gauge(
             "protoserve_model_decoding",
-            "1 for how a model's generations decode: batched (to float rounding), "
-            "batched-exact (bit for bit, --batch-invariant) or sequential (one "
-            "sequence at a time); 0 for the others.",
+            "1 for how the served version of a model decodes its generations: batched "
+            "(to float rounding), batched-exact (bit for bit, --batch-invariant) or "
+            "sequential (one sequence at a time); 0 for the others, and for all of them "
+            "while no version that generates text is served.",
             ("model", "decoding"),
             registry=r,
         )
@@ -113,21 +114,30 @@ class Metrics:
             registry=r,
         )
 
-    def add_model(self, name: str, depth: Callable[[], int]) -> None:
-        """Export a model's series at zero from the start; ``depth`` reads its queue depth.
+    def add_model(
+        self,
+        name: str,
+        depth: Callable[[], int],
+        decoding: Callable[[], str | None],
+        decodings: Iterable[str],
+    ) -> None:
+        """Export a model's series at zero from the start; ``depth`` reads its queue depth,
+        ``decoding`` how its served version decodes (one of ``decodings``, or None).
 
         Safe to call again for a name (a model reloaded from the repository): the
-        series stay as they are, and ``depth`` replaces the reader before.
+        series stay as they are, and the readers replace those before.
         """
         self.queue_depth.labels(name).set_function(depth)
+        for value in decodings:
+            self.decoding.labels(name, value).set_function(_is(decoding, value))
         self.streams_in_flight.labels(name)
         for counter in (self.tokens, self.cancellations, self.rejections):
             counter.labels(name)
 
-    def set_decoding(self, name: str, decoding: str, choices: Iterable[str]) -> None:
-        """Say how a model's generations decode now: ``decoding``, one of ``choices``."""
-        for value in choices:
-            self.decoding.labels(name, value).set(1 if value == decoding else 0)
+
+def _is(read: Callable[[], str | None], value: str) -> Callable[[], float]:
+    """1.0 while ``read()`` gives ``value``, else 0.0: one labelled series of an enum."""
+    return lambda: 1.0 if read() == value else 0.0
 
 
 class MetricsEndpoint:

@@ -168,13 +168,25 @@ class Runtime:
             # Once per name: a reload or another version adds no series, and the depth
             # read sums the versions served at the time (0 once unloaded).
             self._metered.add(name)
-            self.metrics.add_model(name, self._depth_of(name))
+            decodings = [d.value for d in Decoding]
+            self.metrics.add_model(name, self._depth_of(name), self._decoding_of(name), decodings)
         return ModelEntry(
             name, model, scheduler, version=version, batching=batching, batch_invariant=invariant
         )
 
     def _depth_of(self, name: str) -> Callable[[], int]:
         return lambda: sum(e.scheduler.depth for e in self._models.versions_of(name))
+
+    def _decoding_of(self, name: str) -> Callable[[], str | None]:
+        """How the latest version served under ``name`` decodes, read when scraped: a
+        version loading, or one that failed, is not served; after an unload, None."""
+
+        def read() -> str | None:
+            served = self._models.versions_of(name)
+            decoding = served[-1].decoding if served else None
+            return None if decoding is None else decoding.value
+
+        return read
 
     # Life cycle.
     async def start(self) -> None:
@@ -228,10 +240,6 @@ class Runtime:
         entry.decoding = choice.decoding
         if choice.message:
             log.log(choice.level, "%s", choice.message)
-        if self.metrics is not None and choice.decoding is not None:
-            self.metrics.set_decoding(
-                entry.name, choice.decoding.value, [d.value for d in Decoding]
-            )
 
     @property
     def ready(self) -> bool:

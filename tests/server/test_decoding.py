@@ -45,7 +45,8 @@ def _decoding(stub: pb_grpc.InferenceServiceStub, name: str) -> str:
     return pb.Decoding.Name(model.decoding)
 
 
-def _gauges(port: int) -> dict[tuple[str, str], float]:
+def decoding_gauges(port: int) -> dict[tuple[str, str], float]:
+    """protoserve_model_decoding by (model, decoding), scraped from /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     return {
@@ -78,11 +79,12 @@ def test_by_default_generations_decode_batched_and_the_server_says_how(
         assert _decoding(stub, "batched") == "DECODING_BATCHED"  # a decoder's own default
         assert _decoding(stub, "doubler") == "DECODING_UNSPECIFIED"  # generates nothing
         assert _decoding(stub, "no-eot") == "DECODING_SEQUENTIAL"
-        gauges = _gauges(port)
+        gauges = decoding_gauges(port)
         assert gauges[("bytelm", "batched")] == 1.0
         assert gauges[("bytelm", "batched-exact")] == gauges[("bytelm", "sequential")] == 0.0
         assert gauges[("no-eot", "sequential")] == 1.0
-        assert not any(model == "doubler" for model, _ in gauges)
+        # A model that generates nothing: every value 0 (the labels are a bounded set).
+        assert [v for (model, _), v in gauges.items() if model == "doubler"] == [0.0] * 3
         # The model whose batched step the check refused still serves, one at a time.
         assert len(_generates(stub, "no-eot").encode()) == 8
     assert _lines(caplog, "bytelm") == [
@@ -113,7 +115,7 @@ def test_batch_invariant_uses_only_decoders_that_promise_it(
         assert _decoding(stub, "bytelm") == want
         # LetterDecoder promises no more than rounding: generations take turns instead.
         assert _decoding(stub, "batched") == "DECODING_SEQUENTIAL"
-        assert _gauges(port)[("batched", "sequential")] == 1.0
+        assert decoding_gauges(port)[("batched", "sequential")] == 1.0
         assert len(_generates(stub, "batched")) == 8
     [(level, line)] = _lines(caplog, "bytelm")
     if exact_here:

@@ -41,6 +41,7 @@ from protoserve.server.models.bytelm import BatchedDecoding, load_pretrained
 from protoserve.server.repository import RepositoryError, read_config
 from tests._threads import LoopThread, start_grpc_server, stop_grpc_server
 from tests.server.repository_models import Held, SlowToLoad
+from tests.server.test_decoding import decoding_gauges
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -283,7 +284,7 @@ def test_a_folder_may_ask_for_batch_invariance(tmp_path: Path) -> None:
         "DECODING_BATCHED_EXACT": "batched-exact",
         "DECODING_SEQUENTIAL": "sequential",
     }
-    with serving(tmp_path, max_active=4) as s:
+    with serving(tmp_path, max_active=4, metrics_port=0) as s:
 
         def decoding(name: str) -> str:
             model = s.v1.GetModel(v1.GetModelRequest(name=name), timeout=10).model
@@ -296,6 +297,12 @@ def test_a_folder_may_ask_for_batch_invariance(tmp_path: Path) -> None:
         assert decoding("exact") == (
             "DECODING_BATCHED_EXACT" if exact_here else "DECODING_SEQUENTIAL"
         )
+        assert decoding_gauges(s.server.metrics_port)[("rounded", "batched")] == 1.0
+        # An unloaded model decodes nothing: /metrics stops saying it does.
+        s.unload("exact")
+        gauges = decoding_gauges(s.server.metrics_port)
+        assert [v for (model, _), v in gauges.items() if model == "exact"] == [0.0] * 3
+        assert gauges[("rounded", "batched")] == 1.0
 
 
 # Broken folders.
