@@ -20,6 +20,7 @@ from protoserve.server.errors import (
 from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import (
     BatchDecoder,
+    Decoding,
     GenerationParams,
     Model,
     Parameter,
@@ -31,6 +32,7 @@ from protoserve.server.runtime.model import (
 __all__ = [
     "BatchDecoder",
     "Cancelled",
+    "Decoding",
     "GenerationParams",
     "InferenceServer",
     "Internal",

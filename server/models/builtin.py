@@ -121,8 +121,9 @@ class _ByteLMDecoder(BatchDecoder):
                 f"{difference:.1e} of its largest logit)"
                 if exact
                 else f"a batched step is off by {difference:.1e} of the largest logit, more "
-                f"than float rounding ({bytelm.ROUNDING_TOLERANCE:.0e}): the model's forward "
-                "is not what the batched step computes"
+                f"than float32 rounding allows ({bytelm.ROUNDING_TOLERANCE:.0e}): the model's "
+                "forward is not what the batched step computes (overridden?), or rounds "
+                "coarser than float32"
             )
         else:
             self.decoding = Decoding.BATCHED_EXACT if exact else Decoding.BATCHED

@@ -25,8 +25,8 @@ __all__ = ["DecodingChoice", "choose_decoder"]
 #: pass (bench/decoding.py, every dispatch path of an AMD EPYC), and a server 0.30
 #: (1.49x one stream instead of 4.92x, on the Intel Xeon of issue #13).
 _SEQUENTIAL_COST = (
-    "each step runs the model once per sequence, which at 32 streams gives about a "
-    "fifth to a third of batched decoding's tokens/s"
+    "each step runs the model once per sequence (for bytelm at 32 streams: a fifth to "
+    "a third of batched decoding's tokens/s)"
 )
 
 
@@ -67,8 +67,7 @@ def choose_decoder(
             None,
             Decoding.SEQUENTIAL,
             f"{turns}: --batch-invariant asks that each get bit for bit its lone tokens, "
-            f"which its batch decoder does not promise; {_SEQUENTIAL_COST} "
-            f"({describe_current()})",
+            f"which its batch decoder does not promise; {_SEQUENTIAL_COST}",
             logging.WARNING,
         )
     if decoder.decoding is Decoding.SEQUENTIAL:
