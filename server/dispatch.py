@@ -97,12 +97,8 @@ def _has_mkl() -> bool:
     return bool(torch.backends.mkl.is_available())  # type: ignore[no-untyped-call]
 
 
-def _lacks(name: str, flags: frozenset[str] | None) -> str | None:
+def _lacks(name: str, flags: frozenset[str]) -> str | None:
     """Why a CPU with ``flags`` cannot run ``name`` (None: it can)."""
-    if name == "default":
-        return None
-    if flags is None:
-        return f"{name}: the CPU's flags are unknown here (no /proc/cpuinfo)"
     missing = sorted(_NEEDS[name] - flags)
     return f"{name}: the CPU lacks {', '.join(missing)}" if missing else None
 
@@ -124,6 +120,16 @@ def dispatch_paths(
     flags = cpu_flags() if flags is None else flags
     if mkl is None:
         mkl = _has_mkl()
+    if flags is None:
+        # No flags to go by (no /proc/cpuinfo): only the path every CPU has is safe to
+        # ask for, with MKL left to pick its own.
+        why = "the CPU's flags are unknown here (no /proc/cpuinfo)"
+        caps = MKL_INSTRUCTIONS if mkl else ()
+        return [(DispatchPath("default", None), None)] + [
+            (DispatchPath(aten, instructions), why)
+            for aten in ATEN_CAPABILITIES
+            for instructions in caps
+        ]
     found: list[tuple[DispatchPath, str | None]] = []
     for aten in ATEN_CAPABILITIES:
         for instructions in MKL_INSTRUCTIONS if mkl else (None,):

@@ -14,10 +14,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from protoserve.server import dispatch
 from protoserve.server.dispatch import DispatchPath, dispatch_paths
+
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Set in the child pytest: the path it runs on (and that it must not recurse).
 INNER = "PROTOSERVE_TEST_DISPATCH_PATH"
@@ -34,7 +38,9 @@ PATHS = dispatch_paths()
 
 def _run(argv: list[str], path: DispatchPath) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **path.env(), INNER: str(path)}
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(
+        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
 
 
 @pytest.mark.skipif(bool(os.environ.get(INNER)), reason="already inside a run on one path")
@@ -52,3 +58,69 @@ def test_exact_and_batched_decoding_hold_on_every_dispatch_path(
     tests = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PER_PATH], path)
     assert tests.returncode == 0, f"{path}:\n{tests.stdout[-6000:]}\n{tests.stderr[-2000:]}"
     assert " passed" in tests.stdout.splitlines()[-1], tests.stdout[-2000:]
+
+
+#: The exact construction's check on bytelm's shapes and the tiny test models'.
+_EXACT_CHECK = """
+import torch
+from protoserve.server.models.bytelm import BatchedDecoding, ByteLM, ByteLMConfig, load_pretrained
+models = [load_pretrained()]
+for config in (ByteLMConfig(n_layer=2, n_head=2, d_model=32, context_length=16),
+               ByteLMConfig(n_layer=1, n_head=4, d_model=256, context_length=16)):
+    torch.manual_seed(0)
+    models.append(ByteLM(config).eval())
+print([BatchedDecoding(m, 19, exact=True).probe_difference for m in models])
+"""
+
+
+def test_the_exact_batched_step_holds_on_the_plainest_path() -> None:
+    # --batch-invariant decodes batched only where the kernels give a row of a batched
+    # product what they give a lone row; elsewhere it falls back, and the tests of the
+    # exact step skip. On the plainest path (ATen's default code, MKL held to SSE4.2)
+    # that holds on every x86 CPU seen so far, issue #13's Xeon included: a change that
+    # breaks the construction fails here, on every such machine, instead of skipping.
+    runnable = {p: why for p, why in PATHS}
+    plain = next((p for p in runnable if p.aten == "default" and p.mkl in ("SSE4_2", None)), None)
+    if plain is None or runnable[plain]:
+        pytest.skip(f"no plainest path to run here: {runnable.get(plain) if plain else PATHS}")
+    got = _run([sys.executable, "-c", _EXACT_CHECK], plain)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout.strip() == "[0.0, 0.0, 0.0]", f"{plain}: {got.stdout}"
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine", "mkl", "runnable"),
+    [
+        # An AVX2 CPU without AVX-512: every path but those that need it.
+        (
+            frozenset({"sse4_2", "avx2", "fma"}),
+            "x86_64",
+            True,
+            {(a, m) for a in ("default", "avx2") for m in ("SSE4_2", "AVX2")},
+        ),
+        # No flags to go by: only ATen's default, with MKL picking its own.
+        (None, "x86_64", True, {("default", None)}),
+        # torch without MKL, and a CPU of another architecture.
+        (
+            frozenset({"sse4_2", "avx2", "fma"}),
+            "x86_64",
+            False,
+            {("default", None), ("avx2", None)},
+        ),
+        (frozenset(), "aarch64", False, {("default", None)}),
+    ],
+    ids=["avx2-cpu", "no-flags", "no-mkl", "aarch64"],
+)
+def test_paths_a_cpu_can_run(
+    flags: frozenset[str] | None,
+    machine: str,
+    mkl: bool,
+    runnable: set[tuple[str, str | None]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # None: this machine's flags, which here are unknown (no /proc/cpuinfo).
+    monkeypatch.setattr(dispatch, "cpu_flags", lambda: None)
+    found = dispatch.dispatch_paths(flags, machine=machine, mkl=mkl)
+    assert {(p.aten, p.mkl) for p, why in found if why is None} == runnable
+    # Each path left out says which flags the CPU lacks (or that they are unknown).
+    assert all(("lacks" in why or "unknown" in why) for _, why in found if why)
