@@ -275,12 +275,15 @@ class NoEndOfText(ByteLMModel):
 
     def load(self) -> None:
         super().load()
-        masked = _NoEotByteLM(self.model.config).eval()
+        masked = NoEotByteLM(self.model.config).eval()
         masked.load_state_dict(self.model.state_dict())
         self._model = masked
 
 
-class _NoEotByteLM(bytelm.ByteLM):
+class NoEotByteLM(bytelm.ByteLM):
+    """A ByteLM whose forward never samples end of text: lengths are deterministic,
+    and its forward is not what a batched decode step computes."""
+
     def forward(
         self,
         idx: torch.Tensor,

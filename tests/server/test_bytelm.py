@@ -33,6 +33,7 @@ from protoserve.server.models.bytelm import (
     sample_next,
     save_pretrained,
 )
+from tests.server.models_for_tests import NoEotByteLM
 
 TINY = ByteLMConfig(n_layer=2, n_head=2, d_model=32, context_length=16)
 
@@ -40,18 +41,6 @@ TINY = ByteLMConfig(n_layer=2, n_head=2, d_model=32, context_length=16)
 def _tiny(config: ByteLMConfig = TINY, seed: int = 0) -> ByteLM:
     torch.manual_seed(seed)
     return ByteLM(config).eval()
-
-
-class _NoEot(ByteLM):
-    """A model that can never sample EOT, so lengths are deterministic."""
-
-    def forward(
-        self, idx: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        logits, hidden = super().forward(idx, cache=cache, attention_mask=attention_mask)
-        logits = logits.clone()
-        logits[..., self.config.eot_id] = float("-inf")
-        return logits, hidden
 
 
 class _EotAfter(ByteLM):
@@ -76,9 +65,9 @@ class _EotAfter(ByteLM):
         return logits, hidden
 
 
-def _no_eot(config: ByteLMConfig = TINY, seed: int = 0) -> _NoEot:
+def _no_eot(config: ByteLMConfig = TINY, seed: int = 0) -> NoEotByteLM:
     torch.manual_seed(seed)
-    return _NoEot(config).eval()
+    return NoEotByteLM(config).eval()
 
 
 def _gen(
@@ -239,8 +228,8 @@ def test_greedy_is_deterministic_and_seed_independent() -> None:
 #: matrix product over all its rows) are different kernels: their logits agree
 #: to rounding only, which differs between CPUs and dispatch paths. Measured on
 #: these tiny models (logits of size ~0.7): at most 1.8e-7 apart, under
-#: ATEN_CPU_CAPABILITY=default, avx2 and avx512 and MKL_ENABLE_INSTRUCTIONS=SSE4_2
-#: and AVX2. A wrong cache, position or slide moves logits by far more: the
+#: each ATEN_CPU_CAPABILITY (default, avx2, avx512) and each MKL_ENABLE_INSTRUCTIONS
+#: (SSE4_2, AVX2, AVX512). A wrong cache, position or slide moves logits by far more: the
 #: smallest gap between the two best logits at these steps is 8.6e-3.
 GREEDY_LOGIT_TOL = 1e-5
 

@@ -37,7 +37,6 @@ from protoserve.server.models.bytelm import (
     BatchedDecoding,
     ByteLM,
     ByteLMConfig,
-    KVCache,
     default_weights_dir,
     encode,
     generate_tokens,
@@ -46,6 +45,7 @@ from protoserve.server.models.bytelm import (
     save_pretrained,
 )
 from protoserve.server.runtime.model import BatchDecoder, Decoding, GenerationParams, Token
+from tests.server.models_for_tests import NoEotByteLM
 
 TINY = ByteLMConfig(n_layer=2, n_head=2, d_model=32, context_length=16)
 #: Odd context (the slide keeps 4 of 9), one layer, narrow heads.
@@ -270,22 +270,10 @@ def test_row_by_row_fallback_is_exact(monkeypatch: pytest.MonkeyPatch, exact: bo
         _assert_matches_reference(model, seq)
 
 
-class _NoEot(ByteLM):
-    """A model whose forward rules out EOT: not what the batched step computes."""
-
-    def forward(
-        self, idx: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        logits, hidden = super().forward(idx, cache=cache, attention_mask=attention_mask)
-        logits = logits.clone()
-        logits[..., self.config.eot_id] = float("-inf")
-        return logits, hidden
-
-
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "batched"])
 def test_an_overridden_forward_is_detected_and_followed(exact: bool) -> None:
     torch.manual_seed(5)
-    model = _NoEot(TINY).eval()
+    model = NoEotByteLM(TINY).eval()
     dec = BatchedDecoding(model, 3, exact=exact)
     # The check sees that the batched step would differ, by far more than rounding.
     assert not dec.batched and dec.probe_difference == math.inf
