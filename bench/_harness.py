@@ -361,13 +361,21 @@ def dist_versions(*dists: str) -> dict[str, str]:
     return out
 
 
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+def _dispatch_module() -> ModuleType:
+    """The server's ``protoserve.server.dispatch``, read from this checkout: it needs only
+    the standard library to import, so it loads where protoserve is not installed."""
+    spec = importlib.util.spec_from_file_location(
+        "_protoserve_dispatch", ROOT / "server" / "dispatch.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The CPU's model name, as the server's log lines give it.
+cpu_name = _dispatch_module().cpu_name
 
 
 def versions(python: str) -> dict[str, str]:

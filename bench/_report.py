@@ -183,7 +183,7 @@ def _header(results: dict[str, Any]) -> list[str]:
     if m.get("dispatch"):
         # The CPU code path torch and MKL run on: results rounded on one path may differ
         # in the last bits on another (docs/adr/0015-batch-invariance.md).
-        lines.append(f"**Dispatch path (the servers'):** {m['dispatch']}  ")
+        lines.append(f"**Dispatch path (servers' default):** {m['dispatch']}  ")
     versions = results.get("versions") or {}
     if versions:
         lines.append("**Versions:** " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "  ")

@@ -83,6 +83,7 @@ def _text(model: Any, sequences: int, tokens: int) -> dict[str, Any]:
         prompt = code[start : start + rng.randint(1, 200)]
         requests.append((prompt, *kinds[i % len(kinds)], rng.randrange(2**31)))
     dec = bytelm.BatchedDecoding(model, sequences)
+    assert dec.batched, "the batched step failed its check: nothing batched to compare"
     got: list[list[int]] = []
     handles = []
     for prompt, temperature, top_k, top_p, seed in requests:

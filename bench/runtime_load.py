@@ -14,8 +14,10 @@ comparison is made within one run, against servers started by this run:
    (64 new tokens, temperature 0.8, distinct seeds and prompts) against the
    same requests one alone at a time (all 32, or the first ``--gen-alone``),
    and the 32 against the ``--no-batching`` server (generations take turns,
-   one step each). Every concurrent stream must equal its alone text: the batched
-   server runs with ``--batch-invariant``, which promises that bit for bit.
+   one step each). The batched server decodes by default, to float rounding: at
+   most ``MAX_ROUNDED_TEXTS`` of its streams may differ from their alone text (a
+   near-tie token; docs/adr/0015-batch-invariance.md); every ``--no-batching``
+   stream must equal its alone text.
 3. Overload: a server with ``--max-queue 8 --max-active 4`` gets 64
    concurrent long generations at once over gRPC (RESOURCE_EXHAUSTED with a
    RetryInfo detail for the refused), then through ``protoserve gateway``
@@ -404,6 +406,13 @@ async def concurrent_streams(
     return list(streams), time.perf_counter() - start
 
 
+#: Most concurrent batched streams whose text may differ from their alone text: batched
+#: decoding matches a lone run to float rounding, and a near-tie token may go the other
+#: way (none of 64 texts did, on any of 9 dispatch paths, in bench/decoding.py's run
+#: of 2026-12-02).
+MAX_ROUNDED_TEXTS = 2
+
+
 def mismatches(reference: dict[int, Stream], streams: Sequence[Stream]) -> list[int]:
     return [
         s.index
@@ -708,7 +717,8 @@ def report_generate(r: dict[str, Any], args: argparse.Namespace) -> list[str]:
     out += [f"- **{k}: {fmt(v, 2)}x**" for k, v in r["ratios"].items()]
     out += [
         f"- correctness: {c['streams compared']} streams compared with their alone run: "
-        f"**{c['mismatches (concurrent batched vs alone)']} mismatches** (batched), "
+        f"**{c['mismatches (concurrent batched vs alone)']} mismatches** (batched, to float "
+        f"rounding: at most {MAX_ROUNDED_TEXTS} allowed), "
         f"{c['mismatches (concurrent --no-batching vs alone)']} (--no-batching)",
     ]
     if not r["continuous batching seen"]:
@@ -835,7 +845,7 @@ def checks(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
             if p["failed"]:
                 failed.append(f"generation, {name}: {p['failed']} failed streams {p['errors']}")
         c = g["correctness"]
-        if c["mismatches (concurrent batched vs alone)"]:
+        if c["mismatches (concurrent batched vs alone)"] > MAX_ROUNDED_TEXTS:
             failed.append(
                 f"generation: {c['mismatches (concurrent batched vs alone)']} concurrent "
                 f"batched streams differ from their alone text: {c['mismatched indices']}"
@@ -959,14 +969,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         # Every server starts at once (they load in parallel), then waits idle.
         both = args.scenarios & {"embed", "generate"}
         if both:
-            # The batched server decodes batch-invariantly, so that its streams must equal
-            # their alone texts bit for bit (by default they would to float rounding;
-            # docs/adr/0015-batch-invariance.md). bench/suite.py measures the default.
-            for name, flags in (
-                ("batched", ["--batching", "--batch-invariant"]),
-                ("unbatched", ["--no-batching"]),
-            ):
-                procs.append(launch(python, tmp, name, "serve", flags, True, args.server_threads))
+            for name, flag in (("batched", "--batching"), ("unbatched", "--no-batching")):
+                procs.append(launch(python, tmp, name, "serve", [flag], True, args.server_threads))
         if "overload" in args.scenarios:
             flags = ["--max-queue", str(args.overload_max_queue)]
             flags += ["--max-active", str(args.overload_max_active)]

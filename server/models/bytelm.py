@@ -687,7 +687,7 @@ class BatchedDecoding:
       Row-wise operations (embedding, LayerNorm, RoPE, residual adds) do not
       depend on the other rows; the linear layers are batches of one-row matrix
       products (:func:`_rowwise_linear`); GELU keeps every row out of the
-      kernel's scalar tail (:func:`_rowwise_gelu`). This is 10-25% slower at
+      kernel's scalar tail (:func:`_rowwise_gelu`). This is 7-25% slower at
       32 sequences, and it holds only where the kernels that torch and MKL pick
       for this CPU give a row of a batched product what they give a lone row
       (on an Intel Xeon with AVX-512, MKL's did not: issue #13).
