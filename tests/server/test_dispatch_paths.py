@@ -76,9 +76,10 @@ print([BatchedDecoding(m, 19, exact=True).probe_difference for m in models])
 def test_the_exact_batched_step_holds_on_the_plainest_path() -> None:
     # --batch-invariant decodes batched only where the kernels give a row of a batched
     # product what they give a lone row; elsewhere it falls back, and the tests of the
-    # exact step skip. On the plainest path (ATen's default code, MKL held to SSE4.2)
-    # that holds on every x86 CPU seen so far, issue #13's Xeon included: a change that
-    # breaks the construction fails here, on every such machine, instead of skipping.
+    # exact step skip. On the plainest path (ATen's default code, MKL held to SSE4.2,
+    # whose kernels are the same code on any x86 CPU) that holds on every CPU seen so
+    # far, issue #13's Xeon included: a change that breaks the construction fails
+    # here, on every such machine, instead of skipping.
     runnable = {p: why for p, why in PATHS}
     plain = next((p for p in runnable if p.aten == "default" and p.mkl in ("SSE4_2", None)), None)
     if plain is None or runnable[plain]:
