@@ -72,22 +72,25 @@ class DispatchPath:
         return " ".join(f"{k}={v}" for k, v in self.env().items())
 
 
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo; None where there is no such file."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of /proc/cpuinfo; None where there is none."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            key, _, value = line.partition(":")
+            if key.strip() == field:
+                return value.strip()
     return None
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where there is no such file."""
+    flags = _cpuinfo("flags")
+    return None if flags is None else frozenset(flags.split())
 
 
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _has_mkl() -> bool:
@@ -120,19 +123,17 @@ def dispatch_paths(
     flags = cpu_flags() if flags is None else flags
     if mkl is None:
         mkl = _has_mkl()
+    sets = MKL_INSTRUCTIONS if mkl else (None,)
     if flags is None:
         # No flags to go by (no /proc/cpuinfo): only the path every CPU has is safe to
         # ask for, with MKL left to pick its own.
         why = "the CPU's flags are unknown here (no /proc/cpuinfo)"
-        caps = MKL_INSTRUCTIONS if mkl else ()
-        return [(DispatchPath("default", None), None)] + [
-            (DispatchPath(aten, instructions), why)
-            for aten in ATEN_CAPABILITIES
-            for instructions in caps
-        ]
+        safe = DispatchPath("default", None)
+        others = [DispatchPath(aten, i) for aten in ATEN_CAPABILITIES for i in sets]
+        return [(safe, None)] + [(path, why) for path in others if path != safe]
     found: list[tuple[DispatchPath, str | None]] = []
     for aten in ATEN_CAPABILITIES:
-        for instructions in MKL_INSTRUCTIONS if mkl else (None,):
+        for instructions in sets:
             reasons = [_lacks(aten, flags)]
             if instructions is not None:
                 reasons.append(_lacks(instructions, flags))

@@ -101,6 +101,7 @@ def test_the_exact_batched_step_holds_on_the_plainest_path() -> None:
         ),
         # No flags to go by: only ATen's default, with MKL picking its own.
         (None, "x86_64", True, {("default", None)}),
+        (None, "x86_64", False, {("default", None)}),
         # torch without MKL, and a CPU of another architecture.
         (
             frozenset({"sse4_2", "avx2", "fma"}),
@@ -110,7 +111,7 @@ def test_the_exact_batched_step_holds_on_the_plainest_path() -> None:
         ),
         (frozenset(), "aarch64", False, {("default", None)}),
     ],
-    ids=["avx2-cpu", "no-flags", "no-mkl", "aarch64"],
+    ids=["avx2-cpu", "no-flags", "no-flags-no-mkl", "no-mkl", "aarch64"],
 )
 def test_paths_a_cpu_can_run(
     flags: frozenset[str] | None,
