@@ -651,16 +651,10 @@ def dispatch_paths(s: Suite) -> list[tuple[str, dict[str, str], str | None]]:
     return [(name, env, why) for name, env, why in json.loads(out.stdout.splitlines()[-1])]
 
 
-def dispatch_of(python: str, env: dict[str, str] | None = None) -> str:
-    """How ``python`` (with ``env``) runs torch: capability, MKL's cap, the CPU."""
+def dispatch_of(python: str) -> str:
+    """How ``python`` runs torch: its capability, MKL's cap, the CPU."""
     code = "from protoserve.server.dispatch import describe_current as d; print(d())"
-    out = subprocess.run(
-        [python, "-c", code],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
     return out.stdout.strip() or out.stderr.strip()[-300:]
 
 
