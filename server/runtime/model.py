@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 __all__ = [
+    "MAX_STOP_SEQUENCE_CHARS",
     "BatchDecoder",
     "Decoding",
     "GenerationParams",
@@ -37,6 +38,10 @@ __all__ = [
     "Token",
     "warm_up_text",
 ]
+
+#: Longest stop sequence accepted, in characters; longer ones only cost holdback
+#: (text held back in case it is the start of one) and are never useful.
+MAX_STOP_SEQUENCE_CHARS = 256
 
 
 class Task(enum.Enum):
@@ -276,7 +281,7 @@ class Model:
                 0.0,
                 1.0,
                 "Nucleus sampling: the smallest set of tokens whose probabilities "
-                "add up to p; 1 means no limit.",
+                "add up to p; 1 means no limit, 0 keeps only the most likely token.",
             ),
             Parameter(
                 "seed",
@@ -294,7 +299,8 @@ class Model:
                 [],
                 None,
                 self.max_stop_sequences,
-                "End the generation when one of these texts is generated.",
+                "End the generation when one of these texts is generated; "
+                f"each is 1 to {MAX_STOP_SEQUENCE_CHARS} characters.",
             ),
         ]
 

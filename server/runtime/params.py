@@ -12,12 +12,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from protoserve.server.errors import FieldViolation, InvalidArgument
-from protoserve.server.runtime.model import GenerationParams, Model, Parameter, Task
+from protoserve.server.runtime.model import (
+    MAX_STOP_SEQUENCE_CHARS,
+    GenerationParams,
+    Model,
+    Parameter,
+    Task,
+)
 
-__all__ = ["MAX_STOP_SEQUENCE_CHARS", "validate_generation"]
-
-#: Longest stop sequence accepted; longer ones only cost holdback and are never useful.
-MAX_STOP_SEQUENCE_CHARS = 256
+__all__ = ["validate_generation"]
 
 
 def _check(spec: Parameter, value: Any, field: str) -> str | None:

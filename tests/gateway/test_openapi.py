@@ -420,7 +420,8 @@ def test_comments_are_keyed_by_full_name(comments: dict[str, str]) -> None:
     # Multi-line comments keep their line breaks, without protoc's leading spaces.
     assert comments[f"{PKG}.GenerationParameters.top_p"] == (
         "top_p samples only among the most likely tokens whose probabilities add\n"
-        "up to p (nucleus sampling); 1 means no limit."
+        "up to p (nucleus sampling); 1 means no limit, 0 keeps only the most likely\n"
+        "token (greedy)."
     )
 
 

@@ -163,6 +163,8 @@ def test_sample_next_greedy_and_limits() -> None:
     # Greedy must not consume randomness.
     assert torch.equal(gen.get_state(), state)
     for _ in range(50):
+        # The most likely id is always kept: top_p 0 keeps only it.
+        assert sample_next(logits, temperature=1.0, top_k=0, top_p=0.0, generator=gen) == 1
         assert sample_next(logits, temperature=1.0, top_k=1, top_p=1.0, generator=gen) == 1
         assert sample_next(logits, temperature=1.0, top_k=0, top_p=1e-6, generator=gen) == 1
         assert sample_next(logits, temperature=5.0, top_k=2, top_p=1.0, generator=gen) in {1, 3}
@@ -198,7 +200,9 @@ def test_sample_next_rejects_bad_parameters() -> None:
     with pytest.raises(ValueError):
         sample_next(logits, temperature=1.0, top_k=-1, top_p=1.0, generator=gen)
     with pytest.raises(ValueError):
-        sample_next(logits, temperature=1.0, top_k=0, top_p=0.0, generator=gen)
+        sample_next(logits, temperature=1.0, top_k=0, top_p=-0.5, generator=gen)
+    with pytest.raises(ValueError):
+        sample_next(logits, temperature=1.0, top_k=0, top_p=1.5, generator=gen)
 
 
 # --------------------------------------------------------------------------- generation

@@ -418,7 +418,7 @@ def test_bad_requests_add_nothing() -> None:
     with pytest.raises(ValueError, match="temperature"):
         dec.add([65], temperature=-1.0, top_k=0, top_p=1.0, seed=0)
     with pytest.raises(ValueError, match="top_p"):
-        dec.add([65], temperature=1.0, top_k=0, top_p=0.0, seed=0)
+        dec.add([65], temperature=1.0, top_k=0, top_p=1.5, seed=0)
     assert dec.size == 0
     handle, _ = dec.add([65], temperature=1.0, top_k=0, top_p=1.0, seed=0)  # the slot is free
     with pytest.raises(ValueError, match="more than once"):
