@@ -50,7 +50,7 @@ class Ways:
 
 @pytest.fixture(scope="module")
 def ways() -> Iterator[Ways]:
-    thread, server = start_grpc_server([MODEL])
+    thread, server = start_grpc_server([MODEL, "tests.server.models_for_tests:Scripted"])
     gateway = UvicornThread(build_gateway(f"127.0.0.1:{server.port}"))
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     with httpx.Client(base_url=gateway.url, timeout=60) as http:
@@ -336,3 +336,45 @@ def test_top_p_zero_keeps_only_the_most_likely_token(ways: Ways) -> None:
         for seed in (1, 2, 3)
     }
     assert sampled != {greedy}
+
+
+# The stop sequence against the length limit, over the wire: Scripted says
+# "héllo wörld. STOP here. 🙂 end" a byte a token.
+SCRIPT_TO_STOP = "héllo wörld. STOP here. 🙂"
+
+
+@pytest.mark.parametrize(
+    ("limit", "text", "finish"),
+    [
+        # The last allowed token completes the stop (🙂's fourth byte): the stop wins.
+        (len(SCRIPT_TO_STOP.encode()), "héllo wörld. STOP here", "STOP_SEQUENCE"),
+        # The limit falls inside 🙂: no stop, the held-back ". " is text, the cut byte U+FFFD.
+        (len(SCRIPT_TO_STOP.encode()) - 1, "héllo wörld. STOP here. \ufffd", "LENGTH"),
+    ],
+    ids=["stop-on-the-last-token", "limit-inside-the-character"],
+)
+def test_a_stop_sequence_against_the_length_limit(
+    ways: Ways, limit: int, text: str, finish: str
+) -> None:
+    params = v1.GenerationParameters(max_new_tokens=limit, stop_sequences=[". 🙂"])
+    unary = ways.v1.Generate(
+        v1.GenerateRequest(model="scripted", inputs="", parameters=params), timeout=30
+    )
+    assert (unary.generated_text, v1.FinishReason.Name(unary.finish_reason)) == (
+        text,
+        f"FINISH_REASON_{finish}",
+    )
+    assert unary.usage.completion_tokens == limit
+    stream = list(
+        ways.v1.GenerateStream(
+            v1.GenerateStreamRequest(model="scripted", inputs="", parameters=params), timeout=30
+        )
+    )
+    assert "".join(m.text for m in stream) == text
+    assert stream[-1].finish_reason == unary.finish_reason
+    response = ways.http.post(
+        "/v1/models/scripted:generate",
+        json={"inputs": "", "parameters": {"max_new_tokens": limit, "stop_sequences": [". 🙂"]}},
+    )
+    assert response.json()["generated_text"] == text
+    assert response.json()["finish_reason"] == f"FINISH_REASON_{finish}"

@@ -79,6 +79,32 @@ def test_length_limit() -> None:
     assert chunks[-1].finish_reason is FinishReason.LENGTH and model.closed
 
 
+# A stop sequence against the length limit: the token that completes it may be the last
+# one allowed. The stop is checked first: the text ends before it, as everywhere else.
+def test_a_stop_completed_by_the_last_allowed_token_ends_the_text_before_it() -> None:
+    _, chunks = run(b"one END two", stops=("END",), limit=len("one END"))
+    assert "".join(c.text for c in chunks) == "one "
+    assert chunks[-1].finish_reason is FinishReason.STOP_SEQUENCE
+    assert chunks[-1].usage.completion_tokens == len("one END")
+
+
+def test_a_multibyte_stop_completed_by_the_last_allowed_byte() -> None:
+    data = "ab🙂c".encode()
+    _, chunks = run(data, stops=("b🙂",), limit=len("ab🙂".encode()))
+    assert "".join(c.text for c in chunks) == "a"
+    assert chunks[-1].finish_reason is FinishReason.STOP_SEQUENCE
+
+
+def test_a_limit_inside_the_last_character_of_a_stop_releases_what_was_held() -> None:
+    """Three of 🙂's four bytes: the stop never completed, so the held-back "b" is text
+    after all, and the cut character shows as U+FFFD."""
+    data = "ab🙂c".encode()
+    _, chunks = run(data, stops=("b🙂",), limit=len("ab🙂".encode()) - 1)
+    assert "".join(c.text for c in chunks) == "ab\ufffd"
+    assert chunks[-1].finish_reason is FinishReason.LENGTH
+    assert chunks[-1].usage.completion_tokens == len("ab🙂".encode()) - 1
+
+
 def test_stop_event_ends_with_cancelled() -> None:
     stop = threading.Event()
     params = GenerationParams(max_new_tokens=100, temperature=0, top_k=0, top_p=1, seed=0)
