@@ -128,13 +128,13 @@ def test_signal_during_stream_drains_then_exits(
             stream.wait_for(3, timeout=10)
 
             server.process.send_signal(signum)
-            signalled = time.monotonic()
 
-            # 1. Health turns NOT_SERVING while the stream goes on.
-            deadline = signalled + 2
-            while health_status(channel) != NOT_SERVING:
-                assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+            # 1. Health turns NOT_SERVING while the stream goes on (the tries only bound a hang).
+            for _ in range(500):
+                if health_status(channel) == NOT_SERVING:
+                    break
                 time.sleep(0.02)
+            assert health_status(channel) == NOT_SERVING, "health never turned NOT_SERVING"
             assert health_status(channel, INFERENCE_SERVICE) == NOT_SERVING
             assert stream.is_alive(), "the stream ended before the grace period"
             seen = len(stream.messages)
@@ -146,26 +146,27 @@ def test_signal_during_stream_drains_then_exits(
                 )
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
-            # 3. The stream in flight keeps going, then ends: orderly or with a status.
+            # 3. The stream in flight keeps going, then ends: Slow never ends by itself, so
+            #    the server ends it, in order, shortly before the grace runs out.
             stream.wait_for(seen + 3, timeout=grace)
-            stream.join(grace + 3)
+            stream.join(grace + 30)  # bounds a hang; step 4 checks who ended it
             assert not stream.is_alive(), "the stream hung past the grace period"
         finally:
             stream.call.cancel()
             stream.join(5)
 
-    if stream.error is None:
-        *steps, last = stream.messages
-        assert last.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_CANCELLED)
-        assert last.HasField("usage")
-        assert last.usage.completion_tokens == sum(len(m.token_ids) for m in stream.messages)
-        assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in steps)
-    else:
-        assert stream.error.code() is not None
+    # README, "Shutdown": FINISH_REASON_CANCELLED and status OK, with the usage so far.
+    assert stream.error is None, stream.error
+    assert stream.call.code() is grpc.StatusCode.OK
+    *steps, last = stream.messages
+    assert last.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert last.HasField("usage")
+    assert last.usage.completion_tokens == sum(len(m.token_ids) for m in stream.messages)
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in steps)
 
-    # 4. The process exits 0 within the grace and a little more, and says it stopped.
-    assert wait_exit(server, grace + 3 - (time.monotonic() - signalled)) == 0
-    assert time.monotonic() - signalled < grace + 3
+    # 4. The process exits 0 once the grace is over (the wait only bounds a hang), and
+    #    says it stopped.
+    assert wait_exit(server, grace + 30) == 0
     assert stopped_in_log(server), server.output()
 
 
@@ -176,11 +177,14 @@ def test_signal_when_idle_exits_promptly(
     server = start_server(tmp_path, "--shutdown-grace", "30")
     cleanup.append(server)
     server.process.send_signal(signum)
-    signalled = time.monotonic()
-    assert wait_exit(server, 10) == 0
-    assert time.monotonic() - signalled < 3
-    assert f"{signum.name} received" in server.output()
-    assert stopped_in_log(server), server.output()
+    # Nothing in flight, so nothing to wait for: it exits well inside its 30 s grace, and
+    # says it ended no call.
+    assert wait_exit(server, 15) == 0
+    output = server.output()
+    assert f"{signum.name} received" in output
+    assert "shutting down: 0 calls in flight, 30.0s grace" in output, output
+    assert "grace nearly over" not in output, output
+    assert stopped_in_log(server), output
 
 
 def test_shutdown_grace_flag_beats_environment(
@@ -202,15 +206,17 @@ def test_shutdown_grace_flag_beats_environment(
         try:
             stream.wait_for(2, timeout=10)
             server.process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            stream.join(10)
+            stream.join(30)
         finally:
             stream.call.cancel()
             stream.join(5)
-    assert wait_exit(server, 10) == 0
-    assert time.monotonic() - signalled < 5
-    if stream.error is None:
-        assert stream.messages[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+    # The flag's 1 s grace, not the environment's 60 s, is the one the server keeps.
+    assert wait_exit(server, 30) == 0
+    output = server.output()
+    assert "shutting down: 1 calls in flight, 1.0s grace" in output, output
+    assert "grace nearly over: ending 1 calls" in output, output
+    assert stream.error is None, stream.error
+    assert stream.messages[-1].finish_reason == pb.FINISH_REASON_CANCELLED
 
 
 def protoserve_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
