@@ -28,7 +28,10 @@ class _SSEParser:
 
     ``feed`` returns ``(event, data)`` when a blank line ends an event. Comments
     (``: keep-alive``) and ``id``/``retry`` fields are skipped; several ``data``
-    lines are joined with newlines, as the format says.
+    lines are joined with newlines, as the format says. As in a browser, an
+    event with no ``data`` line is dropped, and so is one that the body ends
+    before its blank line (no line ever dispatches it): a gateway whose
+    framing a browser would not read is not read here either.
     """
 
     def __init__(self) -> None:
@@ -37,9 +40,7 @@ class _SSEParser:
 
     def feed(self, line: str) -> tuple[str, str] | None:
         if not line:
-            if not self._data and not self._event:
-                return None
-            event = (self._event or "message", "\n".join(self._data))
+            event = (self._event or "message", "\n".join(self._data)) if self._data else None
             self._event, self._data = "", []
             return event
         if line.startswith(":"):

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests._sse import events
+
 pytestmark = pytest.mark.e2e
 
 
@@ -55,12 +57,9 @@ def test_up_serves_http_and_grpc_and_stops_cleanly(tmp_path: Path) -> None:
                 params={"inputs": "import ", "parameters.max_new_tokens": "4"},
                 headers={"Accept": "text/event-stream"},
             ) as stream:
-                body = stream.read().decode()
-            assert body.count("event: message") == 4 and body.rstrip().endswith("data: {}")
-            data = [
-                json.loads(line[6:]) for line in body.splitlines() if line.startswith('data: {"')
-            ]
-            assert data[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+                received = list(events(stream.iter_bytes()))
+            assert [e.event for e in received] == ["message"] * 4 + ["done"]
+            assert json.loads(received[-2].data)["finish_reason"] == "FINISH_REASON_LENGTH"
             assert http.get("/readyz").json() == {"status": "SERVING"}
     finally:
         process.send_signal(signal.SIGTERM)

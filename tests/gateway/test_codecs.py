@@ -37,9 +37,9 @@ from protoserve.gateway import (
 )
 from protoserve.gateway._codecs import parse_codec_option
 from protoserve.gateway._oip import OipCodec
+from tests import _sse
 from tests._threads import UvicornThread
 from tests.gateway.echo_server import build_descriptor_set
-from tests.gateway.test_http import sse_events
 from tests.gateway.test_reflection import stop, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -263,9 +263,9 @@ def test_streaming_methods_keep_the_gateways_framing(service_wide: httpx.Client)
     with service_wide.stream(
         "GET", "/v1/chant/ho:chant", params={"times": 2}, headers={"Accept": "text/event-stream"}
     ) as response:
-        events = list(sse_events(response.iter_lines()))
-    assert [e["event"] for e in events] == ["message", "message", "done"]
-    assert json.loads(events[0]["data"]) == {"text": "ho", "index": 0}
+        events = list(_sse.events(response.iter_bytes()))
+    assert [e.event for e in events] == ["message", "message", "done"]
+    assert json.loads(events[0].data) == {"text": "ho", "index": 0}
 
 
 # Codecs that fail -------------------------------------------------------------------

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from protoserve.gateway.cli import main
+from tests import _sse
 from tests.e2e.conftest import ROOT, ServerProcess, start_server, stop_server
-from tests.gateway.test_http import sse_events
 
 pytestmark = pytest.mark.e2e
 
@@ -154,11 +154,11 @@ def test_sse_stream_over_h2c(h2c: Gateway) -> None:
     ):
         assert r.http_version == "HTTP/2"
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = list(sse_events(r.iter_lines()))
-    names = [e["event"] for e in events]
+        events = list(_sse.events(r.iter_bytes()))
+    names = [e.event for e in events]
     # One message per token, a last message with the finish reason, then done.
     assert names == ["message"] * (SCRIPTED_TOKENS + 1) + ["done"], names
-    assert json.loads(events[-2]["data"])["finish_reason"] == "FINISH_REASON_END_OF_TEXT"
+    assert json.loads(events[-2].data)["finish_reason"] == "FINISH_REASON_END_OF_TEXT"
 
 
 def test_http_1_1_on_the_same_port(h2c: Gateway) -> None:
@@ -170,7 +170,7 @@ def test_http_1_1_on_the_same_port(h2c: Gateway) -> None:
             "POST", "/v1/models/scripted:generateStream", json={}, headers=SSE
         ) as stream:
             assert stream.http_version == "HTTP/1.1"
-            names = [e["event"] for e in sse_events(stream.iter_lines())]
+            names = [e.event for e in _sse.events(stream.iter_bytes())]
     assert names == ["message"] * (SCRIPTED_TOKENS + 1) + ["done"], names
 
 
@@ -218,7 +218,7 @@ def test_tls(
             "POST", "/v1/models/scripted:generateStream", json={}, headers=SSE
         ) as stream:
             assert stream.http_version == version
-            names = [e["event"] for e in sse_events(stream.iter_lines())]
+            names = [e.event for e in _sse.events(stream.iter_bytes())]
     assert names[-1] == "done"
     # Plain HTTP to the TLS port is refused, not answered in the clear.
     with pytest.raises(httpx.TransportError), httpx.Client(timeout=10) as plain:
@@ -286,8 +286,8 @@ class StreamReader(threading.Thread):
                 ) as client,
                 client.stream("POST", path, json=body, headers=SSE) as response,
             ):
-                for event in sse_events(response.iter_lines()):
-                    self.events.append(event["event"])
+                for event in _sse.events(response.iter_bytes()):
+                    self.events.append(event.event)
                     self.streaming.set()
         except httpx.HTTPError as exc:
             self.error = exc

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import _sse
 from tests.gateway.echo_server import build_descriptor_set
-from tests.gateway.test_http import sse_events
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,9 +137,9 @@ def test_streaming_method_with_custom_verb_over_sse(http: httpx.Client) -> None:
     with http.stream(
         "GET", "/v1/chant/ho:chant", params={"times": 3}, headers={"Accept": "text/event-stream"}
     ) as response:
-        events = list(sse_events(response.iter_lines()))
-    assert [e["event"] for e in events] == ["message"] * 3 + ["done"]
-    assert [json.loads(e["data"]) for e in events[:3]] == [
+        events = list(_sse.events(response.iter_bytes()))
+    assert [e.event for e in events] == ["message"] * 3 + ["done"]
+    assert [json.loads(e.data) for e in events[:3]] == [
         {"text": "ho", "index": i} for i in range(3)
     ]
 
