@@ -145,6 +145,17 @@ def tests(session: nox.Session) -> None:
         session.notify("compat")
 
 
+@nox.session
+def mutants(session: nox.Session) -> None:
+    """Plant known bugs one at a time (tests/mutants.py); fail if the tests miss any.
+
+    `nox -s mutants -- NAME...` plants only those; `nox -s mutants -- --list` lists them.
+    Each run's pytest output stays in build/mutants/.
+    """
+    install_project(session, "test")
+    session.run("python", "tests/mutants.py", *session.posargs)
+
+
 # The Triton client side of `nox -s compat`. tritonclient needs protobuf < 5 and
 # protoserve protobuf >= 7, so the clients run in this session's venv and the servers
 # from a Python with protoserve installed. 2.51.0 is the newest tritonclient whose
