@@ -307,13 +307,18 @@ class ModelRegistry:
         if not task.cancelled():
             task.exception()  # the caller who awaited it has it; asyncio must not log it
 
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    def _lock(self, name: str, operation: str) -> asyncio.Lock:
+        """The lock that runs a model's loads and unloads one after the other; an
+        ``operation`` that has to wait for another says so (an unload can wait long)."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        if lock.locked():
+            log.info("model %s: the %s waits for the load or unload under way", name, operation)
+        return lock
 
     async def _load(
         self, name: str, config: ModelConfig | None = None, *, initial: bool = False
     ) -> None:
-        async with self._lock(name):
+        async with self._lock(name, "load"):
             if config is None:
                 config = await self._read_folder(name)
             await self._load_versions(config, initial=initial)
@@ -423,7 +428,7 @@ class ModelRegistry:
         self._on_change()
 
     async def _unload(self, name: str) -> None:
-        async with self._lock(name):
+        async with self._lock(name, "unload"):
             entries = self._entries.pop(name, None)
             if entries is None:
                 repository = self._require_repository()

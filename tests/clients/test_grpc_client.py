@@ -6,7 +6,6 @@ import asyncio
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from protoserve.clients._errors import (
 from protoserve.clients._grpc import Client
 from protoserve.clients._grpc_aio import AsyncClient
 from protoserve.clients._types import FinishReason, Generation
+from tests._observe import WITHIN, Generations, wait_until_async
 from tests._threads import LoopThread, start_grpc_server, stop_grpc_server
 from tests.server.models_for_tests import Slow
 
@@ -36,11 +36,12 @@ def client(target: str) -> Iterator[Client]:
         yield client
 
 
-def _wait_closed(steps_before: int) -> int:
-    """Wait until the slow model's generator is closed; the steps it took since."""
-    assert Slow.closed.wait(5), "the server kept generating after the client left"
-    time.sleep(0.2)  # a step already running may still finish
-    return Slow.steps - steps_before
+def _stopped_on_the_server(generations: Generations, steps_before: int) -> None:
+    """Wait until the server counted the slow generation cancelled and closed it; it took
+    fewer steps than the 1000 tokens it asked for."""
+    generations.wait_cancelled()
+    assert Slow.closed.wait(WITHIN), "the server kept generating after the client left"
+    assert Slow.steps - steps_before < 1000
 
 
 def test_generate_returns_a_str_with_metadata(client: Client) -> None:
@@ -69,26 +70,27 @@ def test_unknown_keyword_is_a_type_error_before_any_call(client: Client) -> None
         client.generate(PROMPT, stop=["\n"])
 
 
-def test_breaking_out_of_a_stream_stops_the_server(client: Client) -> None:
+def test_breaking_out_of_a_stream_stops_the_server(client: Client, server: Any) -> None:
+    generations = Generations(server, "slow")
     Slow.closed.clear()
     before = Slow.steps
-    stream = client.generate_stream("x", model="slow")  # kept referenced on purpose
+    # Kept referenced on purpose: the break itself must stop it, not garbage collection.
+    stream = client.generate_stream("x", model="slow", max_new_tokens=1000)
     for _ in stream:
         break
-    steps = _wait_closed(before)
-    time.sleep(0.3)
-    assert Slow.steps - before == steps  # no more steps once closed
+    _stopped_on_the_server(generations, before)
     assert stream.finish_reason is FinishReason.CANCELLED
 
 
-def test_closing_the_client_cancels_its_streams(target: str) -> None:
+def test_closing_the_client_cancels_its_streams(target: str, server: Any) -> None:
+    generations = Generations(server, "slow")
     Slow.closed.clear()
     before = Slow.steps
     client = Client(target, model="slow")
-    stream = client.generate_stream("x")
+    stream = client.generate_stream("x", max_new_tokens=1000)
     assert next(stream)
     client.close()
-    _wait_closed(before)
+    _stopped_on_the_server(generations, before)
 
 
 def test_embed_shapes(client: Client) -> None:
@@ -145,19 +147,21 @@ def _free_port() -> int:
     return port
 
 
-def test_a_dead_server_is_unavailable_quickly() -> None:
-    started = time.monotonic()
-    with Client(f"127.0.0.1:{_free_port()}", model="bytelm", retries=1) as client:
+def test_a_dead_server_is_unavailable_not_waited_for() -> None:
+    # A client that waited for the server to come up would end at the deadline instead.
+    target = f"127.0.0.1:{_free_port()}"
+    with Client(target, model="bytelm", retries=1, timeout=WITHIN) as client:
         with pytest.raises(Unavailable):
             client.generate("x")
-    assert time.monotonic() - started < 5
 
 
 def test_retries_reach_a_server_that_comes_up_late() -> None:
     from protoserve.server import InferenceServer, ServerConfig
     from protoserve.server.runtime.loader import load_model_spec
 
-    port = _free_port()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(WITHIN)
+    port = listener.getsockname()[1]
     thread = LoopThread()
     late: dict[str, Any] = {}
 
@@ -169,14 +173,21 @@ def test_retries_reach_a_server_that_comes_up_late() -> None:
         await server.start()
         late["server"] = server
 
-    timer = threading.Timer(0.5, lambda: thread.run(start()))
-    timer.start()
+    def come_up_after_the_first_attempt() -> None:
+        # The client's first connection is closed on it, and only then does the server start.
+        connection, _ = listener.accept()
+        connection.close()
+        listener.close()
+        thread.run(start())
+
+    starter = threading.Thread(target=come_up_after_the_first_attempt)
+    starter.start()
     try:
-        with Client(f"127.0.0.1:{port}", model="doubler", retries=5, timeout=20) as client:
+        with Client(f"127.0.0.1:{port}", model="doubler", retries=5, timeout=WITHIN) as client:
             out = client.predict({"x": torch.ones(2)})
         np.testing.assert_array_equal(out["y"], [2.0, 2.0])
     finally:
-        timer.join()
+        starter.join()
         if "server" in late:
             stop_grpc_server(thread, late["server"])
         else:
@@ -236,22 +247,24 @@ def test_async_client_mirrors_the_sync_one(target: str) -> None:
     asyncio.run(main())
 
 
-def test_async_stream_early_exit_stops_the_server(target: str) -> None:
+def test_async_stream_early_exit_stops_the_server(target: str, server: Any) -> None:
+    generations = Generations(server, "slow")
     Slow.closed.clear()
     before = Slow.steps
 
     async def main() -> None:
         async with AsyncClient(target, model="slow") as client:
-            async for _ in client.generate_stream("x"):
+            async for _ in client.generate_stream("x", max_new_tokens=1000):
                 break
-            # asyncio finalizes the abandoned iterator on the loop: give it a turn.
-            for _ in range(50):
-                if Slow.closed.is_set():
-                    break
-                await asyncio.sleep(0.1)
+            # asyncio finalizes the abandoned iterator on this loop: it runs on meanwhile,
+            # and the client stays open, so that the early exit alone stops the server.
+            await wait_until_async(
+                lambda: generations.cancelled() > generations.cancelled_before,
+                "the early exit cancelled the generation",
+            )
 
     asyncio.run(main())
-    _wait_closed(before)
+    _stopped_on_the_server(generations, before)
 
 
 def test_async_dead_server_is_unavailable() -> None:

@@ -131,8 +131,8 @@ def test_error_example_is_what_the_gateway_answers(up: Up) -> None:
     assert json.loads(done.stdout) == json.loads(shown)
 
 
-@pytest.mark.parametrize("index", range(3))
-def test_python_client_examples_run(up: Up, index: int) -> None:
+def python_client_example(up: Up, index: int) -> str:
+    """What the README's ``index``-th Python client example prints, run against ``up``."""
     examples = [b for b in blocks("python") if "from protoserve.clients import" in b]
     assert len(examples) == 3
     done = subprocess.run(
@@ -142,17 +142,26 @@ def test_python_client_examples_run(up: Up, index: int) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    out = done.stdout
-    if index == 0:
-        assert " length Usage(prompt_tokens=4, completion_tokens=40)" in out
-        assert "torch.Size([2," in out
-    elif index == 1:
-        # The same seeded generation, over HTTP and in-process: printed twice, identical.
-        half = len(out) // 2
-        assert out.strip() and out[:half] == out[half:]
-    else:
-        assert "parameters.temperature" in out and "parameters.top_p" in out
-        assert "NOT_FOUND" in out and "gpt-9" in out
+    return done.stdout
+
+
+def test_python_client_example_over_grpc_runs(up: Up) -> None:
+    out = python_client_example(up, 0)
+    assert " length Usage(prompt_tokens=4, completion_tokens=40)" in out
+    assert "torch.Size([2," in out
+
+
+def test_python_client_example_over_http_and_in_process_runs(up: Up) -> None:
+    out = python_client_example(up, 1)
+    # The same seeded generation, over HTTP and in-process: printed twice, identical.
+    half = len(out) // 2
+    assert out.strip() and out[:half] == out[half:]
+
+
+def test_python_client_example_of_errors_runs(up: Up) -> None:
+    out = python_client_example(up, 2)
+    assert "parameters.temperature" in out and "parameters.top_p" in out
+    assert "NOT_FOUND" in out and "gpt-9" in out
 
 
 def test_command_line_examples_run(up: Up) -> None:

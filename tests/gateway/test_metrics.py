@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -11,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protoserve.gateway._app import build_gateway
 from tests import _sse
+from tests._observe import wait_until
 from tests._threads import UvicornThread
 
 SECRET = "no-such-model-a1b2c3"
@@ -104,9 +104,7 @@ def test_streams_in_flight(gateway) -> None:
         assert next(received).event == "message"
         assert value(scrape(http), "protoserve_gateway_streams_in_flight") == 1
     # The client left: the stream ends and the gauge comes back down.
-    deadline = time.monotonic() + 10
-    while value(scrape(http), "protoserve_gateway_streams_in_flight") and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.02)
-    assert value(scrape(http), "protoserve_gateway_streams_in_flight") == 0
+    wait_until(
+        lambda: value(scrape(http), "protoserve_gateway_streams_in_flight") == 0,
+        "the gateway's streams in flight back to 0",
+    )

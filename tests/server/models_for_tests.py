@@ -121,6 +121,23 @@ class BatchEmbedder(Model):
         return torch.tensor(rows, dtype=torch.float32)
 
 
+class HeldEmbedder(BatchEmbedder):
+    """A BatchEmbedder whose every call waits until ``resume`` is set; ``entered`` is set
+    as a call begins. A test knows the model is busy, and for how long."""
+
+    name = "held-embedder"
+    entered: ClassVar[threading.Event] = threading.Event()
+    resume: ClassVar[threading.Event] = threading.Event()
+
+    def warmup(self) -> None:
+        pass  # it would wait; the tests start with the model idle
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        type(self).entered.set()
+        type(self).resume.wait(30)
+        return super().embed(texts)
+
+
 class BatchDoubler(Model):
     """Predict on rows: y = x * factor, rowsum = sum of each row; records every call's shape."""
 
@@ -158,13 +175,18 @@ class LetterDecoder(BatchDecoder):
     """Sequences of letters from each sequence's own seeded RNG; steps are recorded.
 
     A prompt ``end N`` ends the text (None) after N tokens. ``steps`` holds the
-    number of sequences of every step; ``released`` the ids let go.
+    number of sequences of every step; ``released`` the ids let go. With ``hold_at``
+    set to N, the step after the first N sets ``held`` and waits until ``resume`` is
+    set: a test queues work meanwhile, which then joins at a known step.
     """
 
     def __init__(self, max_sequences: int, delay: float) -> None:
         self.max_sequences = max_sequences
         self.delay = delay
         self.steps: list[int] = []
+        self.hold_at: int | None = None
+        self.held = threading.Event()
+        self.resume = threading.Event()
         #: "prefill" and "step" in the order they happened.
         self.events: list[str] = []
         self.released: list[int] = []
@@ -182,6 +204,9 @@ class LetterDecoder(BatchDecoder):
         return state, self._token(state)
 
     def step(self, states: Sequence[Any]) -> list[Token | None]:
+        if len(self.steps) == self.hold_at:
+            self.held.set()
+            self.resume.wait(30)
         time.sleep(self.delay)
         self.steps.append(len(states))
         self.events.append("step")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
@@ -19,13 +18,16 @@ import torch
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server import Model, ResourceExhausted
+from protoserve.server.metrics import Metrics
 from protoserve.server.runtime import FinishReason, Runtime
 from protoserve.server.runtime.tensors import RawTensor, from_raw, to_raw
+from tests._observe import WITHIN, counted, wait_until, wait_until_async
 from tests._threads import start_grpc_server, stop_grpc_server
 from tests.server.models_for_tests import (
     BatchDoubler,
     Batched,
     BatchEmbedder,
+    HeldEmbedder,
     LetterDecoder,
     Scripted,
     WrongRows,
@@ -94,17 +96,22 @@ def test_batching_off_makes_one_model_call_per_request() -> None:
 
 def test_an_idle_model_waits_for_stragglers_but_a_full_batch_goes_at_once() -> None:
     async def main() -> None:
-        async with started(BatchEmbedder(), max_batch_delay=0.5) as runtime:
+        # An hour's delay: the first request waits for company, which fills the batch,
+        # and the full batch goes at once instead of waiting out the hour.
+        async with started(BatchEmbedder(), max_batch_delay=3600) as runtime:
+            scheduler = runtime.get_model("batch-embedder").scheduler
             BatchEmbedder.calls.clear()
             first = asyncio.ensure_future(runtime.embed("batch-embedder", ["first"]))
-            await asyncio.sleep(0.1)
-            await asyncio.gather(first, runtime.embed("batch-embedder", ["second"]))
-            assert BatchEmbedder.calls == [["first", "second"]]
-        async with started(BatchEmbedder(), max_batch_delay=60) as runtime:
-            # A full batch does not wait for the (here absurd) delay.
-            full = [str(i) for i in range(BatchEmbedder.max_batch_size)]
-            vectors, _ = await asyncio.wait_for(runtime.embed("batch-embedder", full), 10)
-            assert vectors.shape[0] == len(full)
+            await wait_until_async(lambda: scheduler.depth == 1, "the first request queued")
+            assert BatchEmbedder.calls == []
+            rest = [str(i) for i in range(BatchEmbedder.max_batch_size - 1)]
+            await asyncio.gather(first, runtime.embed("batch-embedder", rest))
+            assert BatchEmbedder.calls == [["first", *rest]]
+        # A batch that never fills goes when its delay is up.
+        async with started(BatchEmbedder(), max_batch_delay=0.05) as runtime:
+            BatchEmbedder.calls.clear()
+            await runtime.embed("batch-embedder", ["lone"])
+            assert BatchEmbedder.calls == [["lone"]]
 
     run(main())
 
@@ -122,19 +129,26 @@ def test_a_request_larger_than_the_batch_runs_alone_and_whole() -> None:
 
 def test_a_cancelled_request_leaves_the_queue_before_its_batch_runs() -> None:
     async def main() -> None:
-        async with started(BatchEmbedder()) as runtime:
-            BatchEmbedder.calls.clear()
-            busy = asyncio.ensure_future(runtime.embed("batch-embedder", ["busy"] * 8))
-            await asyncio.sleep(0.005)  # the model is now in its 30 ms call
-            doomed = asyncio.ensure_future(runtime.embed("batch-embedder", ["doomed"]))
-            await asyncio.sleep(0.005)
-            doomed.cancel()
+        HeldEmbedder.entered.clear()
+        HeldEmbedder.resume.clear()
+        async with started(HeldEmbedder()) as runtime:
+            scheduler = runtime.get_model("held-embedder").scheduler
+            HeldEmbedder.calls.clear()
+            busy = asyncio.ensure_future(runtime.embed("held-embedder", ["busy"] * 8))
+            try:
+                assert await asyncio.to_thread(HeldEmbedder.entered.wait, WITHIN)
+                # The model is in its call: the next request waits in the queue.
+                doomed = asyncio.ensure_future(runtime.embed("held-embedder", ["doomed"]))
+                await wait_until_async(lambda: scheduler.depth == 1, "the request queued")
+                doomed.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await doomed
+                assert scheduler.depth == 0
+            finally:
+                HeldEmbedder.resume.set()
             await busy
-            await runtime.embed("batch-embedder", ["after"])
-            with pytest.raises(asyncio.CancelledError):
-                await doomed
-        assert all("doomed" not in call for call in BatchEmbedder.calls)
-        assert ["after"] in BatchEmbedder.calls
+            await runtime.embed("held-embedder", ["after"])
+        assert HeldEmbedder.calls == [["busy"] * 8, ["after"]]
 
     run(main())
 
@@ -237,17 +251,29 @@ def test_a_new_sequence_joins_at_a_step_boundary_without_disturbing_the_others()
         async with started(Batched()) as runtime:
             long_alone = await collect(runtime, "batched", "long", gen(120, seed=9))
             short_alone = await collect(runtime, "batched", "short", gen(10, seed=8))
+            scheduler = runtime.get_model("batched").scheduler
+            # However far its reader lags, neither sequence pauses: every step decodes both.
+            scheduler.buffer = 1000
             decoder().steps.clear()
+            # The worker holds still in the long one's 21st step while the short one queues.
+            decoder().hold_at = 20
             long_task = asyncio.ensure_future(collect(runtime, "batched", "long", gen(120, seed=9)))
-            while len(decoder().steps) < 20:  # noqa: ASYNC110 - the worker thread steps it
-                await asyncio.sleep(0.005)
-            short = await collect(runtime, "batched", "short", gen(10, seed=8))
+            try:
+                assert await asyncio.to_thread(decoder().held.wait, WITHIN)
+                short_task = asyncio.ensure_future(
+                    collect(runtime, "batched", "short", gen(10, seed=8))
+                )
+                await wait_until_async(lambda: scheduler.depth == 1, "the short one queued")
+            finally:
+                decoder().resume.set()
+            short = await short_task
             long = await long_task
             steps = list(decoder().steps)
         assert (long, short) == (long_alone, short_alone)
-        # Alone for 20+ steps, then two at once while the short one ran, then alone again.
+        # Alone for 21 steps and more, then two at once while the short one ran (its
+        # first token comes from its prefill, nine more from steps), then alone again.
         joined = steps.index(2)
-        assert joined >= 20 and set(steps[:joined]) == {1}
+        assert joined > 20 and set(steps[:joined]) == {1}
         assert steps[joined : joined + 9] == [2] * 9 and set(steps[joined + 9 :]) == {1}
 
     run(main())
@@ -283,7 +309,8 @@ def test_a_cancelled_stream_leaves_the_batch_within_one_step() -> None:
                 await anext(drop)
             await drop.aclose()
             cancelled_at = len(decoder().steps)
-            for _ in range(10):
+            # Read on until steps were taken after the cancel (not only tokens buffered before).
+            while len(decoder().steps) < cancelled_at + 10:
                 await anext(keep)
             after = decoder().steps[cancelled_at + 1 :]
             assert after and set(after) == {1}, decoder().steps[cancelled_at - 3 :]
@@ -320,16 +347,17 @@ def test_a_decoder_without_generate_still_serves_with_batching_off() -> None:
 # Limits.
 def test_streams_beyond_max_streams_are_refused_at_once() -> None:
     async def main() -> None:
-        async with started(Scripted(), max_streams=1) as runtime:
+        async with started(Scripted(), max_streams=1, metrics=Metrics()) as runtime:
             Scripted.delay = 0.01
             try:
                 first = runtime.generate_stream("scripted", "x", gen(30))
                 await anext(first)
                 second = runtime.generate_stream("scripted", "x", gen(30))
-                started_at = time.perf_counter()
+                # Refused while the first still streams, and counted as a rejection.
                 with pytest.raises(ResourceExhausted, match="streams in flight"):
                     await anext(second)
-                assert time.perf_counter() - started_at < 1
+                assert counted(runtime, "protoserve_rejections_total", model="scripted") == 1
+                assert (await anext(first)).token_ids
                 await first.aclose()
                 # Room again once the first stream ended.
                 third = runtime.generate_stream("scripted", "x", gen(2))
@@ -354,13 +382,11 @@ def test_a_deadline_takes_a_sequence_out_of_the_running_batch() -> None:
                 stub.Generate(request, timeout=0.3)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
         decoder = Batched.decoders[-1]
-        deadline = time.monotonic() + 5
-        while decoder.live and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not decoder.live, "the timed-out sequence still holds its place"
-        steps = len(decoder.steps)
-        time.sleep(0.1)
-        assert len(decoder.steps) == steps, "the model kept decoding after the deadline"
-        assert 0 < steps < 1000
+        scheduler = server.runtime.get_model("batched").scheduler
+        wait_until(lambda: not decoder.live, "the timed-out sequence gave up its place")
+        # Released, and off the worker's books: no step can follow. It stopped long
+        # before its 1000 tokens.
+        assert scheduler.active == 0
+        assert 0 < len(decoder.steps) < 1000
     finally:
         stop_grpc_server(thread, server)

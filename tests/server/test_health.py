@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,6 +12,7 @@ from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server import InferenceServer, ServerConfig
 from protoserve.server.app import model_health_name
 from protoserve.server.runtime.loader import load_model_spec
+from tests._observe import wait_until
 from tests._threads import LoopThread
 from tests.server.models_for_tests import Gated
 
@@ -25,13 +24,6 @@ SERVICE = "protoserve.inference.v1.InferenceService"
 def check(channel: grpc.Channel, service: str) -> int:
     request = health_pb2.HealthCheckRequest(service=service)
     return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status)
-
-
-def wait_until(condition: Callable[[], bool], within: float = 10) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition never came true"
-        time.sleep(0.01)
 
 
 def test_a_model_is_not_ready_until_loaded_and_run_once_and_health_is_per_model() -> None:
@@ -52,7 +44,9 @@ def test_a_model_is_not_ready_until_loaded_and_run_once_and_health_is_per_model(
     stub = pb_grpc.InferenceServiceStub(channel)
     try:
         # Doubler loads and warms up at once; Gated is still warming up.
-        wait_until(lambda: check(channel, model_health_name("doubler")) == SERVING)
+        wait_until(
+            lambda: check(channel, model_health_name("doubler")) == SERVING, "doubler serving"
+        )
         assert check(channel, model_health_name("gated")) == NOT_SERVING
         gated = stub.GetModel(pb.GetModelRequest(name="gated"), timeout=5)
         assert gated.model.state == pb.MODEL_STATE_LOADING
@@ -100,11 +94,17 @@ def test_every_model_serving_makes_the_server_serving_until_it_drains() -> None:
 
     server = thread.run(make())
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    services = ("", SERVICE, model_health_name("doubler"), model_health_name("scripted"))
     try:
-        for service in ("", SERVICE, model_health_name("doubler"), model_health_name("scripted")):
-            wait_until(lambda s=service: check(channel, s) == SERVING)  # type: ignore[misc]
+        wait_until(
+            lambda: [check(channel, s) for s in services] == [SERVING] * 4, "every service serving"
+        )
         thread.loop.call_soon_threadsafe(server.runtime.begin_drain)
-        wait_until(lambda: check(channel, model_health_name("doubler")) == NOT_SERVING)
+        # Draining, every service turns NOT_SERVING: the server's and each model's.
+        wait_until(
+            lambda: [check(channel, s) for s in services] == [NOT_SERVING] * 4,
+            "every service not serving",
+        )
     finally:
         channel.close()
         thread.run(server.stop(1), timeout=30)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -15,6 +14,7 @@ from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server.config import add_arguments, from_arguments
 from protoserve.server.runtime.model import Decoding
+from tests._observe import wait_until
 from tests._threads import start_grpc_server, stop_grpc_server
 
 RID = "request-id-that-must-not-be-a-label"
@@ -55,12 +55,15 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 
 def wait_for(url: str, name: str, want: float, **labels: str):
-    deadline = time.monotonic() + 10
-    while True:
-        samples = scrape(url)
-        if value(samples, name, **labels) == want or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.02)
+    """Scrape until the sample is ``want``; that scrape's samples."""
+    scraped: list[dict[tuple[str, frozenset[tuple[str, str]]], float]] = []
+
+    def reached() -> bool:
+        scraped.append(scrape(url))
+        return value(scraped[-1], name, **labels) == want
+
+    wait_until(reached, f"{name}{labels} == {want}")
+    return scraped[-1]
 
 
 def params(n: int) -> pb.GenerationParameters:
@@ -80,11 +83,11 @@ def test_metrics_count_calls_tokens_cancellations_and_rejections(served) -> None
             pb.GenerateRequest(model="scripted", parameters=params(n)), metadata=md, timeout=10
         )
         completion += reply.usage.completion_tokens
-    for message in stub.GenerateStream(
+    *_, last = stub.GenerateStream(
         pb.GenerateStreamRequest(model="scripted", parameters=params(2)), metadata=md, timeout=10
-    ):
-        if message.HasField("usage"):
-            completion += message.usage.completion_tokens
+    )
+    assert last.HasField("usage"), "the last message of a stream carries its usage"
+    completion += last.usage.completion_tokens
     with pytest.raises(grpc.RpcError) as unknown:
         stub.Generate(pb.GenerateRequest(model=RID), metadata=md, timeout=10)
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
@@ -139,10 +142,9 @@ def test_metrics_count_calls_tokens_cancellations_and_rejections(served) -> None
     # Labels come from bounded sets only: never a request id or an unknown model's name.
     decodings = {d.value for d in Decoding}
     allowed = {"method": METHODS, "code": CODES, "model": MODELS, "decoding": decodings}
-    for _, labels in s:
-        for key, label in labels:
-            if key != "le":
-                assert label in allowed[key], (key, label)
+    seen = {(key, label) for _, series in s for key, label in series if key != "le"}
+    assert {key for key, _ in seen} == set(allowed)
+    assert {(key, label) for key, label in seen if label not in allowed[key]} == set()
 
 
 def test_metrics_port_flag_and_environment() -> None:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import struct
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -35,7 +34,8 @@ from protoserve.inference.v1 import inference_service_pb2_grpc as v1_grpc
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 from protoserve.server import InferenceServer
-from protoserve.server.errors import ProtoserveError
+from protoserve.server.errors import FailedPrecondition
+from tests._observe import wait_until
 from tests._threads import start_grpc_server, stop_grpc_server
 from tests.server.conftest import Running
 
@@ -332,15 +332,31 @@ def _perf_analyzer_request(config: pb.ModelConfig, batch: int) -> list[Tensor]:
     return tensors
 
 
+#: Each server's models.
+MODELS_OF = {
+    "served": ["echo-tensors", "echo-text", "rows", "doubler", "slow"],
+    "running": ["bytelm", "doubler", "scripted", "exploding", "broken"],
+}
+#: The outputs a request built from a model's configuration alone gets: those of the
+#: task its inputs pick. Not asked: echo-tensors declares no tensors to build one from,
+#: exploding fails on purpose, broken never loaded.
+OUTPUTS_BY_CONFIG = {
+    "served": {
+        "echo-text": ["text_output"],
+        "rows": ["y"],
+        "doubler": ["y"],
+        "slow": ["text_output"],
+    },
+    "running": {"bytelm": ["text_output"], "doubler": ["y"], "scripted": ["text_output"]},
+}
+
+
 @pytest.mark.parametrize("server", ["served", "running"])
 def test_config_agrees_with_metadata_and_its_requests_are_served(
     server: str, request: pytest.FixtureRequest
 ) -> None:
     stub = request.getfixturevalue("stub" if server == "served" else "oip")
-    names = {"served": ["echo-tensors", "echo-text", "rows", "doubler", "slow"]}.get(
-        server, ["bytelm", "doubler", "scripted", "exploding", "broken"]
-    )
-    for name in names:
+    for name in MODELS_OF[server]:
         meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=5)
         config = stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=5).config
         batch = [-1] if config.max_batch_size > 0 else []
@@ -350,22 +366,20 @@ def test_config_agrees_with_metadata_and_its_requests_are_served(
         assert [(o.name, o.datatype, list(o.shape)) for o in meta.outputs] == [
             (o.name, CONFIG_DATATYPES[o.data_type], batch + list(o.dims)) for o in config.output
         ], name
-        if name in ("rows", "doubler", "bytelm", "echo-text", "scripted"):
-            # As perf_analyzer asks: every output of the configuration, and its own parameter.
-            parameters = {"triton_enable_empty_final_response": p(False)}
-            if name in ("bytelm", "scripted"):
-                parameters["max_new_tokens"] = p(2)
-            response = infer(
-                stub,
-                name,
-                _perf_analyzer_request(config, 2),
-                outputs=[o.name for o in config.output],
-                parameters=parameters,
-            )
-            # A multi-task model answers with the outputs of the task its inputs picked.
-            assert [o.name for o in response.outputs] == [o.name for o in config.output][
-                : len(response.outputs)
-            ]
+    for name, outputs in OUTPUTS_BY_CONFIG[server].items():
+        config = stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=5).config
+        # As perf_analyzer asks: every output of the configuration, and its own parameter.
+        parameters = {"triton_enable_empty_final_response": p(False)}
+        if outputs == ["text_output"]:
+            parameters["max_new_tokens"] = p(2)
+        response = infer(
+            stub,
+            name,
+            _perf_analyzer_request(config, 2),
+            outputs=[o.name for o in config.output],
+            parameters=parameters,
+        )
+        assert [o.name for o in response.outputs] == outputs, name
 
 
 # Tensors: every datatype, typed contents and raw, both ways.
@@ -393,22 +407,25 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.datatype)
-def test_tensors_round_trip_typed_and_raw_alike(stub, case: Case) -> None:
+def _shape_and_bytes(case: Case) -> tuple[list[int], bytes]:
     shape = [2, len(case.values) // 2]
-    expected = np.array(case.values, dtype=case.dtype).astype(case.dtype).tobytes()
-    raw = infer(
-        stub,
-        "echo-tensors",
-        [tensor("t", case.datatype, shape)],
-        raw=[expected],
-    )
+    return shape, np.array(case.values, dtype=case.dtype).astype(case.dtype).tobytes()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.datatype)
+def test_tensors_round_trip_raw(stub, case: Case) -> None:
+    shape, expected = _shape_and_bytes(case)
+    raw = infer(stub, "echo-tensors", [tensor("t", case.datatype, shape)], raw=[expected])
     assert outputs_of(raw) == {"t": (case.datatype, shape, expected)}
-    if case.field is not None:
-        typed = infer(
-            stub, "echo-tensors", [tensor("t", case.datatype, shape, **{case.field: case.values})]
-        )
-        assert outputs_of(typed) == outputs_of(raw)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.field], ids=lambda c: c.datatype)
+def test_typed_tensors_arrive_as_their_raw_bytes(stub, case: Case) -> None:
+    shape, expected = _shape_and_bytes(case)
+    assert case.field is not None
+    contents = {case.field: case.values}
+    typed = infer(stub, "echo-tensors", [tensor("t", case.datatype, shape, **contents)])
+    assert outputs_of(typed) == {"t": (case.datatype, shape, expected)}
 
 
 def test_bf16_travels_raw_as_its_own_bits(stub) -> None:
@@ -597,10 +614,7 @@ def test_overload_is_resource_exhausted_with_retry_info(served: Served, stub) ->
     assert retry.retry_delay.seconds == 1
     # The other four were cancelled with it: they leave the model, which serves on.
     scheduler = served.server.runtime.get_model("slow").scheduler
-    deadline = time.monotonic() + 10
-    while scheduler.depth or scheduler.active:
-        assert time.monotonic() < deadline, "the cancelled generations never left"
-        time.sleep(0.01)
+    wait_until(lambda: scheduler.depth + scheduler.active == 0, "the cancelled generations left")
     one = infer(stub, "slow", [text(b"a")], parameters={"max_new_tokens": p(3)})
     assert unframe(outputs_of(one)["text_output"][2]) == [b"xxx"]
 
@@ -818,20 +832,20 @@ def test_a_request_that_does_not_parse_is_invalid_argument(served: Served) -> No
 
 # The model repository RPCs.
 def test_repository_rpcs_answer_as_the_runtime_does(served: Served, stub) -> None:
-    runtime = served.server.runtime
-    try:
-        want: Any = [(e.name, e.version, e.state) for e in runtime.repository_index()]
-    except ProtoserveError as exc:
-        want = exc.code
-    try:
-        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
-        got: Any = [(m.name, m.version, m.state) for m in index.models]
-    except grpc.RpcError as exc:
-        got = exc.code()
-    assert got == want
-    # Loading a model the server has no trace of: the runtime's own error.
+    # This server has no model repository: the runtime refuses, and the RPCs say so alike.
+    with pytest.raises(FailedPrecondition) as refused:
+        served.server.runtime.repository_index()
+    assert refused.value.message == "the server has no model repository (--model-repository)"
+    err = error(stub.RepositoryIndex, pb.RepositoryIndexRequest(), timeout=5)
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        refused.value.message,
+    )
     err = error(stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="x"), timeout=5)
-    assert err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        refused.value.message,
+    )
 
 
 def test_repository_rpcs_refuse_other_repositories_and_parameters(stub) -> None:

@@ -16,7 +16,6 @@ import re
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from protoserve.server.config import add_arguments, from_arguments
 from protoserve.server.errors import FailedPrecondition
 from protoserve.server.models.bytelm import BatchedDecoding, load_pretrained
 from protoserve.server.repository import RepositoryError, read_config
+from tests._observe import wait_until
 from tests._threads import LoopThread, start_grpc_server, stop_grpc_server
 from tests.server.repository_models import Held, SlowToLoad
 from tests.server.test_decoding import decoding_gauges
@@ -201,13 +201,6 @@ def code(err: grpc.RpcError) -> grpc.StatusCode:
 
 def details(err: grpc.RpcError) -> str:
     return err.details() or ""  # type: ignore[attr-defined,no-any-return]
-
-
-def wait_until(condition: Callable[[], bool], within: float = 20) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition never came true"
-        time.sleep(0.01)
 
 
 # Versions.
@@ -482,7 +475,7 @@ def test_unload_waits_for_a_request_in_flight(tmp_path: Path) -> None:
         assert Held.entered.wait(20)
         unloading: Future[None] = pool.submit(s.unload, "held")
         # It leaves service at once: not listed, new requests refused ...
-        wait_until(lambda: s.listed() == [])
+        wait_until(lambda: s.listed() == [], "held out of service")
         assert s.index() == {("held", "1"): ("UNLOADING", "finishing its requests")}
         assert code(error(s.infer, "held", [1.0])) == grpc.StatusCode.NOT_FOUND
         # ... but the request in flight finishes, and only then is it unloaded.
@@ -494,8 +487,9 @@ def test_unload_waits_for_a_request_in_flight(tmp_path: Path) -> None:
 
 
 def test_a_reload_serves_the_old_version_meanwhile_and_an_unload_waits_its_turn(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="protoserve.server")
     SlowToLoad.release.set()
     model_folder(tmp_path, "slow", f'source = "{REPO_MODELS}:SlowToLoad"\n')
     with serving(tmp_path) as s, ThreadPoolExecutor(2) as pool:
@@ -508,7 +502,12 @@ def test_a_reload_serves_the_old_version_meanwhile_and_an_unload_waits_its_turn(
         assert s.health() == SERVING and s.health("slow") == SERVING
         assert s.index() == {("slow", "1"): ("READY", "")}
         unloading = pool.submit(s.unload, "slow")
-        time.sleep(0.2)  # let the unload reach the server; it waits for the load
+        waits = "model slow: the unload waits for the load or unload under way"
+        wait_until(
+            lambda: any(r.getMessage() == waits for r in caplog.records),
+            "the unload reached the server",
+        )
+        assert not unloading.done()
         SlowToLoad.release.set()
         reloading.result(20)
         unloading.result(20)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from protoserve.server.runtime.scheduler import Scheduler
+from tests._observe import WITHIN, wait_until_async
 
 
 @contextlib.contextmanager
@@ -57,7 +58,8 @@ def on_scheduler(body: Callable[[Scheduler], Awaitable[None]], **settings: Any) 
 
 
 async def two_requests(scheduler: Scheduler, i: int) -> list[list[str]]:
-    """Two one-item batch requests 10 ms apart; the model calls that served them."""
+    """Two one-item batch requests, the second once the first is queued; the model calls
+    that served them."""
     calls: list[list[str]] = []
 
     def run_batch(payloads: list[str]) -> list[str]:
@@ -65,16 +67,18 @@ async def two_requests(scheduler: Scheduler, i: int) -> list[list[str]]:
         return [p.upper() for p in payloads]
 
     first = asyncio.ensure_future(scheduler.run_batched("embed", (), f"a{i}", 1, run_batch))
-    await asyncio.sleep(0.01)
+    # A wrong worker sends the first request alone meanwhile; a right one holds it.
+    await wait_until_async(lambda: scheduler.depth == 1 or calls, "the first request queued")
+    assert calls == [], f"round {i}: a lone request went without waiting for its batch"
     second = scheduler.run_batched("embed", (), f"b{i}", 1, run_batch)
-    assert await asyncio.wait_for(asyncio.gather(first, second), 20) == [f"A{i}", f"B{i}"]
+    assert await asyncio.wait_for(asyncio.gather(first, second), WITHIN) == [f"A{i}", f"B{i}"]
     return calls
 
 
 #: Two items fill a batch, so a correct round ends as soon as the second request
-#: arrives; the delay (2 s, long against the 10 ms between the two) only matters
-#: when the first request is wrongly sent alone.
-PAIRS = {"max_batch_size": 2, "max_batch_delay": 2}
+#: arrives. The delay (an hour) is never reached: the first request waits for the
+#: second whatever the machine's speed.
+PAIRS = {"max_batch_size": 2, "max_batch_delay": 3600}
 
 
 def test_a_one_off_job_has_left_the_model_when_its_caller_has_its_result() -> None:
@@ -108,8 +112,10 @@ def test_a_job_whose_caller_left_does_not_keep_the_model_busy() -> None:
         for i in range(10):
             job = scheduler.submit(endless)
             # Unread items pause the job once its buffer is full; then its reader leaves.
-            while job.unread < scheduler.buffer:  # noqa: ASYNC110 (a worker-thread counter)
-                await asyncio.sleep(0.001)
+            await wait_until_async(
+                lambda job=job: job.unread >= scheduler.buffer,  # type: ignore[misc]
+                "the buffer full",
+            )
             job.cancel()
             assert await two_requests(scheduler, i) == [[f"a{i}", f"b{i}"]], f"round {i}"
             assert scheduler.active == 0
