@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +31,7 @@ from protoserve.clients._http_aio import AsyncHttpClient
 from protoserve.clients._sse import _SSEParser
 from protoserve.clients._types import FinishReason, Generation
 from protoserve.gateway import build_gateway
+from tests._observe import Generations, wait_until_async
 from tests._threads import UvicornThread, start_grpc_server, stop_grpc_server
 from tests.server.models_for_tests import Slow
 
@@ -123,13 +123,13 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_cancel(steps_before: int) -> None:
-    """The server stopped generating for ``slow`` soon after the client left."""
-    assert Slow.closed.wait(5), "the server kept generating after the client left"
-    steps = Slow.steps
-    assert steps > steps_before
-    time.sleep(0.2)
-    assert Slow.steps == steps, "steps went on after the generation was closed"
+def wait_for_cancel(generations: Generations, steps_before: int) -> None:
+    """The server stopped generating for ``slow`` after the client left: it counted the
+    generation cancelled, holds none, closed the model's iterator, and took fewer steps
+    than the 1,000 asked for."""
+    generations.wait_cancelled()
+    assert Slow.closed.is_set(), "the model's token iterator was never closed"
+    assert steps_before < Slow.steps < steps_before + 1000
 
 
 # --- the SSE parser, line by line ---
@@ -240,25 +240,27 @@ def test_keepalive_comments_are_skipped(odd_url: str) -> None:
 
 
 def test_breaking_out_of_the_loop_cancels_the_generation_on_the_server(
-    client: HttpClient,
+    client: HttpClient, server: Any
 ) -> None:
     Slow.closed.clear()
     before = Slow.steps
+    generations = Generations(server, "slow")
     for count, _ in enumerate(client.generate_stream("", model="slow", max_new_tokens=1000)):
         if count == 2:
             break
-    wait_for_cancel(before)
+    wait_for_cancel(generations, before)
     # The connection the stream used was closed, not poisoned: the client still works.
     assert client.model("slow").ready
 
 
-def test_close_cancels_a_stream_in_use(client: HttpClient) -> None:
+def test_close_cancels_a_stream_in_use(client: HttpClient, server: Any) -> None:
     Slow.closed.clear()
     before = Slow.steps
+    generations = Generations(server, "slow")
     with client.generate_stream("", model="slow", max_new_tokens=1000) as stream:
         iterator = iter(stream)
         next(iterator)
-    wait_for_cancel(before)
+    wait_for_cancel(generations, before)
 
 
 def test_not_found(client: HttpClient) -> None:
@@ -280,15 +282,16 @@ def test_invalid_argument_names_the_field(client: HttpClient) -> None:
         client.generate_stream("x", model="bytelm", temprature=1.0)
 
 
-def test_deadline_is_the_servers(client: HttpClient) -> None:
+def test_deadline_is_the_servers(client: HttpClient, server: Any) -> None:
     Slow.closed.clear()
     before = Slow.steps
+    generations = Generations(server, "slow")
     with pytest.raises(DeadlineExceeded) as caught:
         client.generate("", model="slow", max_new_tokens=1000, timeout=0.3)
     # 504 from the gateway: the server's deadline fired first. Had httpx's own
     # (1.3 s) come first, there would be no HTTP status.
     assert caught.value.http_status == 504
-    wait_for_cancel(before)  # and it stopped the generation on the server
+    wait_for_cancel(generations, before)  # and it stopped the generation on the server
     stream = client.generate_stream("", model="slow", max_new_tokens=1000, timeout=0.3)
     chunks: list[str] = []
     with pytest.raises(DeadlineExceeded):
@@ -401,28 +404,26 @@ def test_async_stream_matches_grpc(gateway: Gateway, target: str) -> None:
     run(main)
 
 
-def test_async_break_cancels_on_the_server(gateway: Gateway) -> None:
+def test_async_break_cancels_on_the_server(gateway: Gateway, server: Any) -> None:
     Slow.closed.clear()
     before = Slow.steps
+    generations = Generations(server, "slow")
 
     async def main() -> None:
         async with AsyncHttpClient(gateway.url) as client:
             async for _ in client.generate_stream("", model="slow", max_new_tokens=1000):
                 break
             # No aclose(): asyncio finalizes the dropped iterator while the loop runs.
-            for _ in range(300):
-                if Slow.closed.is_set():
-                    break
-                await asyncio.sleep(0.01)
-            assert Slow.closed.is_set(), "still generating 3 s after the loop was left"
+            await wait_until_async(Slow.closed.is_set, "the generation closed, loop left")
 
     run(main)
-    wait_for_cancel(before)
+    wait_for_cancel(generations, before)
 
 
-def test_async_aclose_cancels_on_the_server(gateway: Gateway) -> None:
+def test_async_aclose_cancels_on_the_server(gateway: Gateway, server: Any) -> None:
     Slow.closed.clear()
     before = Slow.steps
+    generations = Generations(server, "slow")
 
     async def main() -> None:
         async with AsyncHttpClient(gateway.url) as client:
@@ -433,7 +434,7 @@ def test_async_aclose_cancels_on_the_server(gateway: Gateway) -> None:
             assert (await client.model("slow")).ready
 
     run(main)
-    wait_for_cancel(before)
+    wait_for_cancel(generations, before)
 
 
 def test_async_errors_are_typed(gateway: Gateway) -> None:
