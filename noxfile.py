@@ -139,7 +139,7 @@ def tests(session: nox.Session) -> None:
     install_project(session, "test")
     # buf (reflection calls, proto checks) and the Node gRPC client, pinned by package-lock.json.
     session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
-    ensure_chromium(session)
+    ensure_debian_tools(session)
     session.run("pytest", *session.posargs)
     if not session.posargs:
         session.notify("compat")
@@ -275,15 +275,26 @@ def _protoserve_python(session: nox.Session) -> str:
     return str(python)
 
 
-def ensure_chromium(session: nox.Session) -> None:
-    """Headless Chromium for the browser tests: Debian's package, installed when missing.
+#: The programs the tests run that come from Debian's packages (command: package).
+DEBIAN_TOOLS = {
+    "chromium": "chromium",  # headless, for the browser tests
+    "h2load": "nghttp2-client",  # HTTP/2 and gRPC load (tests/gateway, tests/bench)
+    "openssl": "openssl",  # the tests' self-signed TLS certificates
+    "wrk": "wrk",  # HTTP/1.1 load (tests/bench)
+}
 
-    Only where apt-get can run (root); elsewhere the browser tests skip, or fail under CI.
+
+def ensure_debian_tools(session: nox.Session) -> None:
+    """The DEBIAN_TOOLS packages whose command is missing, installed with apt-get.
+
+    Only where apt-get can run (root); elsewhere the tests that need one skip, or fail
+    under CI (tests/_tools.py).
     """
-    if shutil.which("chromium") or not shutil.which("apt-get") or os.geteuid() != 0:
+    packages = [pkg for command, pkg in DEBIAN_TOOLS.items() if not shutil.which(command)]
+    if not packages or not shutil.which("apt-get") or os.geteuid() != 0:
         return
     env = {"DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
     if subprocess.run(install, env={**os.environ, **env}, capture_output=True).returncode:
         session.run("apt-get", "update", "-q", external=True, env=env)
         session.run(*install, external=True, env=env)
@@ -331,6 +342,7 @@ def bench(session: nox.Session) -> None:
     elif chosen == "decoding":
         session.run("python", "bench/decoding.py", *args)
     else:
+        ensure_debian_tools(session)  # the suite drives wrk and h2load
         session.install(MATPLOTLIB, CUDA_RUNTIME)
         session.install("--no-deps", PERF_ANALYZER_WHEEL)
         libraries = [_cuda_runtime_lib(session), _libb64_lib(session)]

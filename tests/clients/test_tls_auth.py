@@ -12,7 +12,6 @@ localhost, made with the openssl CLI.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from protoserve.clients import (
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests._threads import LoopThread
+from tests._tools import debian
 
 pytestmark = pytest.mark.e2e
 
@@ -161,8 +161,7 @@ class _Certs:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> _Certs:
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl CLI is not installed")
+    debian("openssl", "openssl")
     base = tmp_path_factory.mktemp("tls")
     key, cert = _self_signed(base / "server")
     _, other_cert = _self_signed(base / "other")

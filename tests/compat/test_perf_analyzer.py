@@ -2,7 +2,8 @@
 
 perf_analyzer reads ServerMetadata, ModelMetadata and ModelConfig before it sends
 ModelInfer requests, and fails at the first answer it cannot use; a short run
-that reports a throughput shows the whole path works as Triton's does.
+that reports a throughput shows the whole path works as Triton's does. The benchmark
+suite's wrapper of it (bench/_loadgen.py) is tested here too, where perf_analyzer is.
 """
 
 from __future__ import annotations
@@ -10,12 +11,20 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.compat._cases import CASES, TEXT
 from tests.compat._processes import Process
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+# bench/ is a folder of scripts that import each other by plain name; _loadgen needs only
+# the standard library, so the suite's perf_analyzer wrapper is tested here, in this venv.
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+import _loadgen as lg  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 THROUGHPUT = re.compile(r"Concurrency: (\d+), throughput: ([0-9.]+) infer/sec")
@@ -84,3 +93,47 @@ def test_text_generation(
     # within 50 % (CI failed so). Windows of 4 requests do.
     windows = TIME_WINDOWS if protocol == "grpc" else COUNT_WINDOWS
     _run(perf_analyzer, protocol, address, TEXT, *text, windows=windows)
+
+
+def test_bench_loadgen_reads_and_checks_perf_analyzer(
+    perf_analyzer: tuple[str, dict[str, str]], server: Process, tmp_path: Path
+) -> None:
+    """bench/_loadgen.py's perf_analyzer(): the benchmark suite's figures, read from its CSV
+    and profile export and checked against each other, and a failed run raised."""
+    binary, env = perf_analyzer
+    data = tmp_path / "embed.json"
+    data.write_text(json.dumps({"data": [{"text": ["def read_config(path): return path"]}]}))
+    inputs = ["--input-data", str(data), "--shape", "text:1"]
+    point = lg.perf_analyzer(
+        Path(binary),
+        env,
+        url=server.address,
+        protocol="grpc",
+        model=TEXT,
+        concurrency=2,
+        # Windows of 0.83 s: on a busy machine one Embed can take longer than a shorter
+        # window, which perf_analyzer refuses ("No valid requests recorded").
+        seconds=3,
+        tmp=tmp_path,
+        label="pa",
+        extra_args=inputs,
+        # Stability is perf_analyzer's judgement of the machine, not what this tests.
+        stability=1000,
+        max_trials=3,
+    )
+    assert point.ok > 0 and point.failed == 0 and point.unit == "infer/s"
+    assert point.throughput > 0 and point.p50_ms <= point.p99_ms  # NaN fails too
+    assert point.extra["windows"] >= 3
+    with pytest.raises(RuntimeError):
+        lg.perf_analyzer(
+            Path(binary),
+            env,
+            url=server.address,
+            protocol="grpc",
+            model="nope",
+            concurrency=2,
+            seconds=1,
+            tmp=tmp_path,
+            label="pa",
+            extra_args=inputs,
+        )

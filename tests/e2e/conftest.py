@@ -16,6 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests._tools import missing
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -97,14 +99,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def tool(name: str) -> str:
-    """Path of a pinned npm tool (node_modules/.bin), or skip; under CI a missing tool fails."""
+    """Path of a pinned npm tool (node_modules/.bin): skips where missing, fails on CI."""
     path = ROOT / "node_modules" / ".bin" / name
     if path.exists():
         return str(path)
     found = shutil.which(name)
     if found:
         return found
-    message = f"{name} is not installed: run `npm ci` in {ROOT}"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    missing(f"{name} is not installed: run `npm ci` in {ROOT}")

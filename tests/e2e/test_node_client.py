@@ -7,15 +7,13 @@ checks that another language's gRPC stack agrees with ours on the wire.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
-from typing import NoReturn
 
 import google.api
 import pytest
 
+from tests._tools import missing, which
 from tests.e2e.conftest import ROOT, ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -24,19 +22,10 @@ SCRIPT = Path(__file__).with_name("node_client.js")
 NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader")
 
 
-def missing(message: str) -> NoReturn:
-    """Skip, or fail under CI (as ``tool()`` does)."""
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def node() -> str:
     """Path of node, checked (with the npm packages) before a server is started."""
-    path = shutil.which("node")
-    if path is None:
-        missing("node is not installed")
+    path = which("node", install="Node.js, which `npm ci` needs too")
     for package in NODE_PACKAGES:
         if not (ROOT / "node_modules" / package / "package.json").exists():
             missing(f"{package} is not installed: run `npm ci` in {ROOT}")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import re
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -17,6 +15,7 @@ import pytest
 
 from protoserve.gateway import build_gateway
 from tests._threads import UvicornThread
+from tests._tools import chromium
 from tests.gateway.conftest import Stack
 from tests.server.models_for_tests import Scripted
 
@@ -36,15 +35,6 @@ source.addEventListener("done", () => {
   seen.done = true; if (closeOnDone) source.close(); report(); });
 source.onerror = () => { seen.errors += 1; report(); };
 </script></body></html>"""
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail("chromium is not installed (nox -s tests installs it with apt-get)")
-    pytest.skip("no headless Chromium installed")
 
 
 @pytest.fixture

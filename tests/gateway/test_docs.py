@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import json
 import re
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -18,17 +17,9 @@ from protoserve.gateway._docs import docs_html
 from protoserve.gateway._openapi import build_openapi
 from protoserve.gateway._rules import bindings_for
 from protoserve.inference.v1 import inference_service_pb2
+from tests._tools import chromium, which
 
 SERVICE = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"]
-NODE = shutil.which("node")
-BROWSER = next(
-    (
-        found
-        for name in ("chromium", "chromium-browser", "google-chrome")
-        if (found := shutil.which(name))
-    ),
-    None,
-)
 
 
 def script_of(page: str) -> str:
@@ -73,17 +64,16 @@ def test_script_never_inserts_markup() -> None:
     assert "eval(" not in script
 
 
-@pytest.mark.skipif(NODE is None, reason="node is not installed")
 def test_script_helpers_under_node(tmp_path: Path) -> None:
     """The script's pure parts (SSE parsing, URLs, example bodies), run by Node."""
+    node = which("node", install="Node.js, which `npm ci` needs too")
     document = build_openapi(bindings_for(SERVICE), title="t", version="1")
     (tmp_path / "page.js").write_text(script_of(docs_html("/openapi.json", "t")))
     (tmp_path / "openapi.json").write_text(json.dumps(document))
     (tmp_path / "run.js").write_text(HARNESS)
-    assert NODE is not None
-    subprocess.run([NODE, "--check", str(tmp_path / "page.js")], check=True)
+    subprocess.run([node, "--check", str(tmp_path / "page.js")], check=True)
     done = subprocess.run(
-        [NODE, str(tmp_path / "run.js"), str(tmp_path)],
+        [node, str(tmp_path / "run.js"), str(tmp_path)],
         check=True,
         capture_output=True,
         text=True,
@@ -185,12 +175,10 @@ def site() -> Iterator[str]:
     server.server_close()
 
 
-@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium installed")
 def test_browser_renders_every_operation(site: str) -> None:
-    assert BROWSER is not None
     done = subprocess.run(
         [
-            BROWSER,
+            chromium(),
             "--headless",
             "--no-sandbox",
             "--disable-gpu",

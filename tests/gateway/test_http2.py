@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 
 from protoserve.gateway.cli import main
 from tests import _sse
+from tests._tools import debian
 from tests.e2e.conftest import ROOT, ServerProcess, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -81,9 +81,7 @@ def start_gateway(tmp: Path, upstream: str, *args: str, timeout: float = 60) -> 
 
 def self_signed(tmp: Path) -> tuple[Path, Path]:
     """A certificate for IP 127.0.0.1 and its key, made with the openssl CLI."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl CLI is not installed")
+    openssl = debian("openssl", "openssl")
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(
         [
@@ -174,10 +172,8 @@ def test_http_1_1_on_the_same_port(h2c: Gateway) -> None:
     assert names == ["message"] * (SCRIPTED_TOKENS + 1) + ["done"], names
 
 
-def test_h2load_if_installed(h2c: Gateway, tmp_path: Path) -> None:
-    h2load = shutil.which("h2load")
-    if h2load is None:
-        pytest.skip("h2load (Debian nghttp2-client) is not installed")
+def test_h2load(h2c: Gateway, tmp_path: Path) -> None:
+    h2load = debian("h2load", "nghttp2-client")
     body = tmp_path / "body.json"
     body.write_text("{}")
     result = subprocess.run(

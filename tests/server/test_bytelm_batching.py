@@ -31,13 +31,10 @@ from torch import Tensor
 from protoserve.server import dispatch
 from protoserve.server.models.builtin import ByteLMModel
 from protoserve.server.models.bytelm import (
-    CONFIG_NAME,
     ROUNDING_TOLERANCE,
-    WEIGHTS_NAME,
     BatchedDecoding,
     ByteLM,
     ByteLMConfig,
-    default_weights_dir,
     encode,
     generate_tokens,
     load_pretrained,
@@ -285,13 +282,6 @@ def test_an_overridden_forward_is_detected_and_followed(exact: bool) -> None:
         _assert_matches_reference(model, seq)
 
 
-_SHIPPED = default_weights_dir()
-
-
-@pytest.mark.skipif(
-    not ((_SHIPPED / WEIGHTS_NAME).is_file() and (_SHIPPED / CONFIG_NAME).is_file()),
-    reason="shipped ByteLM weights not present",
-)
 def test_shipped_weights_across_the_slide() -> None:
     model = load_pretrained()
     ctx = model.config.context_length
