@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,20 +220,16 @@ def test_tls_without_the_right_root_is_unavailable_not_a_hang(
     with Client(
         tls_server.target, tls=True, root_certificates=root_certificates, model="m", timeout=5
     ) as client:
-        start = time.monotonic()
+        # A handshake failure ends the call (retries included) as UNAVAILABLE; waiting
+        # for the 5 s deadline instead would raise DeadlineExceeded.
         with pytest.raises(Unavailable):
             client.generate("hi")
-        # A handshake failure ends the call (retries included) well before the
-        # 5 s deadline, which would have been DeadlineExceeded instead.
-        assert time.monotonic() - start < 4
 
 
 def test_plain_client_against_a_tls_server_is_unavailable(tls_server: _Server) -> None:
     with Client(tls_server.target, model="m", timeout=5) as client:
-        start = time.monotonic()
-        with pytest.raises(Unavailable):
+        with pytest.raises(Unavailable):  # not DeadlineExceeded: no wait for the deadline
             client.generate("hi")
-        assert time.monotonic() - start < 4
 
 
 # (2) token over TLS
@@ -348,10 +343,8 @@ def test_async_client_tls_token_and_metadata(
         async with AsyncClient(
             tls_auth_server.target, root_certificates=certs.other_cert, model="m", timeout=5
         ) as client:
-            start = time.monotonic()
-            with pytest.raises(Unavailable):
+            with pytest.raises(Unavailable):  # not DeadlineExceeded, as above
                 await client.generate("hi")
-            assert time.monotonic() - start < 4
 
         async with AsyncClient(
             plain_auth_server.target, token=TOKEN, model="m", timeout=10
