@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -36,6 +37,14 @@ def _env(name: str, default: str) -> str:
     for a Service named protoserve-gateway; ``--port`` must still win over it.)
     """
     return os.environ.get(f"PROTOSERVE_GATEWAY_{name}", default)
+
+
+def _grace(text: str) -> float:
+    """--shutdown-grace: a finite number of seconds, 0 or more."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more: {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--camel-case",
         action="store_true",
         help="answer with lowerCamelCase JSON names instead of the .proto names",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=_grace,
+        default=_env("SHUTDOWN_GRACE", str(DEFAULT_GRACE_SECONDS)),
+        metavar="SECONDS",
+        help="after the first SIGTERM/SIGINT, requests in flight (streams included) get "
+        "this long to finish; a second signal ends them at once (default %(default)s)",
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     parser.add_argument(
@@ -243,16 +260,22 @@ def _fail(log_format: str, message: str) -> None:
 def _serve_uvicorn(
     app: Starlette, sock: socket.socket, args: argparse.Namespace, port_file: Path | None
 ) -> int:
-    """Serve HTTP/1.1 (HTTPS with --certfile) on ``sock`` with uvicorn until signalled."""
+    """Serve HTTP/1.1 (HTTPS with --certfile) on ``sock`` with uvicorn until signalled.
+
+    As on hypercorn's path, requests still running when the grace is over (or at a
+    second signal) are ended by ``_Drain``, as if their clients had left; uvicorn's own
+    cancelling, a traceback per request, is only a backstop.
+    """
     port = sock.getsockname()[1]
+    drain = _Drain(app)
     config = uvicorn.Config(
-        app,
+        drain,
         log_level=args.log_level.lower(),
         access_log=False,  # the gateway logs its own (RequestIdMiddleware)
         # uvicorn's loggers go through the root handler, in the gateway's format.
         log_config=None,
         lifespan="on",
-        timeout_graceful_shutdown=_GRACE_SECONDS,
+        timeout_graceful_shutdown=math.ceil(args.shutdown_grace + _BACKSTOP_SECONDS),
         ssl_certfile=args.certfile,
         ssl_keyfile=args.keyfile,
     )
@@ -270,10 +293,13 @@ def _serve_uvicorn(
         loop = asyncio.get_running_loop()
 
         def on_signal() -> None:
-            # The first signal drains (uvicorn's graceful shutdown); a second one hurries.
+            # The first signal drains (uvicorn's graceful shutdown); the end of the grace
+            # or a second signal hurries what is left.
             if server.should_exit:
-                server.force_exit = True
+                drain.hurry.set()
+                return
             server.should_exit = True
+            loop.call_later(args.shutdown_grace, drain.hurry.set)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal)
@@ -290,7 +316,7 @@ def _serve_hypercorn(
 
     Same contract as uvicorn's path: the port file is written once requests are
     accepted; the first SIGTERM/SIGINT stops accepting and lets requests in flight
-    finish (up to ``_GRACE_SECONDS``), a second one ends them now; both exit 0.
+    finish (up to ``--shutdown-grace``), a second one ends them now; both exit 0.
     Returns 1 when the app's startup fails.
     """
     # Imported here: only --http2 pays for hypercorn (and h2) at startup.
@@ -309,7 +335,7 @@ def _serve_hypercorn(
     config.certfile = args.certfile
     config.keyfile = args.keyfile
     # _Drain ends requests at the grace; hypercorn's own cancelling is only a backstop.
-    config.graceful_timeout = _GRACE_SECONDS + _BACKSTOP_SECONDS
+    config.graceful_timeout = args.shutdown_grace + _BACKSTOP_SECONDS
     config.accesslog = None  # as uvicorn's access_log=False
     # A Logger object is used as is, so hypercorn's lines go through the gateway's format
     # (given "-", hypercorn would install a handler and format of its own).
@@ -337,7 +363,7 @@ def _serve_hypercorn(
                 drain.hurry.set()
                 return
             stop.set()
-            loop.call_later(_GRACE_SECONDS, drain.hurry.set)
+            loop.call_later(args.shutdown_grace, drain.hurry.set)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal)
@@ -354,19 +380,23 @@ def _serve_hypercorn(
     return 0 if started else 1
 
 
-#: Seconds requests in flight get to finish after the first SIGTERM/SIGINT.
-_GRACE_SECONDS = 10
-#: Seconds after the grace before hypercorn cancels what still runs (see _Drain).
+#: Seconds requests in flight get to finish after the first SIGTERM/SIGINT, unless
+#: --shutdown-grace says otherwise.
+DEFAULT_GRACE_SECONDS = 10.0
+#: Seconds after the grace before uvicorn or hypercorn cancels what still runs (see _Drain).
 _BACKSTOP_SECONDS = 5
 
 
 class _Drain:
-    """ASGI glue between hypercorn and the gateway: ends requests when the grace is over.
+    """ASGI glue between the HTTP server and the gateway: ends requests when the grace is over.
 
-    hypercorn 0.18 drains by waiting ``graceful_timeout`` for its connections and
-    then cancelling them; a connection cancelled while a response streams makes
-    hypercorn raise "TaskGroup ... is shutting down" out of ``serve`` (a traceback,
-    exit 1, and no lifespan shutdown). So requests are ended here instead: once
+    Both servers end a drain by cancelling what still runs. hypercorn 0.18 waits
+    ``graceful_timeout`` for its connections and then cancels them; a connection
+    cancelled while a response streams makes hypercorn raise "TaskGroup ... is
+    shutting down" out of ``serve`` (a traceback, exit 1, and no lifespan shutdown).
+    uvicorn cancels each request's task after ``timeout_graceful_shutdown`` and logs
+    the CancelledError as "Exception in ASGI application", a traceback per request.
+    So requests are ended here instead: once
     ``hurry`` is set (the grace is over, or a second signal came), ``receive``
     answers ``http.disconnect``, and the gateway does what it does when a client
     leaves: it cancels the upstream call and returns.

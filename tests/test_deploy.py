@@ -633,8 +633,6 @@ def _check_server(container: Mapping[str, Any], config: Any, grace_period: int) 
 
 def _check_gateway(container: Mapping[str, Any], args: Any, grace_period: int) -> None:
     """Probes and drain timing of one gateway container."""
-    from protoserve.gateway import cli
-
     probes = _probes(container)
     assert {k: p["httpGet"]["path"] for k, p in probes.items()} == {
         "startup": "/healthz",
@@ -642,7 +640,7 @@ def _check_gateway(container: Mapping[str, Any], args: Any, grace_period: int) -
         "liveness": "/healthz",
     }
     assert {p["httpGet"]["port"] for p in probes.values()} == {args.port}
-    assert grace_period > _pre_stop_seconds(container) + cli._GRACE_SECONDS
+    assert grace_period > _pre_stop_seconds(container) + args.shutdown_grace
     assert args.host == "0.0.0.0"
 
 
