@@ -18,7 +18,7 @@ MODELS = (
     "tests.server.models_for_tests:Scripted",
     "tests.server.models_for_tests:Slow",
     "tests.server.models_for_tests:Exploding",
-    "tests.server.models_for_tests:Pausing",
+    "tests.server.models_for_tests:Held",
 )
 
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 from typing import Any
 
 import httpx
 import pytest
 
 from protoserve.gateway._app import build_gateway
-from tests._observe import Generations
+from tests._observe import Generations, wait_until
 from tests._sse import events
 from tests._threads import UvicornThread
 from tests.gateway.conftest import Stack
-from tests.server.models_for_tests import Scripted, Slow
+from tests.server.models_for_tests import Held, Scripted, Slow
 
 GENERATE = "/v1/models/{}:generate"
 STREAM = "/v1/models/{}:generateStream"
@@ -240,28 +239,26 @@ def test_sse_get_binding_takes_query_parameters(http: httpx.Client) -> None:
 
 
 def test_events_arrive_as_they_are_produced(http: httpx.Client) -> None:
-    """The first event comes long before the stream could have finished: no buffering.
-
-    Slow counts its steps (20 ms each): a gateway that buffered the stream would hand
-    over the first event only after all 150.
-    """
-    before = Slow.steps
-    with http.stream(
-        "POST", STREAM.format("slow"), json={"parameters": {"max_new_tokens": 150}}, headers=SSE
-    ) as response:
-        received = events(response.iter_bytes())
-        first = next(received)
-        steps_at_first = Slow.steps - before
-        rest = list(received)
-    assert first.event == "message" and json.loads(first.data)["text"] == "x"
-    assert rest[-1].event == "done"
-    assert steps_at_first < 75, steps_at_first
+    """The first event comes while the model is still held before its second token: a
+    gateway that buffered the stream would hand nothing over until the test let go."""
+    Held.resume.clear()
+    try:
+        with http.stream("POST", STREAM.format("held"), json={}, headers=SSE) as response:
+            received = events(response.iter_bytes())
+            first = next(received)
+            assert not Held.resume.is_set()
+            Held.resume.set()
+            rest = list(received)
+    finally:
+        Held.resume.set()
+    assert first.event == "message" and json.loads(first.data)["text"] == "a"
+    assert [e.event for e in rest] == ["message", "message", "done"]
 
 
 def test_keepalive_comments_while_the_upstream_is_silent(http: httpx.Client) -> None:
-    # keepalive is 0.5 s in this stack; `pausing` is silent for 1.2 s between "a" and "b".
-    # How many comments come is a matter of timing; where they come, and their bytes, are not.
-    response = http.post(STREAM.format("pausing"), json={}, headers=SSE)
+    # keepalive is 0.5 s in this stack; `held` is silent between "a" and "b" until the test
+    # has seen a keep-alive. How many more come is a matter of timing; where they come,
+    # and their bytes, are not.
     frames = [
         b"id: 1\nevent: message\n"
         b'data: {"text":"a","token_ids":[97],"finish_reason":"FINISH_REASON_UNSPECIFIED"}\n\n',
@@ -273,11 +270,25 @@ def test_keepalive_comments_while_the_upstream_is_silent(http: httpx.Client) -> 
         b'"text":"","token_ids":[]}\n\n',
         b"event: done\ndata: {}\n\n",
     ]
-    keepalives = rb"(?:: keep-alive\n\n)"
+    keepalive = b": keep-alive\n\n"
+    Held.resume.clear()
+    body = b""
+    try:
+        with http.stream("POST", STREAM.format("held"), json={}, headers=SSE) as response:
+            chunks = response.iter_bytes()
+            for chunk in chunks:
+                body += chunk
+                if keepalive in body:
+                    break
+            Held.resume.set()
+            body += b"".join(chunks)
+    finally:
+        Held.resume.set()
+    keepalives = b"(?:" + re.escape(keepalive) + b")"
     # At least one in the pause; a loaded machine may add some between the later events.
     expected = re.escape(frames[0]) + keepalives + b"+"
     expected += (keepalives + b"*").join(re.escape(frame) for frame in frames[1:])
-    assert re.fullmatch(expected, response.content), response.content
+    assert re.fullmatch(expected, body), body
 
 
 def test_eventsource_reconnect_is_told_to_stop(http: httpx.Client) -> None:
@@ -314,18 +325,20 @@ def test_error_before_the_stream_started_gets_its_http_status(http: httpx.Client
     assert status_of(response)["code"] == 5
 
 
-def test_deadline_headers_become_grpc_deadlines(http: httpx.Client) -> None:
+def test_deadline_headers_become_grpc_deadlines(stack: Stack, http: httpx.Client) -> None:
     body = {"parameters": {"max_new_tokens": 500}}
     for headers in ({"X-Request-Timeout": "0.2"}, {"Grpc-Timeout": "200m"}):
         Slow.closed.clear()
+        generations = Generations(stack.server, "slow")
         before = Slow.steps
         response = http.post(GENERATE.format("slow"), json=body, headers=headers)
         assert response.status_code == 504, response.text
         assert status_of(response)["code"] == 4
-        # The deadline reached the server: it stopped the generation well short of its
-        # 500 steps (20 ms each), instead of running it out behind the 504.
-        assert Slow.closed.wait(10), "the server kept generating past the deadline"
-        assert Slow.steps - before < 250, Slow.steps - before
+        # The deadline reached the server: it cancelled the generation short of its 500
+        # steps, instead of running it out behind the 504.
+        generations.wait_cancelled()
+        assert Slow.closed.is_set()
+        assert Slow.steps - before < 500, Slow.steps - before
     bad = http.post(GENERATE.format("slow"), json=body, headers={"Grpc-Timeout": "soon"})
     assert bad.status_code == 400
 
@@ -350,10 +363,10 @@ def test_full_queue_is_429_with_retry_after(stack: Stack, http: httpx.Client) ->
         ]
         try:
             entry = stack.server.runtime.get_model("slow")
-            deadline = time.monotonic() + 10
-            while entry.scheduler.depth + entry.scheduler.active < 4:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_until(
+                lambda: entry.scheduler.depth + entry.scheduler.active == 4,
+                "four streams on the slow model",
+            )
             response = http.post(GENERATE.format("slow"), json={})
             assert response.status_code == 429
             assert response.headers["retry-after"] == "1"

@@ -59,6 +59,26 @@ class Slow(Scripted):
     script = b"x" * 100_000
 
 
+class Held(Model):
+    """Says "a", is silent until a test sets ``resume``, then says "b".
+
+    The test decides when the pause ends, from what it has seen (the first event, a
+    keep-alive), so no clock decides what arrives in the pause. The wait's 30 s only
+    bounds a broken test.
+    """
+
+    name = "held"
+    resume = threading.Event()
+
+    def warmup(self) -> None:
+        pass
+
+    def generate(self, text: str, params: GenerationParams) -> Iterator[Token]:
+        yield Token(97, b"a")
+        self.resume.wait(30)
+        yield Token(98, b"b")
+
+
 class Exploding(Model):
     """Fails inside model code on every task."""
 
