@@ -278,9 +278,12 @@ def test_a_value_on_the_bound_is_served_and_one_step_past_is_refused(
     served = call(ways, _settle({bound.name: on}, greedy_first))
     assert served.text is not None, f"{bound.name}={on!r} was refused: {served.refused}"
     if way in GRPC_WAYS and bound.name in UNSIGNED and past < 0:
-        return  # the field is unsigned: a negative value cannot be sent over gRPC
-    refused = call(ways, _settle({bound.name: past}, greedy_first))
-    assert refused.refused == {f"parameters.{bound.name}"}, f"{bound.name}={past!r}"
+        # The field is unsigned: the message itself refuses the value, before any call.
+        with pytest.raises(ValueError):
+            v1.GenerationParameters(**{bound.name: past})
+    else:
+        refused = call(ways, _settle({bound.name: past}, greedy_first))
+        assert refused.refused == {f"parameters.{bound.name}"}, f"{bound.name}={past!r}"
 
 
 @pytest.mark.parametrize("way", WAYS)

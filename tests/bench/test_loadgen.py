@@ -25,6 +25,7 @@ import pytest
 
 from protoserve.gateway._app import build_gateway
 from protoserve.inference.v1 import inference_service_pb2 as pb
+from tests._observe import wait_until
 from tests._threads import UvicornThread, start_grpc_server, stop_grpc_server
 from tests._tools import debian
 
@@ -191,20 +192,27 @@ def test_h2load_counts_match_the_server(stack: Stack, tmp_path: Path) -> None:
 
 
 def test_rss_of_a_process_tree_and_its_peak() -> None:
-    # A child that starts a sleeping grandchild, then writes 64 MiB after 0.5 s.
+    # A child that starts a sleeping grandchild, then writes 64 MiB when told to: once the
+    # sampler has taken its first ("idle") sample.
     script = (
         "import subprocess, sys, time;"
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']);"
-        "time.sleep(0.5); blob = b'x' * (64 << 20); print('written', flush=True); time.sleep(30)"
+        "sys.stdin.readline(); blob = b'x' * (64 << 20); print('written', flush=True);"
+        "time.sleep(30)"
     )
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdin is not None
     grandchildren: list[int] = []
     try:
         with lg.RssSampler([child.pid], interval=0.05) as sampler:
-            deadline = time.monotonic() + 10
-            while sampler.last(child.pid) < sampler.idle(child.pid) + (48 << 20):
-                assert time.monotonic() < deadline, "the child's 64 MiB never showed"
-                time.sleep(0.05)
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            wait_until(
+                lambda: sampler.last(child.pid) >= sampler.idle(child.pid) + (48 << 20),
+                "the child's 64 MiB showed",
+            )
         assert sampler.peak(child.pid) >= sampler.idle(child.pid) + (48 << 20)
         # The sampler may see the blob while it is being written: wait until it all is.
         assert child.stdout is not None and child.stdout.readline().strip() == "written"
@@ -218,5 +226,6 @@ def test_rss_of_a_process_tree_and_its_peak() -> None:
             os.kill(pid, signal.SIGKILL)
         child.kill()
         child.wait()
+        child.stdin.close()
         if child.stdout is not None:
             child.stdout.close()

@@ -124,7 +124,8 @@ def test_model_defaults_to_the_only_one_else_value_error(target: str) -> None:
             client.generate("x")
 
 
-def test_typed_errors(client: Client) -> None:
+def test_typed_errors(client: Client, server: Any) -> None:
+    generations = Generations(server, "slow")
     with pytest.raises(NotFound) as not_found:
         client.generate("x", model="nope")
     assert not_found.value.__suppress_context__
@@ -138,6 +139,8 @@ def test_typed_errors(client: Client) -> None:
     stream = client.generate_stream("x", model="slow", timeout=0.2)
     with pytest.raises(DeadlineExceeded):
         list(stream)
+    # Both deadlines reached the server; counted before the next test looks at the count.
+    generations.wait_cancelled(2)
 
 
 def _free_port() -> int:
@@ -224,7 +227,9 @@ def test_several_endpoints_must_be_addresses() -> None:
         Client(["a.example:1", "b.example:1"])
 
 
-def test_async_client_mirrors_the_sync_one(target: str) -> None:
+def test_async_client_mirrors_the_sync_one(target: str, server: Any) -> None:
+    generations = Generations(server, "slow")
+
     async def main() -> None:
         async with AsyncClient(target, model="bytelm", timeout=30) as client:
             text = await client.generate(PROMPT, max_new_tokens=12, seed=3, temperature=1.0)
@@ -245,6 +250,7 @@ def test_async_client_mirrors_the_sync_one(target: str) -> None:
                 client.generate_stream("x", stop="\n")
 
     asyncio.run(main())
+    generations.wait_cancelled()  # the deadline reached the server
 
 
 def test_async_stream_early_exit_stops_the_server(target: str, server: Any) -> None:
