@@ -196,7 +196,8 @@ def test_rss_of_a_process_tree_and_its_peak() -> None:
     # sampler has taken its first ("idle") sample.
     script = (
         "import subprocess, sys, time;"
-        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']);"
+        "p = subprocess.Popen([sys.executable, '-c',"
+        " 'import time; print(\"asleep\", flush=True); time.sleep(30)']);"
         "sys.stdin.readline(); blob = b'x' * (64 << 20); print('written', flush=True);"
         "time.sleep(30)"
     )
@@ -214,8 +215,10 @@ def test_rss_of_a_process_tree_and_its_peak() -> None:
                 "the child's 64 MiB showed",
             )
         assert sampler.peak(child.pid) >= sampler.idle(child.pid) + (48 << 20)
-        # The sampler may see the blob while it is being written: wait until it all is.
-        assert child.stdout is not None and child.stdout.readline().strip() == "written"
+        # The sampler may see the blob while it is being written: wait until it all is, and
+        # until the grandchild (its output goes to the same pipe) is asleep.
+        assert child.stdout is not None
+        assert {child.stdout.readline().strip() for _ in range(2)} == {"written", "asleep"}
         grandchildren = lg._descendants(child.pid)
         (grandchild,) = grandchildren
         own, below = lg.rss_bytes(child.pid), lg.rss_bytes(grandchild)
