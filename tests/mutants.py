@@ -164,6 +164,15 @@ MUTANTS = (
         ("tests/server/test_bytelm.py",),
         "top_p has no effect: the built-in model samples from every token",
     ),
+    Mutant(
+        "top-p-zero-keeps-nothing",
+        "server/models/bytelm.py",
+        "        drop_sorted[0] = False\n",
+        "",
+        ("tests/test_bounds.py",),
+        "top_p 0, inside the advertised range, fails inside the model: INTERNAL (the bug "
+        "issue #14 found)",
+    ),
     # The scheduler's and the runtime's bounds.
     Mutant(
         "queue-admits-one-more",
