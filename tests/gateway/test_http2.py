@@ -336,9 +336,12 @@ def test_a_stream_finished_during_the_drain_ends_cleanly(
     assert reader.error is None, reader.error
 
 
-def test_second_signal_ends_a_stream_at_once_and_exits_0(launch: Callable[..., Gateway]) -> None:
-    gateway = launch("--http2", "--shutdown-grace", HOUR)
-    reader = StreamReader(gateway.url, http2=True, tokens=1024)
+@pytest.mark.parametrize("flags", [(), ("--http2",)], ids=["uvicorn", "hypercorn"])
+def test_second_signal_ends_a_stream_at_once_and_exits_0(
+    launch: Callable[..., Gateway], flags: tuple[str, ...]
+) -> None:
+    gateway = launch(*flags, "--shutdown-grace", HOUR)
+    reader = StreamReader(gateway.url, http2=bool(flags), tokens=1024)
     reader.start()
     assert reader.streaming.wait(30) and reader.events, (reader.error, gateway.output())
     at_signal = len(reader.events)
