@@ -4,8 +4,8 @@ One catch-all endpoint routes every request through the :class:`Router` built
 from the services' ``google.api.http`` rules, transcodes it into the method's
 request message, calls the upstream over a grpc.aio channel and transcodes
 the answer back: JSON for unary methods, SSE or NDJSON for server streaming.
-The gateway knows nothing about inference (DESIGN rule 3) and never imports
-``protoserve.server``.
+The gateway knows nothing about inference (docs/architecture.md, rule 3) and
+never imports ``protoserve.server``.
 """
 
 from __future__ import annotations

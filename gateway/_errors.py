@@ -1,10 +1,11 @@
 """Errors over HTTP: the one table from gRPC status codes to HTTP statuses, and the body.
 
-DESIGN rule 4: gRPC status codes are the error vocabulary. Every error the gateway
-answers, whether the upstream raised it or the gateway did, is a ``google.rpc.Status``
-rendered in proto3 JSON (``{"code": 3, "message": "...", "details": [...]}``, the body
-grpc-gateway and Google's REST APIs answer), with the HTTP status taken from
-:data:`HTTP_STATUS`, the only place in protoserve that maps codes to HTTP.
+Rule 4 of docs/architecture.md: gRPC status codes are the error vocabulary. Every
+error the gateway answers, whether the upstream raised it or the gateway did, is a
+``google.rpc.Status`` rendered in proto3 JSON
+(``{"code": 3, "message": "...", "details": [...]}``, the body grpc-gateway and
+Google's REST APIs answer), with the HTTP status taken from :data:`HTTP_STATUS`,
+the only place in protoserve that maps codes to HTTP.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ and by nothing else. :class:`RequestIdFilter`, installed on the handler, copies
 it onto every record as ``request_id`` (None outside a request), so a line
 logged anywhere while a request is served carries its id without being told.
 
-The same as ``protoserve.server.logs``, which the gateway does not import (DESIGN rule 3).
+The same as ``protoserve.server.logs``, which the gateway does not import
+(docs/architecture.md, rule 3).
 """
 
 from __future__ import annotations

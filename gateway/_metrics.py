@@ -3,7 +3,7 @@
 Each app has its own ``CollectorRegistry``, so several gateways in one process
 do not collide. Labels are bounded: the route is the binding's path template
 (``/v1/models/{name}``), never the raw path; an unmatched request is
-``<unmatched>``. Nothing here knows about inference (DESIGN rule 3).
+``<unmatched>``. Nothing here knows about inference (docs/architecture.md, rule 3).
 """
 
 from __future__ import annotations

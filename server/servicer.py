@@ -1,10 +1,10 @@
 """``protoserve.inference.v1.InferenceService``: messages in, runtime call, messages out.
 
-The servicer is thin (DESIGN rule 7): it converts protobuf messages to plain
-values, calls :class:`~protoserve.server.runtime.core.Runtime`, and converts
-back. Every call gets a request id (the caller's ``x-request-id``, or a new
-one), returned as ``x-request-id`` metadata and carried by every line logged
-while the call runs; each call ends with one access line
+The servicer is thin (docs/architecture.md, rule 7): it converts protobuf
+messages to plain values, calls :class:`~protoserve.server.runtime.core.Runtime`,
+and converts back. Every call gets a request id (the caller's ``x-request-id``,
+or a new one), returned as ``x-request-id`` metadata and carried by every line
+logged while the call runs; each call ends with one access line
 (``protoserve.server.access``). Errors become statuses with
 ``google.rpc`` details; an unexpected exception is logged with its traceback
 and the request id, and the client gets INTERNAL with that id only.

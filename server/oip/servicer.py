@@ -1,6 +1,6 @@
 """``inference.GRPCInferenceService``: the Open Inference Protocol over the same runtime.
 
-Thin like the v1 servicer (DESIGN rule 7), and in the same call frame
+Thin like the v1 servicer (docs/architecture.md, rule 7), and in the same call frame
 (:func:`protoserve.server.servicer.unary`): request ids, access lines, metrics
 labelled with the RPC's name, and runtime errors as the same statuses with the
 same ``google.rpc`` details.

@@ -1,4 +1,4 @@
-"""DESIGN rule 3: the gateway is generic and never imports protoserve.server."""
+"""docs/architecture.md, rule 3: the gateway is generic and never imports protoserve.server."""
 
 from __future__ import annotations
 
