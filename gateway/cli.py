@@ -12,7 +12,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -267,7 +267,7 @@ def _serve_uvicorn(
     cancelling, a traceback per request, is only a backstop.
     """
     port = sock.getsockname()[1]
-    drain = _Drain(app)
+    drain = _Drain(app, args.shutdown_grace)
     config = uvicorn.Config(
         drain,
         log_level=args.log_level.lower(),
@@ -275,7 +275,7 @@ def _serve_uvicorn(
         # uvicorn's loggers go through the root handler, in the gateway's format.
         log_config=None,
         lifespan="on",
-        timeout_graceful_shutdown=math.ceil(args.shutdown_grace + _BACKSTOP_SECONDS),
+        timeout_graceful_shutdown=math.ceil(drain.backstop),
         ssl_certfile=args.certfile,
         ssl_keyfile=args.keyfile,
     )
@@ -290,19 +290,10 @@ def _serve_uvicorn(
         server.startup = startup  # type: ignore[method-assign]
 
     async def serve() -> None:
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            # The first signal drains (uvicorn's graceful shutdown); the end of the grace
-            # or a second signal hurries what is left.
-            if server.should_exit:
-                drain.hurry.set()
-                return
+        def begin() -> None:  # uvicorn's graceful shutdown: stop accepting, wait
             server.should_exit = True
-            loop.call_later(args.shutdown_grace, drain.hurry.set)
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal)
+        drain.on_signals(begin)
         await server.serve(sockets=[sock])
 
     asyncio.run(serve())
@@ -335,16 +326,15 @@ def _serve_hypercorn(
     config.certfile = args.certfile
     config.keyfile = args.keyfile
     # _Drain ends requests at the grace; hypercorn's own cancelling is only a backstop.
-    config.graceful_timeout = args.shutdown_grace + _BACKSTOP_SECONDS
+    drain = _Drain(app, args.shutdown_grace)
+    config.graceful_timeout = drain.backstop
     config.accesslog = None  # as uvicorn's access_log=False
     # A Logger object is used as is, so hypercorn's lines go through the gateway's format
     # (given "-", hypercorn would install a handler and format of its own).
     config.errorlog = logging.getLogger("hypercorn.error")
-    drain = _Drain(app)
     started = False
 
     async def serve() -> None:
-        loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
         async def shutdown_trigger() -> None:
@@ -356,17 +346,7 @@ def _serve_hypercorn(
                 port_file.write_text(f"{port}\n")  # noqa: ASYNC240 - once, tiny
             await stop.wait()
 
-        def on_signal() -> None:
-            # The first signal drains (hypercorn stops accepting, waits for requests);
-            # the end of the grace or a second signal hurries what is left.
-            if stop.is_set():
-                drain.hurry.set()
-                return
-            stop.set()
-            loop.call_later(args.shutdown_grace, drain.hurry.set)
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal)
+        drain.on_signals(stop.set)  # hypercorn stops accepting and waits for requests
         # The cast: hypercorn types the ASGI callable with its TypedDict events, Starlette
         # with plain mappings; the two describe the same protocol but do not unify.
         asgi = cast("hypercorn.typing.ASGIFramework", drain)
@@ -402,9 +382,30 @@ class _Drain:
     leaves: it cancels the upstream call and returns.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, grace: float) -> None:
         self.app = app
+        self.grace = grace
+        #: When the HTTP server's own cancelling should come: only for what this misses.
+        self.backstop = grace + _BACKSTOP_SECONDS
         self.hurry = asyncio.Event()
+        self._draining = False
+
+    def on_signals(self, begin: Callable[[], None]) -> None:
+        """Handle SIGTERM and SIGINT on the running loop: the first calls ``begin`` (the
+        server stops accepting) and ends what still runs once the grace is over; a second
+        ends it now. Both exit 0 once the server is done."""
+        loop = asyncio.get_running_loop()
+
+        def signalled() -> None:
+            if self._draining:
+                self.hurry.set()
+                return
+            self._draining = True
+            begin()
+            loop.call_later(self.grace, self.hurry.set)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, signalled)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -436,7 +437,7 @@ class _Server(uvicorn.Server):
 
     uvicorn re-raises SIGTERM/SIGINT once its graceful shutdown is done, so the
     process would die by the signal (exit status -15) instead of exiting 0; the
-    gateway installs its own handlers (see ``main``) and exits 0 after draining.
+    gateway installs its own handlers (``_Drain.on_signals``) and exits 0 after draining.
     """
 
     @contextlib.contextmanager

@@ -252,11 +252,10 @@ def _settle(params: dict[str, Any], greedy_first: str) -> dict[str, Any]:
     """Parameters that make a served call cheap: one token, unless max_new_tokens is the
     value under test; then a stop sequence on the first greedy character ends it."""
     settled = {"temperature": 0.0, "seed": 1, **params}
-    if "max_new_tokens" in params:
-        if settled["max_new_tokens"] > 1:
-            settled = {**settled, "temperature": 0.0, "stop_sequences": [greedy_first]}
-    else:
+    if "max_new_tokens" not in params:
         settled["max_new_tokens"] = 1
+    elif params["max_new_tokens"] > 1:
+        settled["stop_sequences"] = [greedy_first]
     return settled
 
 

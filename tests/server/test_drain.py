@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +21,15 @@ import pytest
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from protoserve.server.app import _STOP_MARGIN
+from tests._observe import counted, wait_until
 from tests._threads import start_grpc_server
 
 #: The grace the stop is given: the runtime ends generations one second before it runs
 #: out (server/app.py's _STOP_MARGIN), so here at once, while each is far from done: Slow
 #: takes 20 ms a token for 1,000 tokens, bytelm (greedy from "def ", which runs to its
 #: length) 2,048 tokens, which took 47 s on the 2-core machine this was written on.
-GRACE = 1.1
+GRACE = _STOP_MARGIN + 0.1
 LONG = {"slow": 1000, "bytelm": 2048}
 
 
@@ -64,15 +66,6 @@ class StreamCall:
         assert len(self.messages) >= count, (len(self.messages), self.error)
 
 
-def _wait_until(condition: Callable[[], bool], what: str) -> None:
-    done = threading.Event()
-    for _ in range(3000):
-        if condition():
-            return
-        done.wait(0.02)
-    pytest.fail(f"never: {what}")
-
-
 @pytest.fixture
 def draining() -> Iterator[tuple[Any, Any, pb_grpc.InferenceServiceStub]]:
     thread, server = start_grpc_server(
@@ -95,11 +88,8 @@ def test_generations_running_at_the_end_of_the_grace_end_cancelled_with_status_o
     assert decodings["bytelm"] == pb.DECODING_BATCHED
     assert decodings["slow"] == pb.DECODING_SEQUENTIAL
 
-    registry = server.metrics.registry
-
     def tokens(model: str) -> float:
-        value = registry.get_sample_value("protoserve_generated_tokens_total", {"model": model})
-        return value or 0.0
+        return counted(server, "protoserve_generated_tokens_total", model=model)
 
     unary: dict[str, Any] = {}
     streams: dict[str, StreamCall] = {}
@@ -107,7 +97,7 @@ def test_generations_running_at_the_end_of_the_grace_end_cancelled_with_status_o
         # The unary call first, alone on its model, so that its tokens are the only ones
         # counted: it is running (not queued) once the counter moves.
         unary[model] = stub.Generate.future(pb.GenerateRequest(**_request(model)), timeout=60)
-        _wait_until(lambda m=model: tokens(m) >= 2, f"{model}'s unary call generates")
+        wait_until(lambda m=model: tokens(m) >= 2, f"{model}'s unary call generates")
         streams[model] = StreamCall(
             stub.GenerateStream(pb.GenerateStreamRequest(**_request(model)), timeout=60)
         )
@@ -137,5 +127,4 @@ def test_generations_running_at_the_end_of_the_grace_end_cancelled_with_status_o
         assert 0 < generated < LONG[model], model
 
     for model in ("slow", "bytelm"):
-        cancelled = registry.get_sample_value("protoserve_cancellations_total", {"model": model})
-        assert cancelled == 2, model
+        assert counted(server, "protoserve_cancellations_total", model=model) == 2, model
