@@ -284,13 +284,15 @@ DEBIAN_TOOLS = {
 }
 
 
-def ensure_debian_tools(session: nox.Session) -> None:
-    """The DEBIAN_TOOLS packages whose command is missing, installed with apt-get.
+def ensure_debian_tools(session: nox.Session, *commands: str) -> None:
+    """The DEBIAN_TOOLS packages whose command is missing (of ``commands``, default all),
+    installed with apt-get.
 
     Only where apt-get can run (root); elsewhere the tests that need one skip, or fail
     under CI (tests/_tools.py).
     """
-    packages = [pkg for command, pkg in DEBIAN_TOOLS.items() if not shutil.which(command)]
+    wanted = commands or tuple(DEBIAN_TOOLS)
+    packages = [DEBIAN_TOOLS[c] for c in wanted if not shutil.which(c)]
     if not packages or not shutil.which("apt-get") or os.geteuid() != 0:
         return
     env = {"DEBIAN_FRONTEND": "noninteractive"}
@@ -342,7 +344,7 @@ def bench(session: nox.Session) -> None:
     elif chosen == "decoding":
         session.run("python", "bench/decoding.py", *args)
     else:
-        ensure_debian_tools(session)  # the suite drives wrk and h2load
+        ensure_debian_tools(session, "wrk", "h2load")  # the suite drives them
         session.install(MATPLOTLIB, CUDA_RUNTIME)
         session.install("--no-deps", PERF_ANALYZER_WHEEL)
         libraries = [_cuda_runtime_lib(session), _libb64_lib(session)]

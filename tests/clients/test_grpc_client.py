@@ -135,8 +135,8 @@ def test_typed_errors(client: Client, server: Any) -> None:
         client.generate("x", temperature=-1)
     assert [v.field for v in invalid.value.field_violations] == ["parameters.temperature"]
     with pytest.raises(DeadlineExceeded):
-        client.generate("x", model="slow", max_new_tokens=1000, timeout=0.2)
-    stream = client.generate_stream("x", model="slow", timeout=0.2)
+        client.generate("x", model="slow", max_new_tokens=1000, timeout=1.0)
+    stream = client.generate_stream("x", model="slow", max_new_tokens=1000, timeout=1.0)
     with pytest.raises(DeadlineExceeded):
         list(stream)
     # Both deadlines reached the server; counted before the next test looks at the count.
@@ -245,7 +245,7 @@ def test_async_client_mirrors_the_sync_one(target: str, server: Any) -> None:
             with pytest.raises(InvalidArgument):
                 await client.generate("x", temperature=-1)
             with pytest.raises(DeadlineExceeded):
-                await client.generate("x", model="slow", max_new_tokens=1000, timeout=0.2)
+                await client.generate("x", model="slow", max_new_tokens=1000, timeout=1.0)
             with pytest.raises(TypeError):
                 client.generate_stream("x", stop="\n")
 

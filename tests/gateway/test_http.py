@@ -327,7 +327,9 @@ def test_error_before_the_stream_started_gets_its_http_status(http: httpx.Client
 
 def test_deadline_headers_become_grpc_deadlines(stack: Stack, http: httpx.Client) -> None:
     body = {"parameters": {"max_new_tokens": 500}}
-    for headers in ({"X-Request-Timeout": "0.2"}, {"Grpc-Timeout": "200m"}):
+    # 1 s: long enough that the call reaches the model on a busy machine (the test waits
+    # for its cancellation), far short of the 10 s the generation would take.
+    for headers in ({"X-Request-Timeout": "1"}, {"Grpc-Timeout": "1000m"}):
         Slow.closed.clear()
         generations = Generations(stack.server, "slow")
         before = Slow.steps
