@@ -167,8 +167,8 @@ MUTANTS = (
     Mutant(
         "top-p-zero-keeps-nothing",
         "server/models/bytelm.py",
-        "        drop_sorted[0] = False\n",
-        "",
+        "    if temperature == 0 or top_p == 0:\n",
+        "    if temperature == 0:\n",
         ("tests/test_bounds.py",),
         "top_p 0, inside the advertised range, fails inside the model: INTERNAL (the bug "
         "issue #14 found)",

@@ -394,8 +394,8 @@ def sample_next(
         top_k: Keep only the ``top_k`` most likely ids; ``0`` means no limit.
         top_p: Keep the smallest set of most likely ids whose probability
             mass reaches ``top_p``; ``1.0`` means no limit. The most likely id
-            is always kept, so ``0`` keeps only it (greedy, as OpenAI's API
-            reads ``top_p: 0``).
+            is always kept, so ``0`` keeps only it: greedy, as OpenAI's API
+            reads ``top_p: 0``, taken from the logits as temperature ``0`` is.
         generator: Source of randomness; the result is a deterministic
             function of ``logits``, the parameters and the generator state.
 
@@ -412,7 +412,9 @@ def sample_next(
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
     logits = logits.detach().to(torch.float32).reshape(-1)
-    if temperature == 0:
+    if temperature == 0 or top_p == 0:
+        # Greedy: the argmax of the logits themselves, not of rounded probabilities
+        # (two logits that differ can round to one probability, a tie to break).
         return int(torch.argmax(logits).item())
     scaled = logits / temperature
     if 0 < top_k < scaled.numel():
@@ -423,11 +425,8 @@ def sample_next(
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
         # Drop an id if the mass *before* it already reaches top_p; this keeps
-        # the id that crosses the threshold. The first one is kept whatever
-        # top_p is: at 0 the rule would drop every id (the mass before the
-        # first is 0, which reaches 0), leaving nothing to sample.
+        # the id that crosses the threshold and, for any top_p above 0, the first.
         drop_sorted = (cumulative - sorted_probs) >= top_p
-        drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum()

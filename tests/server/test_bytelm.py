@@ -158,6 +158,8 @@ def test_sample_next_greedy_and_limits() -> None:
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
     assert sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=gen) == 1
+    # top_p 0 keeps only the most likely id: greedy at any temperature.
+    assert sample_next(logits, temperature=5.0, top_k=0, top_p=0.0, generator=gen) == 1
     # Greedy must not consume randomness.
     assert torch.equal(gen.get_state(), state)
     for _ in range(50):
