@@ -73,3 +73,24 @@ class Generations:
             lambda: self.in_flight() == 0 and scheduler.depth + scheduler.active == 0,
             f"no generation of {self.model} left running",
         )
+
+
+class SlowCancelled:
+    """A test's generations of the ``slow`` test model (20 ms a token) that the server is
+    to cancel: made before they start, so its counts are the test's own."""
+
+    def __init__(self, server: Any) -> None:
+        from tests.server.models_for_tests import Slow
+
+        self.slow = Slow
+        Slow.closed.clear()
+        self.steps_before = Slow.steps
+        self.generations = Generations(server, "slow")
+
+    def wait(self, count: int = 1, *, asked: int = 1000) -> None:
+        """Wait until the server counted ``count`` generations cancelled and holds none; the
+        model's token iterator was closed, short of the ``asked`` tokens of each."""
+        self.generations.wait_cancelled(count)
+        assert self.slow.closed.wait(WITHIN), "the model's token iterator was never closed"
+        steps = self.slow.steps - self.steps_before
+        assert steps < asked * count, steps

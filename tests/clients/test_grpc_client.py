@@ -23,9 +23,8 @@ from protoserve.clients._errors import (
 from protoserve.clients._grpc import Client
 from protoserve.clients._grpc_aio import AsyncClient
 from protoserve.clients._types import FinishReason, Generation
-from tests._observe import WITHIN, Generations, wait_until_async
+from tests._observe import WITHIN, Generations, SlowCancelled, wait_until_async
 from tests._threads import LoopThread, start_grpc_server, stop_grpc_server
-from tests.server.models_for_tests import Slow
 
 PROMPT = "def main("
 
@@ -34,14 +33,6 @@ PROMPT = "def main("
 def client(target: str) -> Iterator[Client]:
     with Client(target, model="bytelm", timeout=30) as client:
         yield client
-
-
-def _stopped_on_the_server(generations: Generations, steps_before: int) -> None:
-    """Wait until the server counted the slow generation cancelled and closed it; it took
-    fewer steps than the 1000 tokens it asked for."""
-    generations.wait_cancelled()
-    assert Slow.closed.wait(WITHIN), "the server kept generating after the client left"
-    assert Slow.steps - steps_before < 1000
 
 
 def test_generate_returns_a_str_with_metadata(client: Client) -> None:
@@ -71,26 +62,22 @@ def test_unknown_keyword_is_a_type_error_before_any_call(client: Client) -> None
 
 
 def test_breaking_out_of_a_stream_stops_the_server(client: Client, server: Any) -> None:
-    generations = Generations(server, "slow")
-    Slow.closed.clear()
-    before = Slow.steps
+    cancelled = SlowCancelled(server)
     # Kept referenced on purpose: the break itself must stop it, not garbage collection.
     stream = client.generate_stream("x", model="slow", max_new_tokens=1000)
     for _ in stream:
         break
-    _stopped_on_the_server(generations, before)
+    cancelled.wait()
     assert stream.finish_reason is FinishReason.CANCELLED
 
 
 def test_closing_the_client_cancels_its_streams(target: str, server: Any) -> None:
-    generations = Generations(server, "slow")
-    Slow.closed.clear()
-    before = Slow.steps
+    cancelled = SlowCancelled(server)
     client = Client(target, model="slow")
     stream = client.generate_stream("x", max_new_tokens=1000)
     assert next(stream)
     client.close()
-    _stopped_on_the_server(generations, before)
+    cancelled.wait()
 
 
 def test_embed_shapes(client: Client) -> None:
@@ -254,9 +241,7 @@ def test_async_client_mirrors_the_sync_one(target: str, server: Any) -> None:
 
 
 def test_async_stream_early_exit_stops_the_server(target: str, server: Any) -> None:
-    generations = Generations(server, "slow")
-    Slow.closed.clear()
-    before = Slow.steps
+    cancelled = SlowCancelled(server)
 
     async def main() -> None:
         async with AsyncClient(target, model="slow") as client:
@@ -265,12 +250,12 @@ def test_async_stream_early_exit_stops_the_server(target: str, server: Any) -> N
             # asyncio finalizes the abandoned iterator on this loop: it runs on meanwhile,
             # and the client stays open, so that the early exit alone stops the server.
             await wait_until_async(
-                lambda: generations.cancelled() > generations.cancelled_before,
+                lambda: cancelled.generations.cancelled() > cancelled.generations.cancelled_before,
                 "the early exit cancelled the generation",
             )
 
     asyncio.run(main())
-    _stopped_on_the_server(generations, before)
+    cancelled.wait()
 
 
 def test_async_dead_server_is_unavailable() -> None:

@@ -9,8 +9,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
-from tests._observe import WITHIN, Generations, counted, wait_until
-from tests.server.models_for_tests import Scripted, Slow
+from tests._observe import Generations, SlowCancelled, counted, wait_until
+from tests.server.models_for_tests import Scripted
 
 
 def params(**kw: object) -> pb.GenerationParameters:
@@ -353,34 +353,26 @@ def test_message_over_the_limit_is_refused_and_the_server_survives(running) -> N
 
 
 def test_cancelling_a_stream_stops_the_work_on_the_server(running) -> None:
-    generations = Generations(running.server, "slow")
-    Slow.closed.clear()
-    before = Slow.steps  # a class-wide counter: other tests' streams count too
+    cancelled = SlowCancelled(running.server)
     stream = running.stub.GenerateStream(
         pb.GenerateStreamRequest(model="slow", parameters=params(max_new_tokens=1000)), timeout=30
     )
     for _, _message in zip(range(5), stream, strict=False):
         pass
     stream.cancel()
-    generations.wait_cancelled()
-    assert Slow.closed.wait(WITHIN), "the model's generator was never closed"
-    # Closed, it takes no more steps; it stopped long before its 1000 tokens.
-    assert Slow.steps - before < 1000
+    cancelled.wait()  # it stopped long before its 1000 tokens
 
 
 def test_deadline_stops_the_work_on_the_server(running) -> None:
-    generations = Generations(running.server, "slow")
-    Slow.closed.clear()
-    before = Slow.steps
+    cancelled = SlowCancelled(running.server)
+    # 1 s: the call reaches the model on a busy machine; the generation would take 20 s.
     err = error_of(
         lambda: running.stub.Generate(
-            pb.GenerateRequest(model="slow", parameters=params(max_new_tokens=1000)), timeout=0.3
+            pb.GenerateRequest(model="slow", parameters=params(max_new_tokens=1000)), timeout=1.0
         )
     )
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    generations.wait_cancelled()
-    assert Slow.closed.wait(WITHIN), "the model's generator was never closed"
-    assert Slow.steps - before < 1000
+    cancelled.wait()
 
 
 def test_full_queue_is_resource_exhausted_at_once_with_retry_info(running) -> None:
