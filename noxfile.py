@@ -578,6 +578,7 @@ def typecheck_tree() -> Path:
         ("server", "server"),
         ("gateway", "gateway"),
         ("clients", "clients"),
+        ("common", "common"),
         ("inference", "gen/protoserve/inference"),
         ("oip", "gen/protoserve/oip"),
     ):
@@ -592,9 +593,8 @@ def lint(session: nox.Session) -> None:
     """ruff (lint and format) and mypy (strict) over our own code."""
     install_project(session, "dev")
     session.run("ruff", "check", ".")
-    session.run(
-        "ruff", "format", "--check", "server", "gateway", "clients", "tests", "noxfile.py", "dev.py"
-    )
+    # Python only: ruff would also format the code blocks of the Markdown files.
+    session.run("ruff", "format", "--check", "--exclude", "*.md", ".")
     session.run(
         "mypy",
         "-p",
@@ -603,5 +603,7 @@ def lint(session: nox.Session) -> None:
         "protoserve.gateway",
         "-p",
         "protoserve.clients",
+        "-p",
+        "protoserve.common",
         env={"MYPYPATH": str(typecheck_tree())},
     )

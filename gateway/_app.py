@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from protoserve.common.logs import request_id as sane_request_id
 from protoserve.gateway._body import check_content_type, read_body
 from protoserve.gateway._callmeta import metadata_headers, outgoing_metadata, request_deadline
 from protoserve.gateway._codecs import (
@@ -48,7 +49,6 @@ from protoserve.gateway._errors import (
 )
 from protoserve.gateway._metrics import UNMATCHED, GatewayMetrics
 from protoserve.gateway._request_id import RequestIdMiddleware, current_request_id
-from protoserve.gateway._request_id import request_id as sane_request_id
 from protoserve.gateway._routing import MethodNotAllowed, RouteNotFound, Router
 from protoserve.gateway._rules import Binding, bindings_for
 from protoserve.gateway._streaming import (

@@ -15,11 +15,12 @@ upstream is to blame.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from protoserve.common import dtypes, framing
 
 __all__ = [
     "DATATYPES",
@@ -50,28 +51,12 @@ class _Type:
     contents: str | None  # InferTensorContents field; None for FP16 and BF16
 
 
-def _t(kind: str, dtype: str | None, contents: str | None) -> _Type:
-    return _Type(kind, np.dtype(dtype) if dtype else None, contents)
-
-
-#: The protocol's datatypes. BF16 is stored as the top 16 bits of an FP32.
+#: The protocol's datatypes (:mod:`protoserve.common.dtypes`). BF16 is stored as the
+#: top 16 bits of an FP32.
 DATATYPES: dict[str, _Type] = {
-    "BOOL": _t("bool", "|b1", "bool_contents"),
-    "UINT8": _t("int", "|u1", "uint_contents"),
-    "UINT16": _t("int", "<u2", "uint_contents"),
-    "UINT32": _t("int", "<u4", "uint_contents"),
-    "UINT64": _t("int", "<u8", "uint64_contents"),
-    "INT8": _t("int", "|i1", "int_contents"),
-    "INT16": _t("int", "<i2", "int_contents"),
-    "INT32": _t("int", "<i4", "int_contents"),
-    "INT64": _t("int", "<i8", "int64_contents"),
-    "FP16": _t("float", "<f2", None),
-    "FP32": _t("float", "<f4", "fp32_contents"),
-    "FP64": _t("float", "<f8", "fp64_contents"),
-    "BF16": _t("float", "<u2", None),
-    "BYTES": _t("bytes", None, "bytes_contents"),
+    d.oip: _Type(d.kind, np.dtype(d.storage) if d.storage else None, d.contents)
+    for d in dtypes.DTYPES
 }
-_LENGTH = struct.Struct("<I")
 _KIND_WORDS = {
     "bool": "true or false",
     "int": "integers",
@@ -115,7 +100,7 @@ def json_to_raw(datatype_name: str, shape: list[int], data: Any) -> bytes:
     if len(flat) != count:
         raise TensorError(f"data has {len(flat)} elements but shape {shape} holds {count}")
     if kind.kind == "bytes":
-        return _frame(_utf8(flat))
+        return framing.frame(_utf8(flat))
     _check_json_types(kind, flat, datatype_name)
     assert kind.dtype is not None
     if kind.kind == "bool":
@@ -212,31 +197,18 @@ def _utf8(flat: list[Any]) -> list[bytes]:
         raise TensorError("a BYTES string holds a lone UTF-16 surrogate") from None
 
 
-def _frame(items: list[bytes]) -> bytes:
-    parts: list[bytes] = []
-    for item in items:
-        parts.append(_LENGTH.pack(len(item)))
-        parts.append(item)
-    return b"".join(parts)
-
-
 def _unframe(raw: bytes, count: int) -> list[bytes]:
     """The elements of raw BYTES data, which must hold exactly ``count`` of them."""
-    items: list[bytes] = []
-    view = memoryview(raw)
-    offset = 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise TensorError(f"BYTES data ends inside an element's length (byte {offset})")
-        (length,) = _LENGTH.unpack_from(view, offset)
-        offset += 4
-        if offset + length > len(raw):
+    try:
+        items = framing.unframe(raw)
+    except framing.FramingError as cut:
+        if cut.needs is None:
             raise TensorError(
-                f"BYTES element {len(items)} says {length} bytes but only "
-                f"{len(raw) - offset} are left"
-            )
-        items.append(bytes(view[offset : offset + length]))
-        offset += length
+                f"BYTES data ends inside an element's length (byte {cut.offset})"
+            ) from None
+        raise TensorError(
+            f"BYTES element {cut.element} says {cut.needs} bytes but only {cut.left} are left"
+        ) from None
     if len(items) != count:
         raise TensorError(f"BYTES data holds {len(items)} elements, not {count}")
     return items
@@ -300,7 +272,7 @@ def contents_to_raw(datatype_name: str, shape: list[int], contents: Any) -> byte
     if len(values) != count:
         raise TensorError(f"{len(values)} elements in contents, but shape {shape} holds {count}")
     if kind.dtype is None:
-        return _frame([bytes(v) for v in values])
+        return framing.frame([bytes(v) for v in values])
     try:
         return np.array(values, dtype=kind.dtype).tobytes()
     except OverflowError:

@@ -1,7 +1,7 @@
 """Request ids: the caller's ``X-Request-Id`` when it is sane, else a new one, on every response.
 
 The id is decided once per request, here, and held in
-:data:`~protoserve.gateway._logs.REQUEST_ID` while the request is served: the
+:data:`~protoserve.common.logs.REQUEST_ID` while the request is served: the
 endpoints send it upstream (so the server logs the same id), every log line of
 the request carries it, and the request's access line ends with it.
 """
@@ -9,19 +9,14 @@ the request carries it, and the request's access line ends with it.
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from protoserve.gateway._logs import REQUEST_ID
+from protoserve.common.logs import REQUEST_ID, request_id
 
-__all__ = ["RequestIdMiddleware", "current_request_id", "request_id"]
-
-# Ids end up in logs and upstream metadata: only short, plain ones are taken as given.
-_SANE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+__all__ = ["RequestIdMiddleware", "current_request_id"]
 
 #: One line per finished request: method, path, status, duration_ms, request_id,
 #: grpc_method (when a route matched), client.
@@ -30,11 +25,6 @@ access_log = logging.getLogger("protoserve.gateway.access")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 #: The status logged for a request that ended before any response (nginx's "client closed").
 _NO_RESPONSE = 499
-
-
-def request_id(given: str) -> str:
-    """``given`` when it is a sane id, else a new one."""
-    return given if _SANE.match(given) else uuid.uuid4().hex
 
 
 def current_request_id() -> str | None:

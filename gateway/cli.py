@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, cast
 
 import uvicorn
 
-from protoserve.gateway._logs import FORMATS
-from protoserve.gateway._logs import configure as configure_logging
+from protoserve.common.logs import FORMATS
+from protoserve.common.logs import configure as configure_logging
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from protoserve.common.logs import configure as configure_logging
 from protoserve.server.app import InferenceServer
 from protoserve.server.config import add_arguments, from_arguments
-from protoserve.server.logs import configure as configure_logging
 from protoserve.server.runtime.loader import ModelSpecError, load_model_spec
 
 __all__ = ["build_parser", "main"]

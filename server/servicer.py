@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -27,10 +25,11 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from protoserve.common import dtypes, logs
+from protoserve.common.logs import REQUEST_ID
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server.errors import Internal, InvalidArgument, ProtoserveError, to_rpc_status
-from protoserve.server.logs import REQUEST_ID
 from protoserve.server.metrics import Metrics
 from protoserve.server.runtime.core import ModelEntry, ModelState, Runtime
 from protoserve.server.runtime.generation import Chunk, FinishReason
@@ -46,7 +45,6 @@ access_log = logging.getLogger("protoserve.server.access")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
@@ -77,28 +75,18 @@ _PARAMETER_TYPES = {
     list: pb.PARAMETER_TYPE_STRING_LIST,
 }
 # API dtype names <-> DataType; "string" only describes text in a TensorSpec.
-_DTYPES = {
-    "bool": pb.DATA_TYPE_BOOL,
-    "uint8": pb.DATA_TYPE_UINT8,
-    "int8": pb.DATA_TYPE_INT8,
-    "int16": pb.DATA_TYPE_INT16,
-    "int32": pb.DATA_TYPE_INT32,
-    "int64": pb.DATA_TYPE_INT64,
-    "float16": pb.DATA_TYPE_FLOAT16,
-    "bfloat16": pb.DATA_TYPE_BFLOAT16,
-    "float32": pb.DATA_TYPE_FLOAT32,
-    "float64": pb.DATA_TYPE_FLOAT64,
-    "string": pb.DATA_TYPE_STRING,
+_DTYPES: dict[str, pb.DataType] = {
+    d.name: cast("pb.DataType", pb.DataType.Value(d.wire))
+    for d in dtypes.DTYPES
+    if d.wire is not None
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The caller's ``x-request-id`` when it is sane, else a new one."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
-            return value
-    return uuid.uuid4().hex
+    """The caller's ``x-request-id`` when it is sane, else a new one (:func:`logs.request_id`)."""
+    given = (v for k, v in context.invocation_metadata() or () if k == "x-request-id")
+    return logs.request_id(next((v for v in given if isinstance(v, str)), None))
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ProtoserveError) -> None:
@@ -114,7 +102,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ProtoserveE
 async def _call(
     context: grpc.aio.ServicerContext[Any, Any], method: str, metrics: Metrics | None = None
 ) -> AsyncIterator[str]:
-    """One call's frame: its request id (in :data:`~protoserve.server.logs.REQUEST_ID`
+    """One call's frame: its request id (in :data:`~protoserve.common.logs.REQUEST_ID`
     while it runs, so every line logged for it carries the id), its errors as
     statuses, its metrics, and its access line when it ends (for a stream: when the
     stream does)."""

@@ -51,6 +51,7 @@ def test_every_source_folder_is_packaged(wheel: Path) -> None:
         ("server", "protoserve/server"),
         ("gateway", "protoserve/gateway"),
         ("clients", "protoserve/clients"),
+        ("common", "protoserve/common"),
         ("gen/protoserve", "protoserve"),
     ):
         for source in (ROOT / folder).rglob("*.py"):

@@ -14,6 +14,8 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from protoserve.common import framing
+from protoserve.common.dtypes import OIP_BYTES, oip_datatype
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.server.errors import FieldViolation, InvalidArgument
 from protoserve.server.oip import parameters as oip_parameters
@@ -25,7 +27,7 @@ from protoserve.server.oip.signatures import (
     choose,
     signatures,
 )
-from protoserve.server.oip.tensors import BYTES, InferInput, datatype_of, encode_bytes, read_inputs
+from protoserve.server.oip.tensors import InferInput, read_inputs
 from protoserve.server.runtime.core import GenerateResult, ModelEntry, Runtime
 from protoserve.server.runtime.model import Task
 
@@ -145,7 +147,7 @@ async def _predict(
     violations: list[FieldViolation] = []
     for tensor in inputs:
         spec = signature.input(tensor.name)
-        if tensor.datatype == BYTES:
+        if tensor.datatype == OIP_BYTES:
             violations.append((f"{tensor.field}.datatype", "tensor prediction takes no BYTES"))
         elif spec is not None and spec.datatype != tensor.datatype:
             violations.append(
@@ -159,12 +161,12 @@ async def _predict(
     results = await runtime.predict(
         entry.name, [t.raw() for t in inputs], parameters, version=entry.version
     )
-    return [_Output(r.name, datatype_of(r.dtype), r.shape, r.data) for r in results]
+    return [_Output(r.name, oip_datatype(r.dtype), r.shape, r.data) for r in results]
 
 
 def _texts(tensor: InferInput) -> list[str]:
     """A text input's elements as strings: BYTES of shape [N] or [N, 1], N >= 1, UTF-8."""
-    if tensor.datatype != BYTES:
+    if tensor.datatype != OIP_BYTES:
         raise InvalidArgument.field(
             f"{tensor.field}.datatype", f"{tensor.name} must be BYTES, got {tensor.datatype}"
         )
@@ -203,8 +205,8 @@ async def _generate(
         runtime.generate(entry.name, text, parameters, version=entry.version) for text in texts
     ]
     results = await _all(calls)
-    data = encode_bytes([r.text.encode("utf-8") for r in results])
-    return [_Output(GENERATION_OUTPUT, BYTES, tensor.shape, data)]
+    data = framing.frame([r.text.encode("utf-8") for r in results])
+    return [_Output(GENERATION_OUTPUT, OIP_BYTES, tensor.shape, data)]
 
 
 async def _all(calls: Sequence[Coroutine[Any, Any, GenerateResult]]) -> list[GenerateResult]:

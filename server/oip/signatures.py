@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
+from protoserve.common.dtypes import BY_OIP, OIP_BYTES, oip_datatype
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.server.errors import InvalidArgument
-from protoserve.server.oip.tensors import BYTES, CONFIG_TYPES, datatype_of
 from protoserve.server.runtime.core import ModelEntry
 from protoserve.server.runtime.model import Model, Task, TensorInfo
 
@@ -84,7 +85,7 @@ class Signature:
 
 
 def _spec(info: TensorInfo) -> TensorSpec:
-    return TensorSpec(info.name, datatype_of(info.dtype), tuple(info.shape))
+    return TensorSpec(info.name, oip_datatype(info.dtype), tuple(info.shape))
 
 
 def signatures(model: Model) -> list[Signature]:
@@ -104,15 +105,15 @@ def signatures(model: Model) -> list[Signature]:
         found.append(
             Signature(
                 Task.TEXT_GENERATION,
-                (TensorSpec(GENERATION_INPUT, BYTES, (-1,)),),
-                (TensorSpec(GENERATION_OUTPUT, BYTES, (-1,)),),
+                (TensorSpec(GENERATION_INPUT, OIP_BYTES, (-1,)),),
+                (TensorSpec(GENERATION_OUTPUT, OIP_BYTES, (-1,)),),
             )
         )
     if Task.EMBEDDING in tasks:
         found.append(
             Signature(
                 Task.EMBEDDING,
-                (TensorSpec(EMBEDDING_INPUT, BYTES, (-1,)),),
+                (TensorSpec(EMBEDDING_INPUT, OIP_BYTES, (-1,)),),
                 (TensorSpec(EMBEDDING_OUTPUT, "FP32", (-1, -1)),),
             )
         )
@@ -235,7 +236,7 @@ def model_config(entry: ModelEntry) -> pb.ModelConfig:
         input=[
             pb.ModelInput(
                 name=spec.name,
-                data_type=CONFIG_TYPES.get(spec.datatype, pb.TYPE_INVALID),
+                data_type=_config_type(spec.datatype),
                 dims=dims(spec),
                 optional=optional,
             )
@@ -245,7 +246,7 @@ def model_config(entry: ModelEntry) -> pb.ModelConfig:
         output=[
             pb.ModelOutput(
                 name=spec.name,
-                data_type=CONFIG_TYPES.get(spec.datatype, pb.TYPE_INVALID),
+                data_type=_config_type(spec.datatype),
                 dims=dims(spec),
             )
             for s in found
@@ -259,3 +260,9 @@ def model_config(entry: ModelEntry) -> pb.ModelConfig:
     if entry.decoding is not None:
         config.parameters["decoding"].string_value = entry.decoding.value
     return config
+
+
+def _config_type(datatype: str) -> pb.DataType:
+    """Triton's model configuration type for a protocol datatype (TYPE_INVALID: unknown)."""
+    found = BY_OIP.get(datatype)
+    return cast("pb.DataType", pb.DataType.Value(found.config)) if found else pb.TYPE_INVALID

@@ -6,114 +6,23 @@ kind of element) or, for every input at once, as ``raw_input_contents``
 bytes). :func:`read_inputs` checks either form against each input's datatype
 and shape and turns it into :class:`InferInput` values: raw bytes in the
 runtime's layout for numbers, a list of byte strings for BYTES. Outputs always
-travel raw (:func:`encode_bytes` frames BYTES elements).
+travel raw (:func:`protoserve.common.framing.frame` frames BYTES elements).
 """
 
 from __future__ import annotations
 
 import math
-import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from protoserve.common import framing
+from protoserve.common.dtypes import BY_OIP, OIP_BYTES
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.server.errors import FieldViolation, InvalidArgument
 from protoserve.server.runtime.tensors import RawTensor
 
-__all__ = [
-    "BYTES",
-    "CONFIG_TYPES",
-    "DATATYPES",
-    "InferInput",
-    "datatype_of",
-    "encode_bytes",
-    "read_inputs",
-]
-
-BYTES = "BYTES"
-
-#: Protocol datatype -> the runtime's dtype name (``TensorInfo.dtype``); BYTES is text.
-DATATYPES: dict[str, str] = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "BF16": "bfloat16",
-    "FP32": "float32",
-    "FP64": "float64",
-    BYTES: "string",
-}
-_DTYPE_TO_DATATYPE = {v: k for k, v in DATATYPES.items()}
-
-#: Protocol datatype -> Triton's model configuration DataType (ModelConfig).
-CONFIG_TYPES: dict[str, pb.DataType] = {
-    "BOOL": pb.TYPE_BOOL,
-    "UINT8": pb.TYPE_UINT8,
-    "UINT16": pb.TYPE_UINT16,
-    "UINT32": pb.TYPE_UINT32,
-    "UINT64": pb.TYPE_UINT64,
-    "INT8": pb.TYPE_INT8,
-    "INT16": pb.TYPE_INT16,
-    "INT32": pb.TYPE_INT32,
-    "INT64": pb.TYPE_INT64,
-    "FP16": pb.TYPE_FP16,
-    "BF16": pb.TYPE_BF16,
-    "FP32": pb.TYPE_FP32,
-    "FP64": pb.TYPE_FP64,
-    BYTES: pb.TYPE_STRING,
-}
-
-#: Bytes per element of the fixed-size datatypes.
-_ITEMSIZE = {
-    "BOOL": 1,
-    "UINT8": 1,
-    "UINT16": 2,
-    "UINT32": 4,
-    "UINT64": 8,
-    "INT8": 1,
-    "INT16": 2,
-    "INT32": 4,
-    "INT64": 8,
-    "FP16": 2,
-    "BF16": 2,
-    "FP32": 4,
-    "FP64": 8,
-}
-
-#: Datatype -> (its ``contents`` field, the numpy dtype of that field's elements, the
-#: little-endian numpy dtype of the datatype). FP16 and BF16 have no field: the
-#: protocol carries them raw only.
-_CONTENTS: dict[str, tuple[str, str, str]] = {
-    "BOOL": ("bool_contents", "?", "?"),
-    "INT8": ("int_contents", "i4", "<i1"),
-    "INT16": ("int_contents", "i4", "<i2"),
-    "INT32": ("int_contents", "i4", "<i4"),
-    "INT64": ("int64_contents", "i8", "<i8"),
-    "UINT8": ("uint_contents", "u4", "<u1"),
-    "UINT16": ("uint_contents", "u4", "<u2"),
-    "UINT32": ("uint_contents", "u4", "<u4"),
-    "UINT64": ("uint64_contents", "u8", "<u8"),
-    "FP32": ("fp32_contents", "f4", "<f4"),
-    "FP64": ("fp64_contents", "f8", "<f8"),
-    BYTES: ("bytes_contents", "", ""),
-}
-_LENGTH = struct.Struct("<I")
-
-
-def datatype_of(dtype: str) -> str:
-    """The protocol datatype for a runtime dtype name (``"float32"`` -> ``"FP32"``).
-
-    A name the runtime does not know is passed on upper-cased: it is the model's own.
-    """
-    return _DTYPE_TO_DATATYPE.get(dtype, dtype.upper())
+__all__ = ["InferInput", "read_inputs"]
 
 
 @dataclass(frozen=True)
@@ -134,27 +43,17 @@ class InferInput:
 
     def raw(self) -> RawTensor:
         """The input as the runtime takes tensors (not for BYTES)."""
-        return RawTensor(self.name, DATATYPES[self.datatype], self.shape, self.data)
+        return RawTensor(self.name, BY_OIP[self.datatype].name, self.shape, self.data)
 
 
-def encode_bytes(elements: Sequence[bytes]) -> bytes:
-    """BYTES elements as raw contents: each a 4-byte little-endian length, then its bytes."""
-    return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
-
-
-def _decode_bytes(data: bytes, count: int) -> tuple[bytes, ...] | str:
+def _unframe(data: bytes, count: int) -> tuple[bytes, ...] | str:
     """The elements of raw BYTES contents, or what is wrong with them."""
-    elements: list[bytes] = []
-    pos, end = 0, len(data)
-    while pos < end:
-        if pos + 4 > end:
-            return f"ends inside the length of element {len(elements)}"
-        (length,) = _LENGTH.unpack_from(data, pos)
-        pos += 4
-        if pos + length > end:
-            return f"element {len(elements)} needs {length} bytes, {end - pos} are left"
-        elements.append(data[pos : pos + length])
-        pos += length
+    try:
+        elements = framing.unframe(data)
+    except framing.FramingError as cut:
+        if cut.needs is None:
+            return f"ends inside the length of element {cut.element}"
+        return f"element {cut.element} needs {cut.needs} bytes, {cut.left} are left"
     if len(elements) != count:
         return f"holds {len(elements)} BYTES elements, the shape needs {count}"
     return tuple(elements)
@@ -219,9 +118,9 @@ def _header_problem(
         return "name", "must not be empty"
     if tensor.name in seen:
         return "name", f"input {tensor.name!r} is given twice"
-    if tensor.datatype not in DATATYPES:
+    if tensor.datatype not in BY_OIP:
         return "datatype", (
-            f"{tensor.datatype!r} is not a datatype of the protocol; one of " + ", ".join(DATATYPES)
+            f"{tensor.datatype!r} is not a datatype of the protocol; one of " + ", ".join(BY_OIP)
         )
     if any(d < 0 for d in tensor.shape):
         return "shape", f"dimensions must not be negative, got {list(tensor.shape)}"
@@ -239,12 +138,13 @@ def _from_raw(
     shape = tuple(tensor.shape)
     count = math.prod(shape)
     where = f"raw_input_contents[{index}]"
-    if tensor.datatype == BYTES:
-        elements = _decode_bytes(data, count)
+    storage = BY_OIP[tensor.datatype].storage
+    if storage is None:
+        elements = _unframe(data, count)
         if isinstance(elements, str):
             return where, elements
-        return InferInput(index, tensor.name, BYTES, shape, elements=elements)
-    expected = count * _ITEMSIZE[tensor.datatype]
+        return InferInput(index, tensor.name, OIP_BYTES, shape, elements=elements)
+    expected = count * np.dtype(storage).itemsize
     if len(data) != expected:
         return where, (
             f"shape {list(shape)} of {tensor.datatype} needs {expected} bytes, got {len(data)}"
@@ -259,11 +159,11 @@ def _from_contents(
     count = math.prod(shape)
     where = f"inputs[{index}].contents"
     datatype = tensor.datatype
-    if datatype not in _CONTENTS:
+    field = BY_OIP[datatype].contents
+    if field is None:
         if typed or count:
             return where, f"{datatype} elements travel only as raw_input_contents"
         return InferInput(index, tensor.name, datatype, shape)
-    field, source, target = _CONTENTS[datatype]
     if len(typed) > 1:
         return where, f"sets {' and '.join(typed)}; {datatype} elements go in {field} alone"
     if typed and typed[0] != field:
@@ -271,10 +171,12 @@ def _from_contents(
     values = getattr(tensor.contents, field)
     if len(values) != count:
         return where, f"holds {len(values)} elements, shape {list(shape)} needs {count}"
-    if datatype == BYTES:
-        return InferInput(index, tensor.name, BYTES, shape, elements=tuple(values))
+    if datatype == OIP_BYTES:
+        return InferInput(index, tensor.name, OIP_BYTES, shape, elements=tuple(values))
+    source, target = BY_OIP[datatype].contents_element, BY_OIP[datatype].storage
+    assert source is not None and target is not None  # every typed field but bytes_contents
     array = np.array(values, dtype=source)
-    if source != target.lstrip("<") and array.size:
+    if np.dtype(source) != np.dtype(target) and array.size:
         # int_contents and uint_contents are 32-bit; narrower types must fit.
         info = np.iinfo(np.dtype(target))
         low, high = int(array.min()), int(array.max())

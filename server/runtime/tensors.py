@@ -10,27 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
+from protoserve.common import dtypes
 from protoserve.server.errors import FieldViolation, InvalidArgument
 
 __all__ = ["DTYPES", "RawTensor", "from_raw", "to_raw"]
 
-#: dtype names of the API, and the torch dtypes they stand for. uint16/32/64 travel
-#: only over the Open Inference Protocol (v1's DataType has no value for them); torch
+#: dtype names of the API (:mod:`protoserve.common.dtypes`), and the torch dtypes
+#: they stand for. uint16/32/64 travel only over the Open Inference Protocol; torch
 #: stores, reshapes, concatenates and compares them, though few of its ops compute on them.
 DTYPES: dict[str, torch.dtype] = {
-    "bool": torch.bool,
-    "uint8": torch.uint8,
-    "uint16": torch.uint16,
-    "uint32": torch.uint32,
-    "uint64": torch.uint64,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
+    d.name: getattr(torch, d.name) for d in dtypes.DTYPES if d.storage is not None
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from protoserve.gateway._logs import REQUEST_ID, JsonFormatter, RequestIdFilter, TextFormatter
+from protoserve.common.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, TextFormatter
 from tests._observe import wait_until
 from tests.e2e.conftest import start_server, stop_server
 from tests.gateway.test_http2 import start_gateway

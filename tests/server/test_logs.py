@@ -13,15 +13,15 @@ from typing import Any
 import grpc
 import pytest
 
-from protoserve.inference.v1 import inference_service_pb2 as pb
-from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from protoserve.server.logs import (
+from protoserve.common.logs import (
     REQUEST_ID,
     JsonFormatter,
     RequestIdFilter,
     TextFormatter,
     configure,
 )
+from protoserve.inference.v1 import inference_service_pb2 as pb
+from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests._observe import wait_until
 from tests.server.conftest import Running
 

@@ -1,18 +1,26 @@
-"""The server's logs: text or JSON lines on stderr, each carrying the request id of its call.
+"""Logs of the server and the gateway: text or JSON lines on stderr, each carrying
+the request id of the call it was written for.
 
-:data:`REQUEST_ID` holds the id of the call being served. grpc.aio serves each
-call in a task of its own and a task runs in a copy of the context, so the id
-set for one call (see ``servicer._call``) is seen by everything that call runs
-and by nothing else. :class:`RequestIdFilter`, installed on the handler, copies
-it onto every record as ``request_id`` (None outside a call), so a line logged
-anywhere while a call is served carries its id without being told.
+:data:`REQUEST_ID` holds the id of the call being served: the server sets it for
+each gRPC call (``protoserve.server.calls``), the gateway for each HTTP request
+(``RequestIdMiddleware``). grpc.aio and the ASGI servers run each call in a task
+of its own, and a task runs in a copy of the context, so the id is seen by
+everything that call runs and by nothing else. :class:`RequestIdFilter`,
+installed on the handler, copies it onto every record as ``request_id`` (None
+outside a call), so a line logged anywhere while a call is served carries its id
+without being told.
+
+:func:`request_id` is the one rule both processes apply to an id a caller sends
+(``x-request-id``): taken as given when it is short and plain, else replaced.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
+import uuid
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -26,6 +34,7 @@ __all__ = [
     "RequestIdFilter",
     "TextFormatter",
     "configure",
+    "request_id",
 ]
 
 #: The values of ``--log-format``.
@@ -33,8 +42,17 @@ FORMATS = ("text", "json")
 
 #: The request id of the call being served, None outside a call.
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "protoserve_server_request_id", default=None
+    "protoserve_request_id", default=None
 )
+
+# Ids end up in logs and upstream metadata: only short, plain ones are taken as given.
+_SANE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id(given: str | None) -> str:
+    """``given`` when it is a sane id (1 to 128 of ``A-Za-z0-9._:-``), else a new one."""
+    return given if given is not None and _SANE.match(given) else uuid.uuid4().hex
+
 
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -95,8 +113,9 @@ class _Handler(logging.StreamHandler[TextIO]):
 
 
 def configure(level: str, log_format: str, stream: TextIO | None = None) -> logging.Handler:
-    """Send every logger's lines (uvicorn's, grpc's, warnings too) to ``stream`` (stderr)
-    in ``log_format``, at ``level`` and above; returns the handler installed on the root."""
+    """Send every logger's lines (grpc's, uvicorn's, hypercorn's, warnings too) to
+    ``stream`` (stderr) in ``log_format``, at ``level`` and above; returns the handler
+    installed on the root."""
     if log_format not in FORMATS:
         raise ValueError(f"log format {log_format!r} is not one of {', '.join(FORMATS)}")
     handler = _Handler(stream if stream is not None else sys.stderr)
