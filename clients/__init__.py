@@ -5,6 +5,13 @@ go through the gateway, ``LocalClient`` runs the model in this process. All
 share their methods (``models``, ``generate``, ``generate_stream``, ``embed``,
 ``predict``), return types and exceptions, so moving a model behind the network
 changes only the line that builds the client.
+
+Inside, the remote clients' methods are written once, blocking and asyncio
+(``_api.py``), over a transport that only moves messages: gRPC (``_grpc.py``,
+``_grpc_aio.py``) or the gateway's HTTP (``_http.py``, ``_http_aio.py``, on the
+routes of the API's ``google.api.http`` rules, ``_routes.py``). Messages become
+Python values in ``_convert.py``; every stream is a ``_stream.py`` class over
+its transport's source.
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ from protoserve.clients._errors import (
     Unimplemented,
     Unknown,
 )
-from protoserve.clients._grpc import Client, TextStream
-from protoserve.clients._grpc_aio import AsyncClient, AsyncTextStream
+from protoserve.clients._grpc import Client
+from protoserve.clients._grpc_aio import AsyncClient
 from protoserve.clients._http import HttpClient
 from protoserve.clients._http_aio import AsyncHttpClient
 from protoserve.clients._local import LocalClient, LocalTextStream
+from protoserve.clients._stream import AsyncTextStream, TextStream
 from protoserve.clients._types import FinishReason, Generation, ModelInfo, ParameterInfo, Usage
 
 __all__ = [

@@ -1,25 +1,29 @@
 """How the gRPC clients reach the server: the target, the service config, credentials.
 
-:class:`ChannelSettings` is what :class:`~protoserve.clients.Client` and
-:class:`~protoserve.clients.AsyncClient` both derive from their constructor
-arguments: the channel target (one endpoint, or several to balance over),
-TLS and token credentials, metadata, and channel options including the retry
-policy of :func:`service_config`.
+:class:`GrpcClientBase` is the constructor :class:`~protoserve.clients.Client`
+and :class:`~protoserve.clients.AsyncClient` share; :class:`ChannelSettings` is
+what it derives from their arguments: the channel target (one endpoint, or
+several to balance over), TLS and token credentials, metadata, and channel
+options including the retry policy of :func:`service_config`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
+import grpc.aio
 
-__all__ = ["ChannelSettings", "Metadata", "service_config"]
+from ._api import AsyncTransport, BaseClient, Metadata, Transport
+from ._errors import from_grpc_error
+
+__all__ = ["CallStream", "ChannelSettings", "GrpcClientBase", "service_config"]
 
 _SERVICE = "protoserve.inference.v1.InferenceService"
-Metadata = Sequence[tuple[str, str]]
 
 
 def _is_ip(host: str) -> bool:
@@ -89,7 +93,6 @@ class ChannelSettings:
         self,
         target: str | Sequence[str],
         *,
-        model: str | None,
         timeout: float | None,
         retries: int,
         tls: bool,
@@ -101,7 +104,6 @@ class ChannelSettings:
         if retries < 0:
             raise ValueError("retries must be 0 or more")
         self.target, balance = _target(target)
-        self.model = model
         self.timeout = timeout
         self.tls = tls or root_certificates is not None
         self.metadata: tuple[tuple[str, str], ...] = tuple(metadata)
@@ -131,8 +133,73 @@ class ChannelSettings:
         defaults.update(dict(options))  # the caller's options win
         self.options = list(defaults.items())
 
-    def call_metadata(self, extra: Metadata) -> tuple[tuple[str, str], ...]:
-        return self.metadata + tuple(extra)
+    def channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.target, self.credentials, options=self.options)
+        return grpc.insecure_channel(self.target, options=self.options)
 
-    def deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def aio_channel(self) -> grpc.aio.Channel:
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(self.target, self.credentials, options=self.options)
+        return grpc.aio.insecure_channel(self.target, options=self.options)
+
+    def call_options(self, timeout: float | None, metadata: Metadata) -> dict[str, Any]:
+        """A call's deadline (the client's unless given) and metadata (the client's and these)."""
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": self.metadata + tuple(metadata),
+        }
+
+
+class GrpcClientBase(BaseClient):
+    """The constructor of both gRPC clients; each names the transport it builds."""
+
+    _transport_type: Callable[[ChannelSettings], Transport | AsyncTransport]
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "127.0.0.1:50051",
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        token: str | None = None,
+        metadata: Metadata = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        settings = ChannelSettings(
+            target,
+            timeout=timeout,
+            retries=retries,
+            tls=tls,
+            root_certificates=root_certificates,
+            token=token,
+            metadata=metadata,
+            options=options,
+        )
+        super().__init__(self._transport_type(settings), model)
+
+
+class CallStream:
+    """What both gRPC streams share: the call, cancelling it, and how it ends."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._cancelled = False
+
+    @contextmanager
+    def _ending(self) -> Iterator[None]:
+        """Around reading the call: its failure as a typed error, unless it was cancelled."""
+        try:
+            yield
+        except grpc.RpcError as error:
+            if not self._cancelled:
+                raise from_grpc_error(error) from None
+        finally:
+            self._call.cancel()  # a call that has ended stays as it is
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()

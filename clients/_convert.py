@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 
+from protoserve.common import dtypes
 from protoserve.inference.v1 import inference_service_pb2 as pb
 
 from ._errors import InvalidArgument
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GENERATION_PARAMETERS",
+    "StreamPart",
     "embed_request",
     "embeddings",
     "generate_request",
@@ -41,6 +43,10 @@ __all__ = [
     "usage",
 ]
 
+#: One step of a stream, as every stream records it: text, token ids, and on the
+#: last step the finish reason and usage.
+StreamPart = tuple[str, tuple[int, ...], FinishReason | None, Usage | None]
+
 #: The keyword arguments ``generate()`` and ``generate_stream()`` take as parameters.
 GENERATION_PARAMETERS = (
     "max_new_tokens",
@@ -51,19 +57,18 @@ GENERATION_PARAMETERS = (
     "stop_sequences",
 )
 
+#: The API's tensor types that v1 carries (:mod:`protoserve.common.dtypes`), as
+#: (name, wire type); "string" only describes text.
+_WIRE_TYPES = [
+    (d.name, cast("pb.DataType", pb.DataType.Value(d.wire)))
+    for d in dtypes.DTYPES
+    if d.wire is not None and d.storage is not None
+]
 # wire type -> the numpy dtype whose bytes carry it. bfloat16 has no numpy
 # dtype: its bits travel as int16, which has the same size and order.
 _WIRE_NUMPY: dict[pb.DataType, np.dtype[Any]] = {
-    pb.DATA_TYPE_BOOL: np.dtype(np.bool_),
-    pb.DATA_TYPE_UINT8: np.dtype("u1"),
-    pb.DATA_TYPE_INT8: np.dtype("i1"),
-    pb.DATA_TYPE_INT16: np.dtype("<i2"),
-    pb.DATA_TYPE_INT32: np.dtype("<i4"),
-    pb.DATA_TYPE_INT64: np.dtype("<i8"),
-    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
-    pb.DATA_TYPE_BFLOAT16: np.dtype("<i2"),
-    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
-    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    wire: np.dtype("<i2" if name == "bfloat16" else dtypes.BY_NAME[name].storage)
+    for name, wire in _WIRE_TYPES
 }
 _NUMPY_WIRE = {
     np_dtype.newbyteorder("="): wire
@@ -84,18 +89,7 @@ def _torch() -> Any:
 def _torch_wire() -> dict[Any, pb.DataType]:
     """torch dtype -> wire type."""
     torch = _torch()
-    return {
-        torch.bool: pb.DATA_TYPE_BOOL,
-        torch.uint8: pb.DATA_TYPE_UINT8,
-        torch.int8: pb.DATA_TYPE_INT8,
-        torch.int16: pb.DATA_TYPE_INT16,
-        torch.int32: pb.DATA_TYPE_INT32,
-        torch.int64: pb.DATA_TYPE_INT64,
-        torch.float16: pb.DATA_TYPE_FLOAT16,
-        torch.bfloat16: pb.DATA_TYPE_BFLOAT16,
-        torch.float32: pb.DATA_TYPE_FLOAT32,
-        torch.float64: pb.DATA_TYPE_FLOAT64,
-    }
+    return {getattr(torch, name): wire for name, wire in _WIRE_TYPES}
 
 
 def _is_torch(value: object) -> bool:
@@ -195,9 +189,7 @@ def generation(response: pb.GenerateResponse) -> Generation:
     )
 
 
-def stream_part(
-    message: pb.GenerateStreamResponse,
-) -> tuple[str, tuple[int, ...], FinishReason | None, Usage | None]:
+def stream_part(message: pb.GenerateStreamResponse) -> StreamPart:
     """One streamed step: ``(text, token_ids, finish_reason, usage)``.
 
     ``finish_reason`` and ``usage`` are None except on the last message.

@@ -207,6 +207,21 @@ _BY_CODE: dict[grpc.StatusCode, type[ProtoserveError]] = {
     )
 }
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+# The code of an HTTP error whose body is no google.rpc.Status (a proxy's page):
+# the gateway's table (HTTP_STATUS, gateway/_errors.py) read backwards, one code
+# for a status that several share (409: ABORTED). Any other status is UNKNOWN.
+_CODE_OF_HTTP_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ABORTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
 
 def _unpack(details: Sequence[any_pb2.Any]) -> list[Message]:
@@ -277,9 +292,7 @@ def from_http_error(
             request_id=request_id,
             http_status=status,
         )
-    code = {400: 3, 401: 16, 403: 7, 404: 5, 409: 10, 429: 8, 499: 1, 501: 12, 503: 14, 504: 4}.get(
-        status, 2
-    )
+    code = _CODE_OF_HTTP_STATUS.get(status, grpc.StatusCode.UNKNOWN)
     return from_status(
         code, f"HTTP {status}: {str(body)[:200]}", request_id=request_id, http_status=status
     )

@@ -1,41 +1,45 @@
 """What a call to the REST gateway puts on the wire, for both HTTP clients.
 
-URLs, headers and deadlines, proto3 JSON to and from messages, and the typed
-exception for an HTTP failure: the same class the gRPC clients raise for it.
-:class:`Settings` is what :class:`~protoserve.clients.HttpClient` and
-:class:`~protoserve.clients.AsyncHttpClient` both derive from their
-constructor arguments, and builds each request.
+Requests from the methods' routes (:mod:`protoserve.clients._routes`), headers
+and deadlines, proto3 JSON to and from messages, and the typed exception for an
+HTTP failure: the same class the gRPC clients raise for it.
+:class:`HttpClientBase` is the constructor :class:`~protoserve.clients.HttpClient`
+and :class:`~protoserve.clients.AsyncHttpClient` share; :class:`Settings` is
+what it derives from their arguments, and builds each request.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import httpx
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from ._api import AsyncTransport, BaseClient, Metadata, Transport
 from ._errors import DeadlineExceeded, ProtoserveError, Unavailable, from_http_error
+from ._routes import ROUTES
 
 __all__ = [
     "DEFAULT_URL",
-    "Metadata",
+    "SSE",
+    "HttpClientBase",
     "Settings",
     "client_headers",
     "deadline_headers",
     "error_of",
     "httpx_timeout",
-    "json_body",
     "parse_json",
+    "read_response",
     "ssl_verify",
     "transport_error",
-    "url_path",
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+#: The ``Accept`` of a stream: Server-Sent Events (the gateway's other format is NDJSON).
+SSE = "text/event-stream"
 
 # The client waits this much longer than the deadline it sends, so that the
 # server's DEADLINE_EXCEEDED (with its request id) arrives before httpx gives up.
@@ -44,19 +48,6 @@ _DEADLINE_MARGIN = 1.0
 _CONNECT_TIMEOUT = 10.0
 
 M = TypeVar("M", bound=Message)
-Metadata = Sequence[tuple[str, str]]
-
-
-def url_path(model: str, verb: str) -> str:
-    # A model name is one path segment: quote "/" too, as the route's {model} expects.
-    return f"/v1/models/{quote(model, safe='')}:{verb}"
-
-
-def json_body(message: Message) -> dict[str, Any]:
-    """The request as proto3 JSON, without ``model``: the URL path carries it."""
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    data.pop("model", None)
-    return data
 
 
 def parse_json(data: Any, message: M) -> M:
@@ -108,37 +99,82 @@ def error_of(response: httpx.Response) -> ProtoserveError:
     return from_http_error(response.status_code, body, response.headers)
 
 
+def read_response(method: str, response: httpx.Response) -> Message:
+    """The response message of a unary call, or the typed error of its HTTP failure."""
+    if not response.is_success:
+        raise error_of(response)
+    return parse_json(response.json(), ROUTES[method].response_type())
+
+
 class Settings:
     """What both clients derive from their constructor arguments."""
 
     def __init__(
         self,
         base_url: str,
-        model: str | None,
         timeout: float | None,
         token: str | None,
         headers: Mapping[str, str] | None,
     ) -> None:
         deadline_headers(timeout)  # a bad default timeout fails here, not at the first call
         self.base_url = base_url.rstrip("/")
-        self.model = model
         self.timeout = timeout
         self.headers = client_headers(token, headers)
+
+    def client_options(self, verify: bool | str) -> dict[str, Any]:
+        """The arguments of the ``httpx.Client`` (or ``AsyncClient``) the calls go through."""
+        return {
+            "base_url": self.base_url,
+            "headers": self.headers,
+            "verify": ssl_verify(verify),
+            "timeout": httpx_timeout(self.timeout),
+        }
 
     def request(
         self,
         http: httpx.Client | httpx.AsyncClient,
         method: str,
-        path: str,
-        body: dict[str, Any] | None,
+        message: Message,
         timeout: float | None,
         metadata: Metadata,
         accept: str = "application/json",
     ) -> httpx.Request:
+        """The HTTP request of a call, on the route of the method's ``google.api.http`` rule.
+
+        The path carries its fields; the rest of the message is the JSON body
+        (a rule with ``body: "*"``) or else the query string.
+        """
+        route = ROUTES[method]
         seconds = self.timeout if timeout is None else timeout
         headers = {**deadline_headers(seconds), "Accept": accept}
         # The gateway passes Grpc-Metadata-<key> headers upstream as <key> metadata.
         headers.update((f"Grpc-Metadata-{key}", value) for key, value in metadata)
+        fields = route.fields(message)
         return http.build_request(
-            method, path, json=body, headers=headers, timeout=httpx_timeout(seconds)
+            route.verb,
+            route.path(message),
+            json=fields if route.body else None,
+            params=None if route.body or not fields else fields,
+            headers=headers,
+            timeout=httpx_timeout(seconds),
         )
+
+
+class HttpClientBase(BaseClient):
+    """The constructor of both HTTP clients; each names the transport it builds."""
+
+    _transport_type: Callable[[Settings, bool | str], Transport | AsyncTransport]
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+        token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        verify: bool | str = True,
+    ) -> None:
+        settings = Settings(base_url, timeout, token, headers)
+        self.base_url = settings.base_url
+        super().__init__(self._transport_type(settings, verify), model)

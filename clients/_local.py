@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from ._convert import GENERATION_PARAMETERS
+from ._closing import Closing
+from ._convert import GENERATION_PARAMETERS, StreamPart
 from ._errors import DeadlineExceeded, ProtoserveError, from_status
-from ._record import StreamRecord
+from ._stream import Source, TextStream
 from ._types import FinishReason, Generation, ModelInfo, ParameterInfo, Usage
 
 if TYPE_CHECKING:
@@ -64,57 +65,55 @@ def _typed(error: Exception) -> Exception:
     return error
 
 
-class LocalTextStream(StreamRecord):
-    """Text chunks of a local generation as they are produced; ``break`` cancels it.
+def _part(chunk: Any) -> StreamPart:
+    """A runtime chunk as a stream step (finish reason and usage on the last one only)."""
+    if chunk.finish_reason is None:
+        return chunk.text, tuple(chunk.token_ids), None, None
+    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+    return chunk.text, tuple(chunk.token_ids), FinishReason(chunk.finish_reason.value), usage
 
-    After the end: ``finish_reason``, ``usage``, ``token_ids``, ``text``.
-    """
+
+class _LocalChunks:
+    """A generation's chunks, read on the client's loop; closing them stops the model."""
 
     def __init__(self, client: LocalClient, chunks: AsyncGenerator[Any, None]) -> None:
-        super().__init__()
         self._client = client
         self._chunks = chunks
-        self.usage = Usage()
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Generator[StreamPart, None, None]:
         try:
             while True:
                 try:
                     chunk = self._client._run(anext(self._chunks), None)
                 except StopAsyncIteration:
                     return
-                finished = chunk.finish_reason is not None
-                text = self._add(
-                    chunk.text,
-                    chunk.token_ids,
-                    FinishReason(chunk.finish_reason.value) if finished else None,
-                    Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    if finished
-                    else None,
-                )
-                if text:
-                    yield text
+                yield _part(chunk)
         finally:
             self.cancel()
 
     def cancel(self) -> None:
-        """Stop the generation (the model stops before its next step)."""
         if not self._client._closed:
             self._client._run(self._chunks.aclose(), None)
-        if self.finish_reason is None:
-            self.finish_reason = FinishReason.CANCELLED
-
-    close = cancel
-
-    def __enter__(self) -> LocalTextStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cancel()
 
 
-class LocalClient:
+class LocalTextStream(TextStream):
+    """Text chunks of a local generation as they are produced; ``break`` cancels it.
+
+    So does :meth:`cancel`: the model stops before its next step. After the end:
+    ``finish_reason``, ``usage``, ``token_ids``, ``text``.
+    """
+
+    def __init__(self, source: Source) -> None:
+        super().__init__(source)
+        self.usage = Usage()
+
+
+class LocalClient(Closing):
     """The client API over models loaded in this process.
+
+    Its methods are those of the other clients, with the same values and
+    exceptions, but not their code: they call the server's ``Runtime`` with
+    Python values, no message in between, and take no ``metadata``.
 
     Args:
         *models: model specs as for ``protoserve serve --model`` (``"bytelm"``,
@@ -207,7 +206,7 @@ class LocalClient:
         """Text chunks as they are produced; leaving the loop early stops the model."""
         name = self._model(model)
         given = _check_parameters(parameters)
-        return LocalTextStream(self, self._runtime.generate_stream(name, text, given))
+        return LocalTextStream(_LocalChunks(self, self._runtime.generate_stream(name, text, given)))
 
     def embed(
         self,
@@ -262,12 +261,6 @@ class LocalClient:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
-
-    def __enter__(self) -> LocalClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _TASK_ORDER() -> list[Any]:

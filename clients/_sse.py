@@ -1,26 +1,28 @@
 """Server-Sent Events from the gateway: the line parser and the shared stream state.
 
-:class:`SSEStream` is what both HTTP text streams
-(:class:`~protoserve.clients._http.HttpTextStream`,
-:class:`~protoserve.clients._http_aio.AsyncHttpTextStream`) share: turning
-event lines into text, token ids, usage and typed errors.
+:class:`SSESource` is what both HTTP streams (the blocking one in
+:mod:`protoserve.clients._http`, the asyncio one in
+:mod:`protoserve.clients._http_aio`) share: the request, the response once
+sent, and its event lines read as stream steps and typed errors. They add only
+the I/O.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
 
+from ._convert import StreamPart, stream_part
 from ._errors import Unavailable, from_http_error
-from ._http_wire import error_of, parse_json
-from ._record import StreamRecord
-from ._types import FinishReason
+from ._http_wire import parse_json, transport_error
 
-__all__ = ["SSEStream"]
+__all__ = ["SSESource"]
 
 
 class _SSEParser:
@@ -54,32 +56,43 @@ class _SSEParser:
         return None
 
 
-class SSEStream(StreamRecord):
-    """What both stream classes share: reading events, and what they said."""
+class SSESource:
+    """What both HTTP streams share: reading events, and what they said.
 
-    def __init__(self, base_url: str) -> None:
-        super().__init__()
+    The body is read on after ``event: done`` to its end: a response read to
+    its end leaves its connection in the pool for the next call. Cancelling
+    closes the response, which makes the gateway cancel the call on the server.
+    """
+
+    def __init__(self, request: httpx.Request, base_url: str) -> None:
+        self._request = request
         self._base_url = base_url
         self._parser = _SSEParser()
         self._response: httpx.Response | None = None
-        self._started = False
         self._cancelled = False
         self._done = False
 
-    def _opened(self, response: httpx.Response) -> None:
-        self._response = response
-        if not response.is_success:
-            raise error_of(response)
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """httpx's failures as typed errors, except those of cancelling."""
+        try:
+            yield
+        except httpx.TransportError as error:
+            if not self._cancelled:
+                raise transport_error(error, self._base_url) from None
+        except httpx.StreamError:
+            if not self._cancelled:
+                raise
 
-    def _feed(self, line: str, response: httpx.Response) -> str:
-        """The text of the event this line ends ("" if none).
+    def _part(self, line: str, response: httpx.Response) -> StreamPart | None:
+        """The step of the message event this line ends, if it ends one.
 
         Raises:
             ProtoserveError: an ``event: error``: the status the call ended with.
         """
         event = self._parser.feed(line)
         if event is None or self._done:
-            return ""
+            return None
         kind, data = event
         if kind == "done":
             self._done = True
@@ -91,21 +104,10 @@ class SSEStream(StreamRecord):
                 status = data
             raise from_http_error(response.status_code, status, response.headers)
         elif kind == "message":
-            part = parse_json(json.loads(data), pb.GenerateStreamResponse())
-            text = self._record(part)
-            if text:
-                return text
-        return ""  # an event type this client does not know, from a newer gateway
+            return stream_part(parse_json(json.loads(data), pb.GenerateStreamResponse()))
+        return None  # an event type this client does not know, from a newer gateway
 
     def _ended(self) -> None:
         if not self._done:
             # The body ended without `event: done`: the gateway or a proxy went away.
             raise Unavailable(f"the stream from {self._base_url} ended before it finished")
-
-    def _mark_cancelled(self) -> bool:
-        """Whether this call cancels the stream (it had not ended nor been cancelled)."""
-        if self._done or self._cancelled:
-            return False
-        self._cancelled = True
-        self.finish_reason = self.finish_reason or FinishReason.CANCELLED
-        return True

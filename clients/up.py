@@ -36,8 +36,7 @@ def _wait_for_port(
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run both until a signal, or until one of them exits; returns the exit status."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="protoserve up",
         description="Run the gRPC server (built-in model unless --model or --model-repository) "
@@ -61,26 +60,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "built-in model unless --model bytelm)",
     )
     parser.add_argument("serve_args", nargs="*", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
-    command = [sys.executable, "-m", "protoserve.clients.cli"]
+
+def _command(name: str, *args: str) -> list[str]:
+    """A ``protoserve`` subcommand run by this Python."""
+    return [sys.executable, "-m", "protoserve.clients.cli", name, *args]
+
+
+def _serve(args: argparse.Namespace, port_file: Path) -> list[str]:
+    return _command(
+        "serve",
+        *("--host", args.host, "--port", str(args.grpc_port), "--port-file", str(port_file)),
+        *(f"--model={m}" for m in args.model),
+        *([f"--model-repository={args.model_repository}"] if args.model_repository else []),
+        *args.serve_args,
+    )
+
+
+def _gateway(args: argparse.Namespace, grpc_port: int, port_file: Path) -> list[str]:
+    return _command(
+        "gateway",
+        *("--upstream", f"{args.host}:{grpc_port}", "--host", args.host),
+        *("--port", str(args.http_port), "--port-file", str(port_file)),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both until a signal, or until one of them exits; returns the exit status."""
+    args = _parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="protoserve-up-") as scratch:
         grpc_file, http_file = Path(scratch) / "grpc", Path(scratch) / "http"
-        server = subprocess.Popen(
-            [
-                *command,
-                "serve",
-                "--host",
-                args.host,
-                "--port",
-                str(args.grpc_port),
-                "--port-file",
-                str(grpc_file),
-                *(f"--model={m}" for m in args.model),
-                *([f"--model-repository={args.model_repository}"] if args.model_repository else []),
-                *args.serve_args,
-            ]
-        )
+        server = subprocess.Popen(_serve(args, grpc_file))
         children = [server]
         stopping = False
 
@@ -98,20 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             forward(signal.SIGTERM, None)
             server.wait()
             return 1
-        gateway = subprocess.Popen(
-            [
-                *command,
-                "gateway",
-                "--upstream",
-                f"{args.host}:{grpc_port}",
-                "--host",
-                args.host,
-                "--port",
-                str(args.http_port),
-                "--port-file",
-                str(http_file),
-            ]
-        )
+        gateway = subprocess.Popen(_gateway(args, grpc_port, http_file))
         children.append(gateway)
         http_port = _wait_for_port(gateway, http_file, "gateway", 60)
         if http_port is not None:
