@@ -312,9 +312,6 @@ def up(session: nox.Session) -> None:
     session.run("protoserve", "up", *session.posargs)
 
 
-BETTERPROTO = ("betterproto2==0.10.0", "betterproto2-compiler==0.10.1")
-
-
 #: The suite's plots (bench/_report.py); perf_analyzer comes from tritonclient's wheel,
 #: installed without its dependencies (they pin protobuf < 5; the binary needs none of them).
 MATPLOTLIB = "matplotlib==3.11.2"
@@ -323,41 +320,29 @@ PERF_ANALYZER_WHEEL = "tritonclient==2.51.0"
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks in bench/: the suite (issue #7), protobuf vs betterproto2, the
-    runtime, batched decoding on every CPU dispatch path.
+    """The benchmarks in bench/, all run by one driver (bench/suite.py): the suite (issue
+    #7), the runtime under load (issue #5), batched decoding on every CPU dispatch path.
 
     Ratios of two things measured in one run, never absolute timings alone.
     `nox -s bench` runs the suite and writes bench/results/<date>.md, .json and plots;
-    `nox -s bench -- --quick` the same within 5 minutes. A first argument naming a
-    script runs it with the rest: `nox -s bench -- runtime --quick`,
-    `nox -s bench -- betterproto --repeat 5`, `nox -s bench -- decoding` (bench/README.md).
+    `nox -s bench -- --quick` the same within 5 minutes. A first argument names another
+    group of scenarios: `nox -s bench -- runtime --quick`, `nox -s bench -- decoding`
+    (bench/README.md).
     """
-    names = ("suite", "betterproto", "runtime", "decoding")
-    args = list(session.posargs)
-    chosen = args.pop(0) if args and args[0] in names else "suite"
     install_project(session)
-    if chosen == "betterproto":
-        session.install(GRPCIO_TOOLS, *BETTERPROTO)
-        session.run("python", "bench/betterproto_layer.py", *args)
-    elif chosen == "runtime":
-        session.run("python", "bench/runtime_load.py", *args)
-    elif chosen == "decoding":
-        session.run("python", "bench/decoding.py", *args)
-    else:
-        ensure_debian_tools(session, "wrk", "h2load")  # the suite drives them
+    env = {}
+    group = session.posargs[0] if session.posargs else "suite"
+    if group != "decoding":
+        ensure_debian_tools(session, "wrk", "h2load")  # the suite and the runtime drive them
+    if group not in ("runtime", "decoding"):
         session.install(MATPLOTLIB, CUDA_RUNTIME)
         session.install("--no-deps", PERF_ANALYZER_WHEEL)
         libraries = [_cuda_runtime_lib(session), _libb64_lib(session)]
-        binary = Path(session.bin) / "perf_analyzer"
-        session.run(
-            "python",
-            "bench/suite.py",
-            *args,
-            env={
-                "PROTOSERVE_PERF_ANALYZER": str(binary),
-                "PROTOSERVE_PERF_ANALYZER_LD_LIBRARY_PATH": os.pathsep.join(libraries),
-            },
-        )
+        env = {
+            "PROTOSERVE_PERF_ANALYZER": str(Path(session.bin) / "perf_analyzer"),
+            "PROTOSERVE_PERF_ANALYZER_LD_LIBRARY_PATH": os.pathsep.join(libraries),
+        }
+    session.run("python", "bench/suite.py", *session.posargs, env=env)
 
 
 def _proto_files(protos_root: Path) -> list[str]:

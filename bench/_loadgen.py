@@ -1,33 +1,13 @@
-"""Load generators for the benchmark suite: external tools, wrapped and checked, and our own
-streaming clients for what the tools cannot drive.
-
-Every function returns one :class:`Point` (one load level, one transport) and checks its
-run before it does: a tool that exited with an error, printed one, or counted requests
-that do not add up raises :class:`RuntimeError` with the tail of its output. Requests that
-completed with a wrong answer are counted in ``Point.failed``, which the caller checks
-(a point with failures is not a valid measurement).
-
-- :func:`perf_analyzer`: Triton's load generator, over gRPC or HTTP (the Open Inference
-  Protocol; the gateway serves its HTTP form).
-- :func:`wrk`: HTTP/1.1 keep-alive POSTs (the gateway's JSON routes).
-- :func:`h2load_grpc`: gRPC unary calls over h2c, streams multiplexed on one connection as
-  a gRPC channel does. h2load does not read ``grpc-status``:
-  :func:`scrape_requests` reads the server's own count of calls per status code, so that
-  the caller can check every call h2load counted ended OK.
-- :func:`grpc_streams`, :func:`sse_streams`: GenerateStream over grpc.aio and over the
-  gateway's Server-Sent Events, measured the same way (time to first token, gaps between
-  token messages, tokens/s); :func:`stream_bodies` and :func:`grpc_requests` give both the
-  same work.
-- :func:`rss_bytes`, :func:`tree_rss_bytes`, :class:`RssSampler`: resident memory of the
-  server and gateway processes, idle and under load.
-
-This module knows protoserve only through its wire formats (the v1 proto's messages are
-passed in by the caller) and its ``/metrics`` page.
+"""Load generators (ADR 0014), each returning a checked :class:`Point`: perf_analyzer, wrk,
+h2load, and our one stream client (GenerateStream over grpc.aio and over SSE, measured
+alike); and /metrics scrapes and resident memory. Only the standard library at module
+level: tests/compat imports this in Triton's virtualenv.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import json
@@ -48,32 +28,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from _harness import percentile
-
-__all__ = [
-    "Point",
-    "RssSampler",
-    "check_grpc_counts",
-    "grpc_frame",
-    "grpc_requests",
-    "grpc_streams",
-    "h2load_grpc",
-    "percentile",
-    "perf_analyzer",
-    "requests_delta",
-    "rss_bytes",
-    "scrape_requests",
-    "settled_requests",
-    "sse_streams",
-    "stream_bodies",
-    "tree_rss_bytes",
-    "wrk",
-]
-
 
 @dataclass
 class Point:
-    """One measured load level: what ran, how many requests (or streams) it counted, how fast."""
+    """One measured load level: what ran, how many requests (or streams), how fast."""
 
     label: str
     generator: str  # "perf_analyzer" | "wrk" | "h2load" | "sse-client" | "grpc-stream-client"
@@ -87,9 +45,32 @@ class Point:
     p90_ms: float
     p99_ms: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The streams of a stream client's point, in request order (not in the JSON).
+    streams: list[Stream] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out["streams"]
+        return out
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100), linear between closest ranks; NaN when empty."""
+    if not values:
+        return math.nan
+    ordered, pos = sorted(values), (len(values) - 1) * q / 100
+    low, high = math.floor(pos), min(math.floor(pos) + 1, len(values) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def latency_point(label: str, generator: str, concurrency: int, ok: int, failed: int,
+                  seconds: float, latencies_ms: Sequence[float], unit: str = "req/s",
+                  extra: dict[str, Any] | None = None) -> Point:  # fmt: skip
+    """A :class:`Point` of ``ok`` calls in ``seconds`` with these latencies."""
+    p50, p90, p99 = (percentile(latencies_ms, q) for q in (50, 90, 99))
+    rate = ok / seconds if seconds else math.nan
+    return Point(label, generator, concurrency, ok, failed, seconds, rate, unit, p50, p90, p99,
+                 extra or {})  # fmt: skip
 
 
 def _tail(text: str, lines: int = 25) -> str:
@@ -99,28 +80,19 @@ def _tail(text: str, lines: int = 25) -> str:
 def _run(command: Sequence[str], timeout: float, env: Mapping[str, str] | None = None) -> str:
     """Run a tool; its stdout and stderr together. RuntimeError unless it exits 0."""
     try:
-        proc = subprocess.run(
-            list(command),
-            env=None if env is None else dict(env),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        proc = subprocess.run(list(command), env=None if env is None else dict(env),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, check=False)  # fmt: skip
     except subprocess.TimeoutExpired as error:
         out = (error.stdout or b"").decode(errors="replace") if error.stdout else ""
         raise RuntimeError(f"{command[0]} ran past {timeout:.0f} s\n{_tail(out)}") from None
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(command)}\nexited with status {proc.returncode}:\n{_tail(output)}"
-        )
+        raise RuntimeError(f"{' '.join(command)}\nexited with {proc.returncode}:\n{_tail(output)}")
     return output
 
 
-# ---------------------------------------------------------------------------
-# perf_analyzer
+# perf_analyzer -----------------------------------------------------------------------------------
 
 #: perf_analyzer 2.51 measures over windows 1.2 x --measurement-interval long (its profile
 #: export's window_boundaries), and reports the last 3 once they agree.
@@ -129,42 +101,17 @@ _PA_REPORTED_WINDOWS = 3
 _PA_BAD_LINE = re.compile(r"error|failed", re.IGNORECASE)
 
 
-def perf_analyzer(
-    binary: Path,
-    env: Mapping[str, str],
-    *,
-    url: str,
-    protocol: Literal["grpc", "http"],
-    model: str,
-    concurrency: int,
-    seconds: float,
-    tmp: Path,
-    label: str,
-    extra_args: Sequence[str] = (),
-    stability: float = 50.0,
-    max_trials: int = 5,
-) -> Point:
-    """One concurrency level of perf_analyzer (``time_windows`` mode), checked.
-
-    The window is chosen so that the 3 windows perf_analyzer needs at the least take
-    about ``seconds``; it reports them when their throughput and mean latency are
-    within ``stability`` percent, else takes another, up to ``max_trials`` windows (so a
-    run takes ``seconds`` to ``seconds * max_trials / 3``) and fails after that.
-    Inputs (``--input-data``, ``--shape``) go in ``extra_args``; later flags there
-    override the ones set here.
-
-    Returns the CSV's throughput (infer/s) and p50/p90/p99 latency; ``ok`` is the count
-    of requests in the 3 reported windows of the profile export (by response time), which
-    must agree with the CSV's throughput; ``failed`` counts exported requests that got
-    no response.
-
-    Raises:
-        RuntimeError: a non-zero exit status, a line of output with "error" or
-            "failed" (an unstable measurement is one), or figures that disagree.
+def perf_analyzer(binary: Path, env: Mapping[str, str], *, url: str,
+                  protocol: Literal["grpc", "http"], model: str, concurrency: int,
+                  seconds: float, tmp: Path, label: str, extra_args: Sequence[str] = (),
+                  stability: float = 50.0, max_trials: int = 5) -> Point:  # fmt: skip
+    """One concurrency level of perf_analyzer, its 3 windows about ``seconds`` long (up to
+    ``max_trials`` until they agree within ``stability`` percent): the CSV's figures, and
+    ``ok`` counted in the profile export, which must agree with them. ``extra_args`` last.
     """
     tmp.mkdir(parents=True, exist_ok=True)
-    stem = f"pa-{protocol}-c{concurrency}-{time.monotonic_ns()}"
-    csv_path, export_path = tmp / f"{stem}.csv", tmp / f"{stem}.json"
+    stem = tmp / f"pa-{protocol}-c{concurrency}-{time.monotonic_ns()}"
+    csv_path, export_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
     interval_ms = max(100, round(seconds * 1000 / (_PA_REPORTED_WINDOWS * _PA_WINDOW_STRETCH)))
     command = [str(binary), "-m", model, "-u", url, "-i", protocol]
     command += ["--concurrency-range", str(concurrency), "--measurement-mode", "time_windows"]
@@ -174,11 +121,14 @@ def perf_analyzer(
     started = time.perf_counter()
     output = _run(command, timeout=60 + 2 * seconds * max(max_trials, 3) / 3, env=env)
     run_seconds = time.perf_counter() - started
-    bad = [line for line in output.splitlines() if _PA_BAD_LINE.search(line)]
-    if bad:
+    if bad := [line for line in output.splitlines() if _PA_BAD_LINE.search(line)]:
         raise RuntimeError(f"perf_analyzer reported: {bad[0]}\n{_tail(output)}")
     try:
-        row = _pa_csv_row(csv_path, concurrency)
+        with csv_path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("Concurrency") == str(concurrency)]
+        if len(rows) != 1:
+            raise ValueError(f"{csv_path.name}: {len(rows)} rows for concurrency {concurrency}")
+        row = rows[0]
         ok, failed, window, windows = _pa_export_counts(export_path, concurrency)
     except (OSError, ValueError, KeyError) as error:
         raise RuntimeError(f"perf_analyzer's files: {error}\n{_tail(output)}") from error
@@ -190,170 +140,63 @@ def perf_analyzer(
             f"perf_analyzer: {ok} requests in the reported windows ({window:.3f} s), "
             f"but its throughput {throughput} infer/s means {expected:.1f}\n{_tail(output)}"
         )
-    return Point(
-        label=label,
-        generator="perf_analyzer",
-        concurrency=concurrency,
-        ok=ok,
-        failed=failed,
-        seconds=window,
-        throughput=throughput,
-        unit="infer/s",
-        p50_ms=float(row["p50 latency"]) / 1e3,  # the CSV is in microseconds
-        p90_ms=float(row["p90 latency"]) / 1e3,
-        p99_ms=float(row["p99 latency"]) / 1e3,
-        extra={
-            "args": command[1:],
-            "interval_ms": interval_ms,
-            "windows": windows,
-            "run_seconds": run_seconds,
-            "client_send_us": float(row.get("Client Send", "nan")),
-            "client_recv_us": float(row.get("Client Recv", "nan")),
-        },
-    )
-
-
-def _pa_csv_row(path: Path, concurrency: int) -> dict[str, str]:
-    with path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("Concurrency") == str(concurrency)]
-    if len(rows) != 1:
-        raise ValueError(f"{path.name}: {len(rows)} rows for concurrency {concurrency}")
-    return rows[0]
+    p50, p90, p99 = (float(row[f"p{q} latency"]) / 1e3 for q in (50, 90, 99))  # CSV: us
+    extra = {"args": command[1:], "interval_ms": interval_ms, "windows": windows,
+             "run_seconds": run_seconds, "client_send_us": float(row.get("Client Send", "nan")),
+             "client_recv_us": float(row.get("Client Recv", "nan"))}  # fmt: skip
+    return Point(label, "perf_analyzer", concurrency, ok, failed, window, throughput, "infer/s",
+                 p50, p90, p99, extra)  # fmt: skip
 
 
 def _pa_export_counts(path: Path, concurrency: int) -> tuple[int, int, float, int]:
-    """(requests answered in the reported windows, requests never answered, the reported
-    windows' seconds, windows measured) from a profile export."""
-    experiments = [
-        e
-        for e in json.loads(path.read_text())["experiments"]
-        if e["experiment"] == {"mode": "concurrency", "value": concurrency}
-    ]
+    """(answered in the reported windows, never answered, their seconds, windows measured)."""
+    experiments = [e for e in json.loads(path.read_text())["experiments"]
+                   if e["experiment"] == {"mode": "concurrency", "value": concurrency}]  # fmt: skip
     if len(experiments) != 1:
         raise ValueError(f"{path.name}: {len(experiments)} experiments at {concurrency}")
-    bounds = experiments[0]["window_boundaries"]
-    requests = experiments[0]["requests"]
+    bounds, requests = experiments[0]["window_boundaries"], experiments[0]["requests"]
     if len(bounds) < 2:
         raise ValueError(f"{path.name}: no measurement window")
-    first = bounds[max(0, len(bounds) - 1 - _PA_REPORTED_WINDOWS)]
-    last = bounds[-1]
+    first, last = bounds[max(0, len(bounds) - 1 - _PA_REPORTED_WINDOWS)], bounds[-1]
     answered = [r["response_timestamps"][-1] for r in requests if r["response_timestamps"]]
     ok = sum(1 for t in answered if first <= t < last)
     return ok, len(requests) - len(answered), (last - first) / 1e9, len(bounds) - 1
 
 
-# ---------------------------------------------------------------------------
-# wrk
+# wrk ---------------------------------------------------------------------------------------------
 
-# done() runs in wrk's main Lua state, after the threads; it prints one line of JSON.
-# A response() callback is defined only when a 4xx/5xx status is the expected one: it
-# makes wrk hand every response to Lua, which costs speed. Otherwise wrk's own
-# summary.errors.status (responses with a status above 399) counts the wrong ones, and
-# one request sent before the run checks the status is exactly the expected one.
-_WRK_SCRIPT = """\
-local f = assert(io.open({body_path}, "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = {content_type}
-local expect = {expect}
-local threads = {{}}
-function setup(thread)
-  thread:set("unexpected", 0)
-  table.insert(threads, thread)
-end
-{response}
-function done(summary, latency, requests)
-  local unexpected = 0
-  for _, t in ipairs(threads) do unexpected = unexpected + t:get("unexpected") end
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {{"requests":%d,"duration_us":%d,"bytes":%d,"p50_us":%d,"p90_us":%d,' ..
-    '"p99_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,' ..
-    '"unexpected":%d}}\\n',
-    summary.requests, summary.duration, summary.bytes, latency:percentile(50),
-    latency:percentile(90), latency:percentile(99), e.connect, e.read, e.write, e.status,
-    e.timeout, unexpected))
-end
-"""
-_WRK_RESPONSE = """\
-unexpected = 0
-function response(status, headers, body)
-  if status ~= expect then unexpected = unexpected + 1 end
-end
-"""
+_WRK_SCRIPT = Path(__file__).with_name("_wrk.lua")
 
 
-def wrk(
-    url: str,
-    body: bytes,
-    content_type: str,
-    concurrency: int,
-    seconds: float,
-    tmp: Path,
-    label: str,
-    expect_status: int = 200,
-    threads: int | None = None,
-) -> Point:
-    """HTTP/1.1 keep-alive POSTs of ``body`` to ``url`` from ``concurrency`` connections.
-
-    wrk takes whole seconds: ``seconds`` is rounded (at least 1). ``failed`` counts
-    connect, read, write and timeout errors and responses of another status than
-    ``expect_status`` (for a 2xx/3xx ``expect_status``: responses above 399, after one
-    request sent first returned exactly ``expect_status``).
-
-    Raises:
-        RuntimeError: wrk failed, or printed no summary.
-    """
+def wrk(url: str, body: bytes, content_type: str, concurrency: int, seconds: float, tmp: Path,
+        label: str, expect_status: int = 200) -> Point:  # fmt: skip
+    """POSTs of ``body`` from ``concurrency`` keep-alive connections for ``seconds`` (whole);
+    ``failed``: socket errors and responses of another status than ``expect_status``."""
     tmp.mkdir(parents=True, exist_ok=True)
-    threads = threads or min(concurrency, 2)
     duration = max(1, round(seconds))
-    stem = f"wrk-c{concurrency}-{time.monotonic_ns()}"
-    body_path, script_path = tmp / f"{stem}.body", tmp / f"{stem}.lua"
-    body_path.write_bytes(body)
+    stem = tmp / f"wrk-c{concurrency}-{time.monotonic_ns()}"
+    (body_path := stem.with_suffix(".body")).write_bytes(body)
     in_lua = expect_status >= 400
-    script_path.write_text(
-        _WRK_SCRIPT.format(
-            body_path=json.dumps(str(body_path)),  # a valid Lua string literal too
-            content_type=json.dumps(content_type),
-            expect=expect_status,
-            response=_WRK_RESPONSE if in_lua else "",
-        )
-    )
-    if not in_lua:
-        status = _status_of(url, body, content_type)
-        if status != expect_status:
-            raise RuntimeError(f"POST {url} answered {status}, not {expect_status}")
-    command = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{duration}s"]
-    command += ["--timeout", "30s", "-s", str(script_path), url]
-    output = _run(command, timeout=duration + 60)
+    env = {"WRK_BODY": str(body_path), "WRK_CONTENT_TYPE": content_type,
+           "WRK_EXPECT": str(expect_status)}  # fmt: skip
+    if not in_lua and (status := _status_of(url, body, content_type)) != expect_status:
+        raise RuntimeError(f"POST {url} answered {status}, not {expect_status}")
+    command = ["wrk", "-t", str(min(concurrency, 2)), "-c", str(concurrency)]
+    command += ["-d", f"{duration}s", "--timeout", "30s", "-s", str(_WRK_SCRIPT), url]
+    output = _run(command, timeout=duration + 60, env={**os.environ, **env})
     found = re.search(r"^WRKJSON (\{.*\})$", output, re.MULTILINE)
     if not found:
         raise RuntimeError(f"wrk printed no summary:\n{_tail(output)}")
     s = json.loads(found.group(1))
     wrong = s["unexpected"] if in_lua else s["status"]
-    failed = s["connect"] + s["read"] + s["write"] + s["timeout"] + wrong
-    ok = s["requests"] - wrong
-    window = s["duration_us"] / 1e6
-    return Point(
-        label=label,
-        generator="wrk",
-        concurrency=concurrency,
-        ok=ok,
-        failed=failed,
-        seconds=window,
-        throughput=ok / window,
-        unit="req/s",
-        p50_ms=s["p50_us"] / 1e3,
-        p90_ms=s["p90_us"] / 1e3,
-        p99_ms=s["p99_us"] / 1e3,
-        extra={"args": command[1:], "summary": s, "error_sample": _wrk_errors(s, in_lua)},
-    )
-
-
-def _wrk_errors(summary: Mapping[str, int], in_lua: bool) -> str:
     kinds = ("connect", "read", "write", "timeout", "unexpected" if in_lua else "status")
-    return ", ".join(f"{summary[k]} {k} errors" for k in kinds if summary[k])
+    errors = ", ".join(f"{s[k]} {k} errors" for k in kinds if s[k])
+    p50, p90, p99 = (s[f"p{q}_us"] / 1e3 for q in (50, 90, 99))
+    ok, window = s["requests"] - wrong, s["duration_us"] / 1e6
+    failed = s["connect"] + s["read"] + s["write"] + s["timeout"] + wrong
+    extra = {"args": command[1:], "summary": s, "error_sample": errors}
+    return Point(label, "wrk", concurrency, ok, failed, window, ok / window, "req/s", p50, p90,
+                 p99, extra)  # fmt: skip
 
 
 def _status_of(url: str, body: bytes, content_type: str) -> int:
@@ -366,8 +209,7 @@ def _status_of(url: str, body: bytes, content_type: str) -> int:
         return int(error.code)
 
 
-# ---------------------------------------------------------------------------
-# h2load (gRPC unary over h2c) and the server's count of calls
+# h2load (gRPC unary over h2c) and the server's count of calls ------------------------------------
 
 
 def grpc_frame(message: bytes) -> bytes:
@@ -379,64 +221,30 @@ _H2_COUNTS = re.compile(
     r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
     r"(\d+) errored, (\d+) timeout"
 )
-_H2_STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
-_H2_TRAFFIC = re.compile(r"traffic: .*\((\d+)\) total, .*\((\d+)\) headers .*\((\d+)\) data")
+_H2_TRAFFIC = re.compile(r"traffic: .*\((\d+)\) data")
 _H2_FINISHED = re.compile(r"finished in ([0-9.]+)(us|ms|s),")
 _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def h2load_grpc(
-    url: str,
-    method_path: str,
-    message: bytes,
-    concurrency: int,
-    seconds: float | None,
-    tmp: Path,
-    label: str,
-    connections: int = 1,
-    *,
-    requests: int | None = None,
-) -> Point:
-    """gRPC unary calls with h2load: ``concurrency`` streams in flight in all, spread over
-    ``connections`` h2c connections (``-m concurrency/connections -c connections``).
-
-    ``url`` is the server's ``http://host:port``; ``method_path`` the gRPC path
-    (``/protoserve.inference.v1.InferenceService/Embed``); ``message`` the serialized
-    request, which is framed here. Runs for ``seconds`` (``-D``; the calls in flight at
-    the end are reset, and the server counts them CANCELLED: ``extra["in_flight_at_end"]``)
-    or, with ``seconds=None``, for ``requests`` calls (``-n``).
-
-    h2load judges by HTTP status only; a gRPC error comes with status 200. ``extra``
-    holds h2load's counts (``succeeded``, ``started``, ``done``, ...) and the bytes of
-    response ``data``, so that the caller checks the server's count of calls
-    (:func:`settled_requests` before and after, :func:`check_grpc_counts`).
-
-    Raises:
-        RuntimeError: h2load failed, or its counts do not match its log.
-    """
+def h2load_grpc(url: str, method_path: str, message: bytes, concurrency: int,
+                seconds: float | None, tmp: Path, label: str, *,
+                requests: int | None = None) -> Point:  # fmt: skip
+    """gRPC unary calls of ``message`` to ``url`` + ``method_path``, ``concurrency`` in flight
+    on one h2c connection, for ``seconds`` or (``seconds=None``) ``requests`` calls. A gRPC
+    error is an HTTP 200 to h2load: ``extra`` holds its counts and DATA bytes, to check."""
     if (seconds is None) == (requests is None):
         raise ValueError("give seconds or requests, not both")
-    if concurrency % connections:
-        raise ValueError(f"concurrency {concurrency} is not a multiple of {connections}")
     tmp.mkdir(parents=True, exist_ok=True)
-    stem = f"h2load-c{concurrency}-{time.monotonic_ns()}"
-    body_path, log_path = tmp / f"{stem}.body", tmp / f"{stem}.log"
+    stem = tmp / f"h2load-c{concurrency}-{time.monotonic_ns()}"
+    body_path, log_path = stem.with_suffix(".body"), stem.with_suffix(".log")
     body_path.write_bytes(grpc_frame(message))
-    command = ["h2load"]
-    if seconds is not None:
-        command += ["-D", f"{max(1, round(seconds * 1000))}ms"]
-    else:
-        command += ["-n", str(requests)]
-    command += ["-m", str(concurrency // connections), "-c", str(connections)]
+    run = ["-n", str(requests)] if seconds is None else ["-D", f"{max(1, round(seconds * 1000))}ms"]
+    command = ["h2load", *run, "-m", str(concurrency), "-c", "1"]
     command += ["-t", "1", "-d", str(body_path), "--log-file", str(log_path)]
     command += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
-    command += [url.rstrip("/") + method_path]
-    budget = (seconds or 0) + 120
-    output = _run(command, timeout=budget)
-    counts, status, traffic, finished = (
-        p.search(output) for p in (_H2_COUNTS, _H2_STATUS, _H2_TRAFFIC, _H2_FINISHED)
-    )
-    if not (counts and status and traffic and finished):
+    output = _run([*command, url.rstrip("/") + method_path], timeout=(seconds or 0) + 120)
+    counts, traffic, finished = (p.search(output) for p in (_H2_COUNTS, _H2_TRAFFIC, _H2_FINISHED))
+    if not (counts and traffic and finished):
         raise RuntimeError(f"h2load printed no summary:\n{_tail(output)}")
     names = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
     c = dict(zip(names, map(int, counts.groups()), strict=True))
@@ -448,67 +256,52 @@ def h2load_grpc(
             f"h2load counted {c['succeeded']} succeeded, its log has {len(latencies)} "
             f"with status 200\n{_tail(output)}"
         )
-    return Point(
-        label=label,
-        generator="h2load",
-        concurrency=concurrency,
-        ok=c["succeeded"],
-        failed=c["failed"] + c["errored"] + c["timeout"],
-        seconds=window,
-        throughput=c["succeeded"] / window,
-        unit="req/s",
-        p50_ms=percentile(latencies, 50),
-        p90_ms=percentile(latencies, 90),
-        p99_ms=percentile(latencies, 99),
-        extra={
-            "args": command[1:],
-            **c,
-            "in_flight_at_end": c["started"] - c["done"],
-            "status_2xx": int(status.group(1)),
-            "status_4xx_5xx": int(status.group(3)) + int(status.group(4)),
-            "bytes_total": int(traffic.group(1)),
-            "bytes_headers": int(traffic.group(2)),
-            "bytes_data": int(traffic.group(3)),
-            "error_sample": ", ".join(
-                f"{c[k]} {k}" for k in ("failed", "errored", "timeout") if c[k]
-            ),
-        },
-    )
+    errors = ", ".join(f"{c[k]} {k}" for k in ("failed", "errored", "timeout") if c[k])
+    failed = c["failed"] + c["errored"] + c["timeout"]
+    extra = {"args": command[1:], **c, "in_flight_at_end": c["started"] - c["done"],
+             "bytes_data": int(traffic.group(1)), "error_sample": errors}  # fmt: skip
+    return latency_point(label, "h2load", concurrency, c["succeeded"], failed, window, latencies,
+                         extra=extra)  # fmt: skip
 
 
-_SAMPLE = re.compile(r"^protoserve_requests_total\{([^}]*)\}\s+(\S+)", re.MULTILINE)
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def scrape_requests(metrics_url: str, method: str) -> dict[str, float]:
-    """The server's count of finished calls of ``method`` (``Embed``, ``ModelInfer``, the
-    bare method name) by status code name, from ``protoserve_requests_total``."""
-    with urllib.request.urlopen(metrics_url, timeout=30) as response:
+def scrape(url: str | None) -> Samples:
+    """Every sample of a /metrics page: (name, labels) -> value; nothing without a URL."""
+    if url is None:
+        return {}
+    with urllib.request.urlopen(url, timeout=30) as response:
         text = response.read().decode()
+    return {(n, frozenset(_LABEL.findall(ls))): float(v) for n, ls, v in _SAMPLE.findall(text)}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def scrape_requests(metrics_url: str, method: str) -> dict[str, float]:
+    """The server's count of finished calls of ``method`` by status code name."""
     out: dict[str, float] = {}
-    for labels, value in _SAMPLE.findall(text):
-        found = dict(_LABEL.findall(labels))
-        if found.get("method") == method:
-            out[found["code"]] = out.get(found["code"], 0.0) + float(value)
+    for (name, labels), v in scrape(metrics_url).items():
+        found = dict(labels)
+        if name == "protoserve_requests_total" and found.get("method") == method:
+            out[found["code"]] = out.get(found["code"], 0.0) + v
     return out
 
 
-def settled_requests(
-    metrics_url: str, method: str, *, quiet: float = 0.3, timeout: float = 10.0
-) -> dict[str, float]:
-    """:func:`scrape_requests` once two scrapes ``quiet`` seconds apart agree: the calls a
-    load generator left behind (wrk's and h2load's in flight when they stopped, whose
-    cancellation reaches the server a moment later) are counted by then.
-
-    Raises:
-        RuntimeError: the count still moves after ``timeout`` seconds.
-    """
+def settled_requests(metrics_url: str, method: str, *, quiet: float = 0.3,
+                     timeout: float = 10.0) -> dict[str, float]:  # fmt: skip
+    """:func:`scrape_requests` once two scrapes ``quiet`` s apart agree: calls have settled."""
     deadline = time.monotonic() + timeout
     last = scrape_requests(metrics_url, method)
     while True:
         time.sleep(quiet)
-        now = scrape_requests(metrics_url, method)
-        if now == last:
+        if (now := scrape_requests(metrics_url, method)) == last:
             return now
         if time.monotonic() > deadline:
             raise RuntimeError(f"{method} calls still finishing after {timeout} s: {now}")
@@ -516,17 +309,11 @@ def settled_requests(
 
 
 def check_grpc_counts(point: Point, delta: Mapping[str, int]) -> str:
-    """Why the server's count of calls (:func:`requests_delta` of settled scrapes around an
-    :func:`h2load_grpc` run, nothing else calling the method) does not fit h2load's, or "".
-
-    With ``requests``, every call ends OK. With ``seconds``, h2load resets the calls in
-    flight at the end: the server counts those CANCELLED, or OK when it finished one
-    before the reset arrived, or not at all when the reset came before the call began.
-    """
+    """Why the server's count of calls around an :func:`h2load_grpc` run does not fit h2load's,
+    or "". A call reset at the end is CANCELLED, OK (it finished first) or never began."""
     extra = point.extra
-    other = {code: n for code, n in delta.items() if code not in ("OK", "CANCELLED")}
     ok, cancelled = delta.get("OK", 0), delta.get("CANCELLED", 0)
-    if other:
+    if other := {code: n for code, n in delta.items() if code not in ("OK", "CANCELLED")}:
         return f"calls that ended {other}"
     if ok + cancelled > extra["started"]:
         return f"h2load started {extra['started']} calls, the server ended {dict(delta)}"
@@ -537,47 +324,51 @@ def check_grpc_counts(point: Point, delta: Mapping[str, int]) -> str:
 
 def requests_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, int]:
     """Calls per code between two :func:`scrape_requests`; codes that did not move left out."""
-    codes = set(before) | set(after)
-    moved = {c: round(after.get(c, 0.0) - before.get(c, 0.0)) for c in sorted(codes)}
+    moved = {c: round(after.get(c, 0.0) - before.get(c, 0.0)) for c in sorted({*before, *after})}
     return {c: n for c, n in moved.items() if n}
 
 
-# ---------------------------------------------------------------------------
-# Streams: GenerateStream over grpc.aio and over the gateway's SSE
+# The stream client: GenerateStream over grpc.aio and over the gateway's SSE ----------------------
 
 
 @dataclass
-class _Stream:
-    """One stream as a client saw it."""
+class Stream:
+    """One stream as the client saw it."""
 
-    error: str = ""
+    error: str = ""  # why it failed; "" for a good stream
+    code: str = "OK"  # the gRPC status (or HTTP status) it ended with
     ttft: float = math.nan
     gaps: list[float] = field(default_factory=list)
-    tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
     finish: str = ""
+    seconds: float = 0.0
+    retry_delay: float | None = None  # a refusal's RetryInfo (gRPC) or Retry-After, seconds
+
+    def token(
+        self, now: float, start: float, last: float | None, ids: Sequence[int]
+    ) -> float | None:
+        """Count a message's tokens, arrived at ``now``; when the last tokens arrived."""
+        if self.finish:
+            self.error = self.error or "a message after the one with finish_reason"
+        if not ids:
+            return last
+        self.token_ids += ids
+        if last is None:
+            self.ttft = now - start
+        else:
+            self.gaps.append(now - last)
+        return now
 
 
-def stream_bodies(
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    first_seed: int,
-    model: str = "bytelm",
-) -> list[dict[str, Any]]:
-    """One GenerateStreamRequest per prompt in protobuf's JSON form (seeds ``first_seed``,
-    ``first_seed + 1``, ...): what :func:`sse_streams` sends, and what
-    :func:`grpc_requests` turns into the same requests for :func:`grpc_streams`."""
+def stream_bodies(prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
+                  first_seed: int, model: str = "bytelm") -> list[dict[str, Any]]:  # fmt: skip
+    """One GenerateStreamRequest per prompt in protobuf's JSON form, seeds from ``first_seed``:
+    what :func:`sse_streams` sends, and :func:`grpc_requests` turns into messages."""
+    params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     return [
-        {
-            "model": model,
-            "inputs": prompt,
-            "parameters": {
-                "max_new_tokens": max_new_tokens,
-                "temperature": temperature,
-                "seed": str(first_seed + i),  # uint64: a string in protobuf's JSON
-            },
-        }
+        # A uint64 seed is a string in protobuf's JSON.
+        {"model": model, "inputs": prompt, "parameters": {**params, "seed": str(first_seed + i)}}
         for i, prompt in enumerate(prompts)
     ]
 
@@ -605,78 +396,46 @@ def _end_error(finish: str, tokens: int, max_new_tokens: int | None) -> str:
     return ""
 
 
-async def _drive(
-    items: Sequence[Any], concurrency: int, one: Callable[[int, Any], Awaitable[_Stream]]
-) -> tuple[list[_Stream], float]:
-    """``concurrency`` workers; each takes the next item when its last one is done.
-    ``one(worker, item)``. Returns the streams in item order and the wall time."""
-    results: list[_Stream] = [_Stream() for _ in items]
+async def _drive(label: str, generator: str, items: Sequence[Any], concurrency: int,
+                 one: Callable[[int, Any], Awaitable[Stream]]) -> Point:  # fmt: skip
+    """``concurrency`` workers, each taking the next item when its last is done: the point."""
+    if not items:
+        raise ValueError("nothing to send")
+    streams: list[Stream] = [Stream() for _ in items]
     queue = iter(enumerate(items))
 
     async def worker(w: int) -> None:
         for i, item in queue:
-            results[i] = await one(w, item)
+            started = time.perf_counter()
+            streams[i] = await one(w, item)
+            streams[i].seconds = time.perf_counter() - started
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(min(concurrency, len(items)))))
-    return results, time.perf_counter() - start
-
-
-def _stream_point(
-    label: str, generator: str, concurrency: int, streams: Sequence[_Stream], wall: float
-) -> Point:
+    wall = time.perf_counter() - start
     ok = [s for s in streams if not s.error]
     bad = [s.error for s in streams if s.error]
-    tokens = sum(s.tokens for s in ok)
-    ttfts = [s.ttft * 1e3 for s in ok]
+    tokens = sum(len(s.token_ids) for s in ok)
     gaps = [g * 1e3 for s in ok for g in s.gaps]
-    return Point(
-        label=label,
-        generator=generator,
-        concurrency=concurrency,
-        ok=len(ok),
-        failed=len(bad),
-        seconds=wall,
-        throughput=tokens / wall if wall else math.nan,
-        unit="tokens/s",
-        p50_ms=percentile(ttfts, 50),
-        p90_ms=percentile(ttfts, 90),
-        p99_ms=percentile(ttfts, 99),
-        extra={
-            "gap_p50_ms": percentile(gaps, 50),
-            "gap_p90_ms": percentile(gaps, 90),
-            "gap_p99_ms": percentile(gaps, 99),
-            "tokens": tokens,
-            "streams": len(streams),
-            "streams_per_s": len(ok) / wall if wall else math.nan,
-            "finish_reasons": dict(Counter(s.finish for s in ok)),
-            "error_sample": bad[0] if bad else "",
-            "error_samples": bad[:3],
-        },
-    )
+    extra = {**{f"gap_p{q}_ms": percentile(gaps, q) for q in (50, 90, 99)}, "tokens": tokens,
+             "streams": len(streams), "streams_per_s": len(ok) / wall if wall else math.nan,
+             "finish_reasons": dict(Counter(s.finish for s in ok)),
+             "error_sample": bad[0] if bad else "", "error_samples": bad[:3]}  # fmt: skip
+    ttfts = [s.ttft * 1e3 for s in ok]
+    point = latency_point(label, generator, concurrency, len(ok), len(bad), wall, ttfts,
+                          "tokens/s", extra)  # fmt: skip
+    point.throughput, point.streams = tokens / wall if wall else math.nan, streams
+    return point
 
 
-async def grpc_streams(
-    target: str,
-    requests: Sequence[Any],
-    concurrency: int,
-    label: str,
-    *,
-    stream_timeout: float = 600.0,
-) -> Point:
-    """GenerateStream calls (v1 ``GenerateStreamRequest`` messages) on one grpc.aio channel
-    to ``target`` (``host:port``), ``concurrency`` at a time.
-
-    Time to first token runs from the call's start to the first message with tokens
-    (the channel is connected before); gaps are between messages with tokens. A stream
-    fails unless it ends OK with a finish reason, and when finished by length, with
-    exactly its ``max_new_tokens``; ``extra["error_samples"]`` shows a few failures.
-    """
+async def grpc_streams(target: str, requests: Sequence[Any], concurrency: int, label: str, *,
+                       stream_timeout: float = 600.0) -> Point:  # fmt: skip
+    """GenerateStream calls on one grpc.aio channel, ``concurrency`` at a time. Time to first
+    token runs from the call's start; a stream fails unless it ends OK with a finish reason
+    (by length: after exactly ``max_new_tokens``); a refusal keeps its RetryInfo's delay."""
     import grpc
 
-    if not requests:
-        raise ValueError("no requests")
-    response_type = _response_type(requests[0])
+    response_type = sys.modules[type(requests[0]).__module__].GenerateStreamResponse
     finish_names = response_type.DESCRIPTOR.fields_by_name["finish_reason"].enum_type
     async with grpc.aio.insecure_channel(target) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
@@ -686,65 +445,58 @@ async def grpc_streams(
             response_deserializer=response_type.FromString,
         )
 
-        async def one(_: int, request: Any) -> _Stream:
-            s = _Stream()
-            limit = (
-                request.parameters.max_new_tokens
-                if request.parameters.HasField("max_new_tokens")
-                else None
-            )
-            start = time.perf_counter()
-            last = None
+        async def one(_: int, request: Any) -> Stream:
+            s, start, last = Stream(), time.perf_counter(), None
+            params = request.parameters
+            limit = params.max_new_tokens if params.HasField("max_new_tokens") else None
             try:
                 async for message in call(request, timeout=stream_timeout):
-                    now = time.perf_counter()
-                    if s.finish:
-                        s.error = "a message after the one with finish_reason"
-                    if message.token_ids:
-                        s.tokens += len(message.token_ids)
-                        if last is None:
-                            s.ttft = now - start
-                        else:
-                            s.gaps.append(now - last)
-                        last = now
+                    last = s.token(time.perf_counter(), start, last, message.token_ids)
+                    s.text += message.text
                     if message.finish_reason:
                         s.finish = finish_names.values_by_number[message.finish_reason].name
             except grpc.aio.AioRpcError as error:
-                s.error = f"{error.code().name}: {error.details()}"
+                s.code, s.error = error.code().name, f"{error.code().name}: {error.details()}"
+                s.retry_delay = _retry_delay(error.trailing_metadata() or ())
                 return s
-            s.error = s.error or _end_error(s.finish, s.tokens, limit)
+            s.error = s.error or _end_error(s.finish, len(s.token_ids), limit)
             return s
 
-        streams, wall = await _drive(requests, concurrency, one)
-    return _stream_point(label, "grpc-stream-client", concurrency, streams, wall)
+        return await _drive(label, "grpc-stream-client", requests, concurrency, one)
 
 
-def _response_type(request: Any) -> type[Any]:
-    """GenerateStreamResponse, from the module that defines the caller's request class."""
-    response_type: type[Any] = sys.modules[type(request).__module__].GenerateStreamResponse
-    return response_type
+def _retry_delay(metadata: Iterable[tuple[str, Any]]) -> float | None:
+    """The ``google.rpc.RetryInfo`` delay in a call's ``grpc-status-details-bin``, seconds."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    for key, raw in metadata:
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(raw).details:
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    return float(info.retry_delay.ToTimedelta().total_seconds())
+    return None
 
 
+@dataclass
 class _Http1:
     """One keep-alive HTTP/1.1 connection, reopened after an error or ``Connection: close``."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+    host: str
+    port: int
+    streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self.reader is None or self.writer is None or self.writer.is_closing():
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            sock = self.writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return self.reader, self.writer
+        if self.streams is None or self.streams[1].is_closing():
+            self.streams = await asyncio.open_connection(self.host, self.port)
+            self.streams[1].get_extra_info("socket").setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # fmt: skip
+        return self.streams
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
+        if self.streams:
+            self.streams[1].close()
+        self.streams = None
 
 
 async def _head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
@@ -763,20 +515,14 @@ async def _head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
 async def _body_parts(
     reader: asyncio.StreamReader, headers: Mapping[str, str]
 ) -> AsyncIterator[bytes]:
-    """The body's bytes as they arrive: chunked, by Content-Length, or up to the end."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                    pass
-                return
-            chunk = await reader.readexactly(size + 2)
-            yield chunk[:-2]
-    elif "content-length" in headers:
-        yield await reader.readexactly(int(headers["content-length"]))
-    else:
-        yield await reader.read()
+    """The body's bytes as they arrive: chunked, or by Content-Length."""
+    if "chunked" not in headers.get("transfer-encoding", "").lower():
+        yield await reader.readexactly(int(headers.get("content-length", 0)))
+        return
+    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+        yield (await reader.readexactly(size + 2))[:-2]
+    while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+        pass
 
 
 class _SseParser:
@@ -797,42 +543,25 @@ class _SseParser:
                 if self.data or self.event:
                     out.append((self.event or "message", self.id, "\n".join(self.data)))
                 self.event, self.data = "", []
-                continue
-            if line.startswith(":"):
-                continue  # a comment: keep-alive
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "event":
-                self.event = value
-            elif name == "data":
-                self.data.append(value)
-            elif name == "id":
-                self.id = value
+            elif not line.startswith(":"):  # a comment is a keep-alive
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "event":
+                    self.event = value
+                elif name == "data":
+                    self.data.append(value)
+                elif name == "id":
+                    self.id = value
         return out
 
 
-async def sse_streams(
-    base_url: str,
-    model: str,
-    bodies: Sequence[Mapping[str, Any]],
-    concurrency: int,
-    label: str,
-    *,
-    headers: Mapping[str, str] | None = None,
-    stream_timeout: float = 600.0,
-) -> Point:
-    """GenerateStream through the gateway: ``POST {base_url}/v1/models/{model}:generateStream``
-    with ``Accept: text/event-stream``, ``concurrency`` at a time, each worker on its own
-    keep-alive HTTP/1.1 connection. A body's ``"model"`` (as :func:`stream_bodies` gives)
-    names the model in the path instead of ``model``, and is not sent in the body.
-
-    Time to first token runs from sending the request to the first ``message`` event
-    parsed; gaps are between ``message`` events with tokens. A stream fails unless it
-    is a 200 ``text/event-stream`` of ``message`` events with increasing ids, then one
-    ``done`` event, no ``error`` event, and its tokens as for :func:`grpc_streams`.
-    """
-    if not bodies:
-        raise ValueError("no bodies")
+async def sse_streams(base_url: str, model: str, bodies: Sequence[Mapping[str, Any]],
+                      concurrency: int, label: str, *, headers: Mapping[str, str] | None = None,
+                      stream_timeout: float = 600.0) -> Point:  # fmt: skip
+    """GenerateStream as SSE through the gateway, ``concurrency`` at a time, each worker on a
+    keep-alive connection of its own; a body's ``"model"`` names the model instead. As
+    :func:`grpc_streams`, and a stream fails unless its events are ``message``s with
+    increasing ids, then one ``done``; a refusal keeps its Retry-After."""
     parts = urlsplit(base_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     extra_headers = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
@@ -851,39 +580,37 @@ async def sse_streams(
         )
         return head.encode("latin-1") + data, None if limit is None else int(limit)
 
-    prepared = [request_bytes(b) for b in bodies]
-
-    async def one(worker: int, item: tuple[bytes, int | None]) -> _Stream:
+    async def one(worker: int, item: tuple[bytes, int | None]) -> Stream:
         conn = connections[worker]
         try:
             return await asyncio.wait_for(_sse_one(conn, *item), stream_timeout)
         except (OSError, EOFError, ValueError, TimeoutError, asyncio.IncompleteReadError) as e:
-            # The connection is somewhere inside a response: start the next on a new one.
-            conn.close()
-            return _Stream(error=f"{type(e).__name__}: {e}")
+            conn.close()  # somewhere inside a response: the next starts on a new one
+            return Stream(error=f"{type(e).__name__}: {e}", code=type(e).__name__)
 
     try:
-        streams, wall = await _drive(prepared, concurrency, one)
+        items = [request_bytes(b) for b in bodies]
+        return await _drive(label, "sse-client", items, concurrency, one)
     finally:
         for conn in connections:
             conn.close()
-    return _stream_point(label, "sse-client", concurrency, streams, wall)
 
 
-async def _sse_one(conn: _Http1, request: bytes, limit: int | None) -> _Stream:
+async def _sse_one(conn: _Http1, request: bytes, limit: int | None) -> Stream:
     reader, writer = await conn.open()
-    s = _Stream()
-    start = time.perf_counter()
+    s, start, last = Stream(), time.perf_counter(), None
     writer.write(request)
     status, headers = await _head(reader)
     if status != 200 or not headers.get("content-type", "").startswith("text/event-stream"):
         body = b"".join([part async for part in _body_parts(reader, headers)])
-        s.error = f"HTTP {status} {headers.get('content-type', '')}: {body[:200]!r}"
+        s.code = str(status)
+        s.error = f"HTTP {status} {headers.get('content-type')}: {body[:200]!r}"
+        with contextlib.suppress(KeyError, ValueError):
+            s.retry_delay = float(headers["retry-after"])
     else:
-        parser, last_id, last, done = _SseParser(), 0, None, 0
+        parser, last_id, done = _SseParser(), 0, 0
         async for chunk in _body_parts(reader, headers):
             for event, event_id, data in parser.feed(chunk):
-                now = time.perf_counter()
                 if done:
                     s.error = s.error or f"event {event!r} after done"
                 elif event == "message":
@@ -892,15 +619,8 @@ async def _sse_one(conn: _Http1, request: bytes, limit: int | None) -> _Stream:
                     else:
                         last_id = int(event_id)
                     message = json.loads(data)
-                    if s.finish:
-                        s.error = s.error or "a message after the one with finish_reason"
-                    if message.get("token_ids"):
-                        s.tokens += len(message["token_ids"])
-                        if last is None:
-                            s.ttft = now - start
-                        else:
-                            s.gaps.append(now - last)
-                        last = now
+                    last = s.token(time.perf_counter(), start, last, message.get("token_ids", []))
+                    s.text += message.get("text", "")
                     finish = message.get("finish_reason", "FINISH_REASON_UNSPECIFIED")
                     if finish != "FINISH_REASON_UNSPECIFIED":
                         s.finish = finish
@@ -910,16 +630,14 @@ async def _sse_one(conn: _Http1, request: bytes, limit: int | None) -> _Stream:
                     s.error = s.error or f"error event: {data[:200]}"
                 else:
                     s.error = s.error or f"unknown event {event!r}"
-        if not s.error and not done:
-            s.error = "no done event"
-        s.error = s.error or _end_error(s.finish, s.tokens, limit)
+        s.error = s.error or ("" if done else "no done event")
+        s.error = s.error or _end_error(s.finish, len(s.token_ids), limit)
     if "close" in headers.get("connection", "").lower():
         conn.close()
     return s
 
 
-# ---------------------------------------------------------------------------
-# Memory
+# Memory ------------------------------------------------------------------------------------------
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -930,22 +648,31 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of one process (0 when it is gone): a page several processes
+    map counts once across them (MLServer's two processes both map torch)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc), parents before their children."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue  # gone meanwhile
-        # The command name (in parentheses) may hold spaces: the fields come after it.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # gone meanwhile
+            # The command name (in parentheses) may hold spaces: the fields come after it.
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
     out, todo = [], [pid]
     while todo:
-        kids = children.get(todo.pop(), [])
+        kids = sorted(children.get(todo.pop(0), []))
         out += kids
         todo += kids
     return out
@@ -955,75 +682,50 @@ def tree_rss_bytes(pid: int) -> int:
     """Resident memory of a process and all its descendants (shared pages counted in each)."""
     total = rss_bytes(pid)
     for child in _descendants(pid):
-        try:
+        with contextlib.suppress(OSError):  # exited meanwhile
             total += rss_bytes(child)
-        except OSError:
-            pass  # exited meanwhile
     return total
 
 
+def tree_pss_bytes(pid: int) -> int:
+    """PSS of ``pid`` and its descendants together."""
+    return sum(pss_bytes(p) for p in [pid, *_descendants(pid)])
+
+
 class RssSampler:
-    """Samples the (tree) RSS of some processes every ``interval`` seconds in a thread.
+    """Samples the tree RSS of some processes every ``interval`` seconds in a thread while
+    the block runs: the first sample (:meth:`idle`) on entry, a last one on exit."""
 
-    :meth:`start` takes the first sample at once: :meth:`idle` is that one, so start
-    it before the load. :meth:`peak` is the largest sample so far, :meth:`stop` takes a
-    last one. A process that exits keeps the figures it had.
-    """
-
-    def __init__(self, pids: Iterable[int], *, interval: float = 0.2, tree: bool = True) -> None:
-        self.pids = list(pids)
+    def __init__(self, pids: Iterable[int], *, interval: float = 0.2) -> None:
+        self.samples: dict[int, list[int]] = {pid: [] for pid in pids}
         self.interval = interval
-        self.measure = tree_rss_bytes if tree else rss_bytes
-        self._idle: dict[int, int] = {}
-        self._peak: dict[int, int] = {}
-        self._last: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="rss-sampler")
-        self._lock = threading.Lock()
 
     def _sample(self) -> None:
-        for pid in self.pids:
-            try:
-                value = self.measure(pid)
-            except OSError:
-                continue
-            with self._lock:
-                self._idle.setdefault(pid, value)
-                self._peak[pid] = max(self._peak.get(pid, 0), value)
-                self._last[pid] = value
+        for pid, samples in self.samples.items():
+            with contextlib.suppress(OSError):  # a process that exited keeps its figures
+                samples.append(tree_rss_bytes(pid))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def start(self) -> RssSampler:
+    def __enter__(self) -> RssSampler:
         self._sample()
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def __exit__(self, *_: object) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._thread.join()
         self._sample()
 
-    def __enter__(self) -> RssSampler:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
-
     def idle(self, pid: int) -> int:
-        """The first sample of ``pid``, in bytes. KeyError if it was never measured."""
-        with self._lock:
-            return self._idle[pid]
+        return self.samples[pid][0]
 
     def peak(self, pid: int) -> int:
-        """The largest sample of ``pid`` so far, in bytes."""
-        with self._lock:
-            return self._peak[pid]
+        return max(self.samples[pid])
 
     def last(self, pid: int) -> int:
-        """The latest sample of ``pid``, in bytes."""
-        with self._lock:
-            return self._last[pid]
+        return self.samples[pid][-1]

@@ -1,85 +1,183 @@
-"""The benchmark suite (issue #7): protoserve against the model's own speed and its peers.
+"""The benchmarks' one driver: protoserve against the model's own speed, itself and its peers.
 
-One command (``nox -s bench``, or ``python bench/suite.py`` from a Python with
-protoserve installed) runs every scenario and writes ``bench/results/<date>.md``,
-``.json`` and PNG plots. Every figure the report judges is a ratio of two things
-measured in this run, on this machine, one after the other:
-
-- **Gateway overhead**: one small unary call (a TorchScript MLP, one row) straight
-  to the server over gRPC and through the gateway over HTTP/1.1 keep-alive, by
-  perf_analyzer (and, in full mode, h2load vs wrk on the v1 API), at concurrency
-  1, 16 and 64; time to first token and the gap between tokens over gRPC streaming
-  and over the gateway's Server-Sent Events (our own client, the same for both).
-- **Distance to the limit**: the model's batched forward pass in a loop in a
-  process of its own (``bench/_limits.py``), against the server at concurrency 64:
-  Embed (bytelm), Predict (the MLP), and generation tokens per second.
-- **Batching**: dynamic batching on and off (Embed at concurrency 64); continuous
-  batching against one stream at a time and against round-robin stepping.
-- **Dispatch paths**: continuous batching (32 streams against one stream) on every
-  CPU code path this machine can run (``ATEN_CPU_CAPABILITY`` and
-  ``MKL_ENABLE_INSTRUCTIONS``), a server started on each.
-- **Peers**: the same TorchScript file served by protoserve, MLServer and KServe
-  (each peer in a virtualenv of its own), driven by perf_analyzer over the Open
-  Inference Protocol, gRPC and REST.
-- **Memory**: resident memory of every server and gateway, idle and under load.
-
-Every counted request must have succeeded: a failed one is listed under
-*Failures* in the report and makes the exit status 1.
+``nox -s bench -- [GROUP] [--quick]`` runs a group of scenarios (GROUPS below; what each
+compares: bench/README.md) and writes ``bench/results/<name>.md``, ``.json`` and plots.
+Every figure judged is a ratio of two things measured in this run, one after the other.
+A failed request or correctness check is listed under *Failures* and makes the exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
+import importlib.metadata
 import json
 import math
 import os
+import platform
+import random
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import _harness as h
-import _loadgen
+import _loadgen as lg
 import _model
-import _peers
 import _report
+import _servers as srv
 import grpc
 
-RESULTS = h.ROOT / "bench" / "results"
-MLP = "mlp"
-TEXT_MODEL = "bytelm"
+from protoserve.inference.v1 import inference_service_pb2 as pb
+from protoserve.inference.v1 import inference_service_pb2_grpc as stubs
+
+RESULTS = srv.ROOT / "bench" / "results"
+MLP, TEXT_MODEL = "mlp", "bytelm"
 #: Environment variables `nox -s bench` sets: where perf_analyzer is, and its libraries.
 PERF_ANALYZER_ENV = "PROTOSERVE_PERF_ANALYZER"
 PERF_ANALYZER_LIBS_ENV = "PROTOSERVE_PERF_ANALYZER_LD_LIBRARY_PATH"
-EMBED_PATH = "/protoserve.inference.v1.InferenceService/Embed"
-PREDICT_PATH = "/protoserve.inference.v1.InferenceService/Predict"
-JSON_TENSORS = ("--input-tensor-format", "json", "--output-tensor-format", "json")
-SCENARIOS = ("gateway", "streams", "limit", "batching", "paths", "peers", "memory")
+SERVICE = "/protoserve.inference.v1.InferenceService/"
+GROUPS = {
+    "suite": ("gateway", "streams", "limit", "batching", "paths", "peers", "memory"),
+    "runtime": ("embed", "generate", "overload"),
+    "decoding": ("decoding",),
+}
+SCENARIOS = tuple(name for names in GROUPS.values() for name in names)
+#: The external load generators each scenario runs (ADR 0014).
+TOOLS = {"gateway": ("perf_analyzer", "wrk", "h2load"), "limit": ("perf_analyzer", "h2load"),
+         "batching": ("h2load",), "peers": ("wrk", "h2load"), "embed": ("h2load",)}  # fmt: skip
+#: How a refusal ends: over gRPC, and through the gateway.
+REFUSED = ("RESOURCE_EXHAUSTED", "429")
+#: Most concurrent batched streams whose text may differ from their alone text: batched
+#: decoding matches a lone run to float rounding, and a near-tie token may go the other
+#: way (none of 64 texts did on any of 9 dispatch paths in the decoding run of 2026-12-02).
+MAX_ROUNDED_TEXTS = 2
+#: The servers' counters and histograms the runtime's scenarios report, by what the
+#: report calls them: (the sample's name, its ``kind`` label).
+COUNTED = {
+    **{f"batch_size[{kind}] {part}": (f"protoserve_batch_size_{part}", kind)
+       for kind in ("embed", "generate") for part in ("count", "sum")},
+    "generated_tokens_total": ("protoserve_generated_tokens_total", ""),
+    "queue_duration_seconds count": ("protoserve_queue_duration_seconds_count", ""),
+    "queue_duration_seconds sum": ("protoserve_queue_duration_seconds_sum", ""),
+    "rejections_total": ("protoserve_rejections_total", ""),
+}  # fmt: skip
+
+
+# The workload: texts and prompts, varied and reproducible; the machine ---------------------------
+
+_WORDS = (
+    "def class return import from yield lambda async await self value items key "
+    "result buffer offset length header stream socket thread lock queue event "
+    "parse format encode decode read write open close flush path name args kwargs "
+    "None True False for while if else elif try except finally with as raise"
+).split()
+
+_PROMPTS = (
+    "def fibonacci(n):\n", "import os\nimport sys\n\n", "class Queue:\n    def __init__(self",
+    "    for key, value in items.items():\n", 'def read_config(path):\n    """Read the',
+    "try:\n    import json\nexcept ImportError:\n",
+    "    if not isinstance(name, str):\n        raise", "from collections import",
+    "def main(argv=None):\n    parser = ", "    return self._buffer[",
+    "with open(filename, 'rb') as f:\n", "class Error(Exception):\n",
+    "    def __repr__(self):\n        return", "async def fetch(session, url):\n",
+    "# Copyright 2001 Python Software Foundation\n", "    while True:\n        line = ",
+)  # fmt: skip
+
+
+def embed_texts(count: int, chars: Sequence[int] = (60, 100), seed: int = 5) -> list[str]:
+    """``count`` distinct texts of ``chars`` (least, most) characters of Python-like words."""
+    rng, texts = random.Random(seed), {}
+    while len(texts) < count:
+        size = rng.randint(chars[0], chars[-1])
+        texts[" ".join(rng.choices(_WORDS, k=size))[:size]] = None  # words are 2+ characters
+    return list(texts)
+
+
+def generation_prompts(count: int) -> list[str]:
+    """``count`` distinct prompts: the base prompts, varied by a numbered comment."""
+    return [
+        (f"# case {i}\n" if i >= len(_PROMPTS) else "") + _PROMPTS[i % len(_PROMPTS)]
+        for i in range(count)
+    ]
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def versions(tools: Sequence[str], env: dict[str, str] | None) -> dict[str, str]:
+    """protoserve's, Python's, its main dependencies' and the tools' versions (a tool's: the
+    first word of its ``--version`` that is one, after any "/": "wrk debian/4.1.0-3+b2")."""
+    out = {"protoserve": "-", "python": platform.python_version()}
+    for dist in ("protoserve", "torch", "grpcio", "protobuf", "starlette", "uvicorn"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    for tool in tools:
+        got = subprocess.run([tool, "--version"], capture_output=True, text=True, env=env)
+        words = [w.rsplit("/", 1)[-1] for w in (got.stdout + got.stderr).split()]
+        out[Path(tool).name] = next((w for w in words if w[:1].isdigit() and "." in w), "?")
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """What a report says about the machine: CPU, cores, memory, OS, load before the run."""
+    from protoserve.server.runtime.dispatch import cpu_name
+
+    meminfo = Path("/proc/meminfo").read_text().split()
+    memory = int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20
+    load = [round(x, 2) for x in os.getloadavg()]
+    return {"cpu": cpu_name(), "cpus": os.cpu_count(), "memory_gib": round(memory, 1),
+            "os": platform.platform(), "load_before": load}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How long and how wide each measurement is: the full run or ``--quick``."""
+    """How long and how wide each measurement is: the full run or ``--quick``; any field
+    can be set with ``--set NAME=VALUE``."""
 
-    seconds: float  # one measurement window (one concurrency level of one series)
-    levels: tuple[int, ...]  # concurrency levels of the unary sweeps
-    peer_levels: tuple[int, ...]
-    stream_tokens: int
-    stream_counts: dict[int, int]  # concurrency -> streams measured
-    limit_batch: int
-    both_generators: bool  # h2load/wrk beside perf_analyzer in the gateway scenario
+    seconds: float = 8.0  # one measurement window (one concurrency level of one series)
+    levels: tuple[int, ...] = (1, 16, 64)  # concurrency levels of the unary sweeps
+    peer_levels: tuple[int, ...] = (1, 16, 64)
+    stream_tokens: int = 64
+    stream_counts: tuple[tuple[int, int], ...] = ((1, 16), (16, 64))  # concurrency, streams
+    limit_batch: int = 64
+    both_generators: bool = True  # h2load/wrk beside perf_analyzer in the gateway scenario
+    rounds: int = 2  # alternating rounds of the embed phases
+    embed_seconds: float = 30.0  # of each embed phase, over its rounds
+    embed_clients: int = 64
+    embed_texts: int = 512
+    embed_chars: tuple[int, ...] = (60, 100)
+    embed_sample: int = 64  # texts whose vectors are compared
+    gen_streams: int = 32
+    gen_tokens: int = 64
+    gen_alone: int = 0  # how many generations run alone, as the reference; 0: all
+    overload_requests: int = 64
+    overload_tokens: int = 200
+    overload_max_queue: int = 8
+    overload_max_active: int = 4
+    overload_gateway: bool = True  # the burst through the gateway too
+    decode_steps: int = 48
+    decode_texts: int = 64
+    decode_text_tokens: int = 256
+    decode_repeats: int = 30
 
 
-FULL = Plan(8.0, (1, 16, 64), (1, 16, 64), 64, {1: 16, 16: 64}, 64, True)
-QUICK = Plan(3.0, (1, 16, 64), (16,), 32, {1: 6, 16: 32}, 64, False)
+FULL = Plan()
+QUICK = Plan(seconds=3.0, peer_levels=(16,), stream_tokens=32, stream_counts=((1, 6), (16, 32)),
+             both_generators=False, rounds=1, embed_seconds=5.0, gen_tokens=32, gen_alone=8,
+             overload_requests=32, overload_tokens=100, decode_steps=16, decode_texts=32,
+             decode_text_tokens=128, decode_repeats=10)  # fmt: skip
 
 
 @dataclass
@@ -90,174 +188,144 @@ class Suite:
     plan: Plan
     tmp: Path
     python: str
-    pb: Any
-    stubs: Any
-    perf_analyzer: Path
+    perf_analyzer: Path | None
     pa_env: dict[str, str]
     model_file: Path
-    procs: list[h.Proc] = field(default_factory=list)
+    procs: list[srv.Proc] = field(default_factory=list)
+    started: dict[str, srv.Proc] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     memory: list[list[Any]] = field(default_factory=list)
-    server: h.Proc | None = None
-    gateway: h.Proc | None = None
+    #: scenario -> phase -> the COUNTED deltas of its server over the phase (all rounds).
+    metrics: dict[str, dict[str, Counter[str]]] = field(default_factory=dict)
     #: Each peer's Python, in its own virtualenv (made before the timed run).
     peer_pythons: dict[str, Path] = field(default_factory=dict)
 
-    def check(self, point: _loadgen.Point, where: str) -> _loadgen.Point:
+    def check(self, point: lg.Point, where: str) -> lg.Point:
         """Keep ``point``; a failed request in it is a failure of the run."""
         if point.failed or point.ok == 0:
-            sample = point.extra.get("error_sample") or point.extra.get("errors") or ""
-            self.failures.append(
-                f"{where}: {point.label} at concurrency {point.concurrency}: "
-                f"{point.failed} failed, {point.ok} ok {sample}".strip()
-            )
+            what = f"{point.failed} failed, {point.ok} ok {point.extra.get('error_sample', '')}"
+            self.failures.append(f"{where}: {point.label} at concurrency {point.concurrency}: "
+                                 f"{what.strip()}")  # fmt: skip
         return point
 
-    def perf(self, url: str, protocol: str, model: str, c: int, label: str) -> _loadgen.Point:
-        point = _loadgen.perf_analyzer(
-            self.perf_analyzer,
-            self.pa_env,
-            url=url,
-            protocol=protocol,
-            model=model,
-            concurrency=c,
-            seconds=self.plan.seconds,
-            tmp=self.tmp,
-            label=label,
-            # REST clients send JSON: the binary tensor extension is Triton's, not REST's.
-            extra_args=JSON_TENSORS if protocol == "http" else (),
-            # Report the windows as measured: on shared cores a stability rule only
-            # decides how long to wait, and a run that never settles is not a failure.
-            stability=100.0,
-            max_trials=3,
-        )
+    def perf(self, target: str, protocol: str, c: int, label: str) -> lg.Point:
+        # REST clients send JSON: the binary tensor extension is Triton's, not REST's.
+        json_tensors = ("--input-tensor-format", "json", "--output-tensor-format", "json")
+        # Stability 100 %: on shared cores a stability rule only decides how long to wait, and
+        # a run that never settles is not a failure; the windows are reported as measured.
+        point = lg.perf_analyzer(
+            self.perf_analyzer, self.pa_env, url=target, protocol=protocol, model=MLP,  # type: ignore
+            concurrency=c, seconds=self.plan.seconds, tmp=self.tmp, label=label, stability=100.0,
+            max_trials=3, extra_args=json_tensors if protocol == "http" else ())  # fmt: skip
         return self.check(point, "perf_analyzer")
 
+    async def streams(self, proc: srv.Proc, requests: Sequence[Any], c: int, label: str,
+                      where: str) -> lg.Point:  # fmt: skip
+        return self.check(await lg.grpc_streams(proc.target, requests, c, label), where)
 
-# ---------------------------------------------------------------------------
-# Shapes of the report.
+    async def server(self, name: str = "server", *flags: str,
+                     env: dict[str, str] | None = None) -> srv.Proc:  # fmt: skip
+        """Server ``name``, started on first use from the repository (bytelm and the MLP)
+        with ``--max-active 64 --max-queue 256`` and then ``flags``."""
+        if name not in self.started:
+            common = ["--model-repository", str(self.tmp / "repository"), "--max-active", "64"]
+            common += ["--max-queue", "256", *flags]
+            threads = self.args.server_threads
+            proc = srv.launch(self.python, self.tmp, name, "serve", common, threads, env)
+            self.procs.append(proc)
+            await srv.wait_ready(proc, time.monotonic() + 240, (TEXT_MODEL, MLP))
+            self.started[name] = proc
+        return self.started[name]
+
+    async def unbatched(self) -> srv.Proc:
+        return await self.server("unbatched", "--no-batching")
+
+    async def gateway(self, upstream: srv.Proc) -> srv.Proc:
+        """A gateway in front of ``upstream``, started on first use."""
+        name = "gateway" if upstream.name == "server" else f"gateway-{upstream.name}"
+        if name not in self.started:
+            flags = ["--upstream", upstream.target]
+            self.procs.append(proc := srv.launch(self.python, self.tmp, name, "gateway", flags))
+            await srv.wait_ready(proc, time.monotonic() + 120, paths=["/v1/models"])
+            self.started[name] = proc
+        return self.started[name]
+
+    @contextlib.contextmanager
+    def peak_rss(self, procs: Sequence[srv.Proc], phase: str) -> Iterator[None]:
+        """Sample the resident memory of ``procs`` (with their children) while the block runs."""
+        idle = {p.name: lg.tree_rss_bytes(p.pid) for p in procs}
+        # Proportional set size: a library two processes of a tree map counts once in all.
+        pss = {p.name: lg.tree_pss_bytes(p.pid) for p in procs}
+        with lg.RssSampler([p.pid for p in procs]) as sampler:
+            yield
+        for p in procs:
+            name = {"server": "protoserve server", "gateway": "protoserve gateway",
+                    "unbatched": "unbatched server"}.get(p.name)  # fmt: skip
+            figures = (idle[p.name], pss[p.name], sampler.peak(p.pid))
+            self.memory.append([name or p.name, *(round(n / 2**20, 1) for n in figures), phase])
+
+    @contextlib.asynccontextmanager
+    async def around(self, scenario: str, phase: str, proc: srv.Proc) -> AsyncIterator[None]:
+        """Add what ``proc``'s /metrics counted over the block to the phase's figures."""
+        before = lg.scrape(proc.metrics_url)
+        yield
+        after = lg.scrape(proc.metrics_url)
+        sums = self.metrics.setdefault(scenario, {}).setdefault(phase, Counter())
+        for key, (name, kind) in COUNTED.items():
+            labels = {"model": TEXT_MODEL, **({"kind": kind} if kind else {})}
+            sums[key] += lg.value(after, name, **labels) - lg.value(before, name, **labels)
 
 
-def series(label: str, generator: str, points: Sequence[_loadgen.Point]) -> dict[str, Any]:
-    return {"label": label, "generator": generator, "points": [p.as_dict() for p in points]}
+# Shapes of the report, and requests --------------------------------------------------------------
+
+
+def section(key: str, title: str, description: str, settings: dict[str, Any] | None = None, *,
+            series: Sequence[dict[str, Any]] = (), tables: Sequence[dict[str, Any]] = (),
+            targets: Sequence[dict[str, Any]] = (), notes: Sequence[str] = (),
+            plot: bool = False, **more: Any) -> dict[str, Any]:  # fmt: skip
+    """One scenario of the report, as bench/_report.py renders it."""
+    return {"id": key, "title": title, "description": description, "settings": settings or {},
+            "series": list(series), "plot": plot, "tables": list(tables),
+            "targets": list(targets), "notes": list(notes), **more}  # fmt: skip
+
+
+def series(label: str, points: Sequence[lg.Point]) -> dict[str, Any]:
+    return {"label": label, "generator": points[0].generator,
+            "points": [p.as_dict() for p in points]}  # fmt: skip
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    return {"title": title, "header": list(header), "rows": [list(r) for r in rows]}
 
 
 def target(name: str, value: float, goal: str, met: bool, detail: str) -> dict[str, Any]:
     return {"name": name, "value": value, "target": goal, "met": bool(met), "detail": detail}
 
 
-def at(points: Sequence[_loadgen.Point], c: int) -> _loadgen.Point:
+def at(points: Sequence[lg.Point], c: int) -> lg.Point:
     return next(p for p in points if p.concurrency == c)
 
 
-def fig(x: float) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+def fig(x: float | None) -> str:
+    if x is None or math.isnan(x):
         return "-"
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
 
 
-# ---------------------------------------------------------------------------
-# Starting things.
+def versus(label: str, a: float, b: float) -> list[str]:
+    """A table row: a, b and a / b."""
+    return [label, fig(a), fig(b), fig(ratio(a, b))]
 
 
-def write_repository(root: Path, model_file: Path, features: int) -> Path:
-    """A model repository: the MLP as a TorchScript file with its tensors declared, and bytelm."""
-    mlp = root / MLP
-    (mlp / "1").mkdir(parents=True)
-    shutil.copy(model_file, mlp / "1" / "model.pt")
-    (mlp / "model.toml").write_text(
-        'source = "model.pt"\n\n'
-        f'[inputs.INPUT0]\ndtype = "float32"\nshape = [-1, {features}]\n\n'
-        f'[outputs.OUTPUT0]\ndtype = "float32"\nshape = [-1, {features}]\n\n'
-        "[batching]\npredict_batches = true\n\n"
-        f'[warmup.inputs.INPUT0]\ndtype = "float32"\nshape = [1, {features}]\n'
-    )
-    text = root / TEXT_MODEL
-    (text / "1").mkdir(parents=True)
-    (text / "model.toml").write_text('source = "bytelm"\n[warmup]\ntext = "def "\n')
-    return root
+def stream_requests(count: int, tokens: int, first_seed: int = 1000) -> list[Any]:
+    """``count`` GenerateStreamRequests: distinct prompts, seeds from ``first_seed``."""
+    bodies = lg.stream_bodies(generation_prompts(count), max_new_tokens=tokens,
+                              temperature=0.8, first_seed=first_seed)  # fmt: skip
+    return lg.grpc_requests(bodies, pb.GenerateStreamRequest)
 
 
-async def start_server(
-    s: Suite, name: str, *flags: str, env: dict[str, str] | None = None
-) -> h.Proc:
-    repo = s.tmp / "repository"
-    if not repo.exists():
-        write_repository(repo, s.model_file, _model.FEATURES)
-    common = ["--model-repository", str(repo), "--max-active", "64", "--max-queue", "256"]
-    proc = h.launch(s.python, s.tmp, name, "serve", [*common, *flags], True, env=env)
-    s.procs.append(proc)
-    deadline = time.monotonic() + 240
-    await h.wait_ready(proc, s.pb, s.stubs, deadline, model=TEXT_MODEL)
-    await h.wait_ready(proc, s.pb, s.stubs, deadline, model=MLP)
-    return proc
-
-
-async def start_gateway(s: Suite, upstream: h.Proc) -> h.Proc:
-    proc = h.launch(s.python, s.tmp, "gateway", "gateway", ["--upstream", upstream.target], False)
-    s.procs.append(proc)
-    await h.wait_gateway(proc, time.monotonic() + 120)
-    return proc
-
-
-def mib(n: float) -> float:
-    return round(n / 2**20, 1)
-
-
-@contextlib.contextmanager
-def peak_rss(s: Suite, procs: Sequence[tuple[str, h.Proc]], phase: str) -> Iterator[None]:
-    """Sample the resident memory of ``procs`` (with their children) while the block runs."""
-    idle = {name: _loadgen.tree_rss_bytes(p.pid) for name, p in procs}
-    # Proportional set size: a library two processes of a tree map counts once in all.
-    pss = {name: sum(_peers.tree_pss(p.pid).values()) for name, p in procs}
-    sampler = _loadgen.RssSampler([p.pid for _, p in procs], tree=True)
-    sampler.start()
-    try:
-        yield
-    finally:
-        sampler.stop()
-        for name, p in procs:
-            s.memory.append(
-                [name, mib(idle[name]), mib(pss[name]), mib(sampler.peak(p.pid)), phase]
-            )
-
-
-# ---------------------------------------------------------------------------
-# Requests, as bytes for h2load and JSON for wrk.
-
-
-def predict_request(s: Suite, rows: int) -> Any:
-    import numpy as np
-
-    data = np.asarray(_model.sample_rows(rows), dtype=np.float32)
-    return s.pb.PredictRequest(
-        model=MLP,
-        inputs=[
-            s.pb.Tensor(
-                name="INPUT0",
-                data_type=s.pb.DATA_TYPE_FLOAT32,
-                shape=list(data.shape),
-                raw_data=data.tobytes(),
-            )
-        ],
-    )
-
-
-def embed_text() -> str:
-    return h.embed_texts(1, chars=(80, 80))[0]
-
-
-def stream_requests(s: Suite, count: int, tokens: int) -> list[Any]:
-    return [
-        s.pb.GenerateStreamRequest(
-            model=TEXT_MODEL,
-            inputs=prompt,
-            parameters=s.pb.GenerationParameters(
-                max_new_tokens=tokens, temperature=0.8, seed=1000 + i
-            ),
-        )
-        for i, prompt in enumerate(h.generation_prompts(count))
-    ]
+def embed_request(text: str) -> Any:
+    return pb.EmbedRequest(model=TEXT_MODEL, inputs=[text])
 
 
 def as_json(message: Any) -> dict[str, Any]:
@@ -266,744 +334,708 @@ def as_json(message: Any) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True)
 
 
-def h2load(s: Suite, proc: h.Proc, path: str, message: bytes, c: int, label: str) -> _loadgen.Point:
+def h2load(s: Suite, proc: srv.Proc, method: str, message: bytes, c: int, label: str,
+           seconds: float | None = None) -> lg.Point:  # fmt: skip
     """h2load on one of our servers; h2load ignores grpc-status, the server's counter does not."""
-    method = path.rsplit("/", 1)[1]
     url = proc.metrics_url or ""
-    before = _loadgen.settled_requests(url, method)
-    point = _loadgen.h2load_grpc(f"http://{proc.target}", path, message, c, s.plan.seconds,
-                                 s.tmp, label)  # fmt: skip
-    delta = _loadgen.requests_delta(before, _loadgen.settled_requests(url, method))
-    point.extra["grpc_codes"] = delta
-    if problem := _loadgen.check_grpc_counts(point, delta):
+    before = lg.settled_requests(url, method)
+    point = lg.h2load_grpc(f"http://{proc.target}", SERVICE + method, message, c,
+                           seconds or s.plan.seconds, s.tmp, label)  # fmt: skip
+    point.extra["grpc_codes"] = delta = lg.requests_delta(before, lg.settled_requests(url, method))
+    if problem := lg.check_grpc_counts(point, delta):
         s.failures.append(f"h2load {label} at concurrency {c}: {problem}")
     return s.check(point, "h2load")
 
 
-# ---------------------------------------------------------------------------
-# Scenarios.
+def run_model(s: Suite, what: str, env: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    """``bench/_model.py`` in a process of its own, with the servers' Python: its JSON."""
+    cmd = [s.python, str(srv.ROOT / "bench" / "_model.py"), what, json.dumps(kwargs)]
+    threads = s.args.server_threads
+    env = {**os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    got = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=srv.ROOT, env=env)
+    if got.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{got.stderr[-2000:]}")
+    return json.loads(got.stdout.strip().splitlines()[-1])
+
+
+def python_says(s: Suite, code: str) -> str:
+    """What ``code`` prints in the servers' Python."""
+    got = subprocess.run([s.python, "-c", code], capture_output=True, text=True, check=False)
+    return got.stdout.strip() or got.stderr.strip()[-300:]
+
+
+def dispatch_paths(s: Suite) -> list[tuple[str, dict[str, str], str | None]]:
+    """Every CPU dispatch path, as the servers' Python sees this machine:
+    (name, the environment that selects it, why this machine cannot run it)."""
+    code = ("import json; from protoserve.server.runtime.dispatch import dispatch_paths as d; "
+            "print(json.dumps([[str(p), p.env(), why] for p, why in d()]))")  # fmt: skip
+    return [
+        (name, env, why) for name, env, why in json.loads(python_says(s, code).splitlines()[-1])
+    ]
+
+
+# The suite's scenarios (issue #7) ----------------------------------------------------------------
 
 
 async def scenario_gateway(s: Suite) -> dict[str, Any]:
-    assert s.server and s.gateway
+    server = await s.server()
+    gateway = await s.gateway(server)
     grpc_pts, http_pts, h2_pts, wrk_pts = [], [], [], []
-    procs = [("protoserve server", s.server), ("protoserve gateway", s.gateway)]
-    with peak_rss(s, procs, "gateway, unary"):
+    with s.peak_rss([server, gateway], "gateway, unary"):
         for i, c in enumerate(s.plan.levels):
             # Alternate which goes first, so that neither always runs on a fresher machine.
             for proto in ("grpc", "http") if i % 2 == 0 else ("http", "grpc"):
                 if proto == "grpc":
-                    grpc_pts.append(s.perf(s.server.target, "grpc", MLP, c, "gRPC direct"))
+                    grpc_pts.append(s.perf(server.target, "grpc", c, "gRPC direct"))
                 else:
-                    http_pts.append(s.perf(s.gateway.target, "http", MLP, c, "REST via gateway"))
+                    http_pts.append(s.perf(gateway.target, "http", c, "REST via gateway"))
         if s.plan.both_generators:
-            message = predict_request(s, 1)
+            row = struct.pack(f"<{_model.FEATURES}f", *_model.sample_rows(1)[0])
+            message = pb.PredictRequest(model=MLP, inputs=[pb.Tensor(
+                name="INPUT0", data_type=pb.DATA_TYPE_FLOAT32, shape=[1, _model.FEATURES],
+                raw_data=row)])  # fmt: skip
             body = json.dumps(as_json(message)).encode()
-            url = f"http://{s.gateway.target}/v1/models/{MLP}:predict"
+            url = f"http://{gateway.target}/v1/models/{MLP}:predict"
             for c in s.plan.levels:
-                h2_pts.append(
-                    h2load(s, s.server, PREDICT_PATH, message.SerializeToString(), c, "v1 gRPC")
-                )
-                wrk_pts.append(
-                    s.check(
-                        _loadgen.wrk(
-                            url, body, "application/json", c, s.plan.seconds, s.tmp, "v1 REST"
-                        ),
-                        "wrk",
-                    )
-                )
-    out_series = [
-        series("gRPC direct", "perf_analyzer", grpc_pts),
-        series("REST via gateway", "perf_analyzer", http_pts),
-    ]
+                grpc_message = message.SerializeToString()
+                h2_pts.append(h2load(s, server, "Predict", grpc_message, c, "v1 gRPC"))
+                point = lg.wrk(url, body, "application/json", c, s.plan.seconds, s.tmp, "v1 REST")
+                wrk_pts.append(s.check(point, "wrk"))
+    out = [series("gRPC direct", grpc_pts), series("REST via gateway", http_pts)]
     targets = []
     if 16 in s.plan.levels:
         g, r = at(grpc_pts, 16), at(http_pts, 16)
-        value = h.ratio(r.throughput, g.throughput)
-        targets.append(
-            target(
-                "REST / gRPC throughput at concurrency 16 (perf_analyzer)",
-                value,
-                ">= 0.70",
-                value >= 0.70,
-                f"{fig(r.throughput)} vs {fig(g.throughput)} infer/s; "
-                f"p99 {fig(r.p99_ms)} vs {fig(g.p99_ms)} ms",
-            )
-        )
-    ratios = [
-        [c, fig(at(http_pts, c).throughput / at(grpc_pts, c).throughput), ""] for c in s.plan.levels
-    ]
+        value = ratio(r.throughput, g.throughput)
+        targets.append(target(
+            "REST / gRPC throughput at concurrency 16 (perf_analyzer)", value, ">= 0.70",
+            value >= 0.70, f"{fig(r.throughput)} vs {fig(g.throughput)} infer/s; "
+            f"p99 {fig(r.p99_ms)} vs {fig(g.p99_ms)} ms"))  # fmt: skip
+    ratios = [[c, fig(ratio(at(http_pts, c).throughput, at(grpc_pts, c).throughput)), ""]
+              for c in s.plan.levels]  # fmt: skip
     if h2_pts:
-        out_series += [series("v1 gRPC", "h2load", h2_pts), series("v1 REST", "wrk", wrk_pts)]
+        out += [series("v1 gRPC", h2_pts), series("v1 REST", wrk_pts)]
         for row in ratios:
-            c = row[0]
-            row[2] = fig(at(wrk_pts, c).throughput / at(h2_pts, c).throughput)
-    return {
-        "id": "gateway",
-        "title": "Gateway overhead: unary calls",
-        "description": (
-            f"One call of the `{MLP}` TorchScript model (one row of {_model.FEATURES} float32) "
-            "straight to the server over gRPC, and through `protoserve gateway` over HTTP/1.1 "
-            "keep-alive (JSON). perf_analyzer drives both over the Open Inference Protocol "
-            "(ModelInfer / `POST /v2/models/mlp/infer`); in full mode h2load (gRPC, HTTP/2, one "
-            "connection) and wrk (HTTP/1.1, one connection per concurrent request) drive the "
-            "v1 API's Predict the same way."
-        ),
-        "settings": {"window_s": s.plan.seconds, "concurrency": list(s.plan.levels)},
-        "series": out_series,
-        "plot": True,
-        "tables": [
-            {
-                "title": "REST / gRPC throughput",
-                "header": ["concurrency", "perf_analyzer (OIP)", "wrk / h2load (v1)"],
-                "rows": ratios,
-            }
-        ],
-        "targets": targets,
-        "notes": [],
-    }
+            row[2] = fig(ratio(at(wrk_pts, row[0]).throughput, at(h2_pts, row[0]).throughput))
+    return section(
+        "gateway", "Gateway overhead: unary calls",
+        f"One call of the `{MLP}` TorchScript model (one row of {_model.FEATURES} float32) "
+        "straight to the server over gRPC, and through `protoserve gateway` over HTTP/1.1 "
+        "keep-alive (JSON). perf_analyzer drives both over the Open Inference Protocol "
+        "(ModelInfer / `POST /v2/models/mlp/infer`); in full mode h2load (gRPC, HTTP/2, one "
+        "connection) and wrk (HTTP/1.1, one connection per concurrent request) drive the "
+        "v1 API's Predict the same way.",
+        {"window_s": s.plan.seconds, "concurrency": list(s.plan.levels)}, series=out,
+        tables=[table("REST / gRPC throughput",
+                      ["concurrency", "perf_analyzer (OIP)", "wrk / h2load (v1)"], ratios)],
+        targets=targets, plot=True,
+    )  # fmt: skip
 
 
 async def scenario_streams(s: Suite) -> dict[str, Any]:
-    assert s.server and s.gateway
+    server = await s.server()
+    gateway = await s.gateway(server)
     tokens = s.plan.stream_tokens
-    rows, grpc_pts, sse_pts = [], [], []
-    procs = [("protoserve server", s.server), ("protoserve gateway", s.gateway)]
-    with peak_rss(s, procs, "streams"):
-        for c, count in s.plan.stream_counts.items():
-            requests = stream_requests(s, count, tokens)
+    rows, grpc_pts, sse_pts, targets = [], [], [], []
+    with s.peak_rss([server, gateway], "streams"):
+        for c, count in s.plan.stream_counts:
+            requests = stream_requests(count, tokens)
             bodies = [{"inputs": r.inputs, "parameters": as_json(r.parameters)} for r in requests]
-            grpc_run = _loadgen.grpc_streams(s.server.target, requests, c, "gRPC stream")
-            sse_run = _loadgen.sse_streams(
-                f"http://{s.gateway.target}", TEXT_MODEL, bodies, c, "SSE via gateway"
-            )
-            # Alternate which goes first, so that neither always runs on a fresher machine.
-            if len(rows) % 2:
+            grpc_run = lg.grpc_streams(server.target, requests, c, "gRPC stream")
+            url = f"http://{gateway.target}"
+            sse_run = lg.sse_streams(url, TEXT_MODEL, bodies, c, "SSE via gateway")
+            if len(rows) % 2:  # alternate which goes first: not always on a fresher machine
                 e, g = await sse_run, await grpc_run
             else:
                 g, e = await grpc_run, await sse_run
             grpc_pts.append(s.check(g, "streams"))
             sse_pts.append(s.check(e, "streams"))
-            rows.append(
-                [
-                    c,
-                    count,
-                    fig(e.p50_ms / g.p50_ms),
-                    fig(e.p99_ms / g.p99_ms),
-                    fig(e.extra["gap_p50_ms"] / g.extra["gap_p50_ms"]),
-                    fig(e.throughput / g.throughput),
-                ]
+            ttft, gap = (
+                ratio(e.p50_ms, g.p50_ms),
+                ratio(e.extra["gap_p50_ms"], g.extra["gap_p50_ms"]),
             )
-    targets = []
-    for c in s.plan.stream_counts:
-        g, e = at(grpc_pts, c), at(sse_pts, c)
-        value = h.ratio(e.p50_ms, g.p50_ms)
-        targets.append(
-            target(
-                f"SSE / gRPC time to first token (p50) at concurrency {c}",
-                value,
-                "<= 1.2",
-                value <= 1.2,
-                f"{fig(e.p50_ms)} vs {fig(g.p50_ms)} ms",
-            )
-        )
-    return {
-        "id": "streams",
-        "title": "Gateway overhead: streaming generation",
-        "description": (
-            f"GenerateStream on bytelm ({tokens} new tokens, temperature 0.8, distinct seeds and "
-            "prompts) over gRPC, and the same requests through the gateway as Server-Sent "
-            "Events (`POST /v1/models/bytelm:generateStream`, HTTP/1.1 keep-alive). One client "
-            "of ours drives both (perf_analyzer, wrk and h2load cannot read SSE): latency "
-            "columns are time to first token; `gap` is the time between token events."
-        ),
-        "settings": {"tokens": tokens, "streams": dict(s.plan.stream_counts)},
-        "series": [
-            series("gRPC stream", "grpc-stream-client", grpc_pts),
-            series("SSE via gateway", "sse-client", sse_pts),
-        ],
-        "plot": False,
-        "tables": [
-            {
-                "title": "SSE / gRPC",
-                "header": [
-                    "concurrency",
-                    "streams",
-                    "TTFT p50",
-                    "TTFT p99",
-                    "gap p50",
-                    "tokens/s",
-                ],
-                "rows": rows,
-            }
-        ],
-        "targets": targets,
-        "notes": [],
-    }
-
-
-def limit(s: Suite, *argv: str) -> dict[str, Any]:
-    """``bench/_limits.py`` in a process of its own, with the server's Python."""
-    cmd = [s.python, str(h.ROOT / "bench" / "_limits.py"), *argv]
-    got = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=h.ROOT)
-    if got.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{got.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(got.stdout.strip().splitlines()[-1])
-    return result
+            rows.append([c, count, fig(ttft), fig(ratio(e.p99_ms, g.p99_ms)), fig(gap),
+                         fig(ratio(e.throughput, g.throughput))])  # fmt: skip
+            targets.append(target(f"SSE / gRPC time to first token (p50) at concurrency {c}",
+                                  ttft, "<= 1.2", ttft <= 1.2,
+                                  f"{fig(e.p50_ms)} vs {fig(g.p50_ms)} ms"))  # fmt: skip
+    return section(
+        "streams", "Gateway overhead: streaming generation",
+        f"GenerateStream on bytelm ({tokens} new tokens, temperature 0.8, distinct seeds and "
+        "prompts) over gRPC, and the same requests through the gateway as Server-Sent "
+        "Events (`POST /v1/models/bytelm:generateStream`, HTTP/1.1 keep-alive). One client "
+        "of ours drives both (perf_analyzer, wrk and h2load cannot read SSE): latency "
+        "columns are time to first token; `gap` is the time between token events.",
+        {"tokens": tokens, "streams": dict(s.plan.stream_counts)},
+        series=[series("gRPC stream", grpc_pts), series("SSE via gateway", sse_pts)],
+        tables=[table("SSE / gRPC", ["concurrency", "streams", "TTFT p50", "TTFT p99",
+                                     "gap p50", "tokens/s"], rows)],
+        targets=targets,
+    )  # fmt: skip
 
 
 async def scenario_limit(s: Suite) -> dict[str, Any]:
-    assert s.server
-    batch, secs = s.plan.limit_batch, s.plan.seconds
-    text = embed_text()
-    tokens = s.plan.stream_tokens
-    prompts = s.tmp / "prompts.json"
-    prompts.write_text(json.dumps(h.generation_prompts(batch)))
-
-    alone_embed = limit(s, "embed", "--batch", str(batch), "--seconds", str(secs), "--text", text)
-    message = s.pb.EmbedRequest(model=TEXT_MODEL, inputs=[text]).SerializeToString()
-    with peak_rss(s, [("protoserve server", s.server)], "limit"):
-        served_embed = h2load(s, s.server, EMBED_PATH, message, batch, "Embed, server")
-
-        alone_predict = limit(
-            s, "predict", "--batch", str(batch), "--seconds", str(secs),
-            "--model-file", str(s.model_file), "--features", str(_model.FEATURES),
-        )  # fmt: skip
-        served_predict = s.perf(s.server.target, "grpc", MLP, batch, "Predict, server")
-
-        alone_decode = limit(
-            s, "decode", "--batch", str(batch), "--tokens", str(tokens),
-            "--prompts-json", str(prompts), "--temperature", "0.8", "--first-seed", "1000",
-        )  # fmt: skip
-        served_gen = s.check(
-            await _loadgen.grpc_streams(
-                s.server.target, stream_requests(s, batch, tokens), batch, "generation, server"
-            ),
-            "limit",
-        )
-    rows = [
-        [
-            "Embed (bytelm, texts/s)",
-            fig(alone_embed["items_per_s"]),
-            fig(served_embed.throughput),
-            fig(served_embed.throughput / alone_embed["items_per_s"]),
-        ],
-        [
-            f"Predict ({MLP}, rows/s)",
-            fig(alone_predict["items_per_s"]),
-            fig(served_predict.throughput),
-            fig(served_predict.throughput / alone_predict["items_per_s"]),
-        ],
-        [
-            "Generation (bytelm, tokens/s, decode steps)",
-            fig(alone_decode["decode_tokens_per_s"]),
-            fig(served_gen.throughput),
-            fig(served_gen.throughput / alone_decode["decode_tokens_per_s"]),
-        ],
-        [
-            "Generation (bytelm, tokens/s, prefill + decode)",
-            fig(alone_decode["tokens_per_s"]),
-            fig(served_gen.throughput),
-            fig(served_gen.throughput / alone_decode["tokens_per_s"]),
-        ],
-    ]
-    e = served_embed.throughput / alone_embed["items_per_s"]
-    p = served_predict.throughput / alone_predict["items_per_s"]
-    g = served_gen.throughput / alone_decode["decode_tokens_per_s"]
-    return {
-        "id": "limit",
-        "title": "Distance to the limit",
-        "description": (
-            f"The model's own batched forward pass in a loop, batch {batch}, in a process of "
-            "its own with the server's Python and torch threads (`bench/_limits.py`), against "
-            f"the server with {batch} requests in flight, one item each: Embed (one text of "
-            f"{len(text)} characters; h2load), Predict (one row; perf_analyzer over gRPC), and "
-            f"generation ({batch} GenerateStream calls of {tokens} tokens at once; our "
-            "client). The load generator shares the cores with the server; the loop has them "
-            "to itself."
-        ),
-        "settings": {"batch": batch, "window_s": secs, "tokens": tokens, "text_chars": len(text)},
-        "series": [
-            series("Embed, server", "h2load", [served_embed]),
-            series("Predict, server", "perf_analyzer", [served_predict]),
-            series("generation, server", "grpc-stream-client", [served_gen]),
-        ],
-        "plot": False,
-        "tables": [
-            {
-                "title": "In-process batched forward vs the server",
-                "header": ["work", "model alone", "server", "server / alone"],
-                "rows": rows,
-            }
-        ],
-        "targets": [
-            target(
-                f"Embed throughput / batched forward at concurrency {batch}",
-                e,
-                ">= 0.80",
-                e >= 0.8,
-                f"{fig(served_embed.throughput)} vs {fig(alone_embed['items_per_s'])} texts/s",
-            ),
-            target(
-                f"Predict throughput / batched forward at concurrency {batch}",
-                p,
-                ">= 0.80",
-                p >= 0.8,
-                f"{fig(served_predict.throughput)} vs {fig(alone_predict['items_per_s'])} rows/s",
-            ),
-            target(
-                f"Generation tokens/s / batched decode at {batch} streams",
-                g,
-                ">= 0.70",
-                g >= 0.7,
-                f"{fig(served_gen.throughput)} vs {fig(alone_decode['decode_tokens_per_s'])} "
-                "tokens/s",
-            ),
-        ],
-        "notes": [],
-    }
+    server = await s.server()
+    batch, secs, tokens = s.plan.limit_batch, s.plan.seconds, s.plan.stream_tokens
+    text = embed_texts(1, chars=(80, 80))[0]
+    alone_embed = run_model(s, "embed", batch=batch, seconds=secs, text=text)["items_per_s"]
+    with s.peak_rss([server], "limit"):
+        message = embed_request(text).SerializeToString()
+        embed = h2load(s, server, "Embed", message, batch, "Embed, server")
+        alone_predict = run_model(s, "predict", batch=batch, seconds=secs,
+                                  model_file=str(s.model_file))  # fmt: skip
+        predict = s.perf(server.target, "grpc", batch, "Predict, server")
+        alone_decode = run_model(s, "decode", batch=batch, tokens=tokens,
+                                 prompts=generation_prompts(batch))  # fmt: skip
+        gen = await s.streams(server, stream_requests(batch, tokens), batch,
+                              "generation, server", "limit")  # fmt: skip
+    limits = {"embed": alone_embed, "predict": alone_predict["items_per_s"],
+              "decode": alone_decode["decode_tokens_per_s"]}  # fmt: skip
+    rows = [[work, fig(alone), fig(got), fig(ratio(got, alone))] for work, alone, got in (
+        ("Embed (bytelm, texts/s)", limits["embed"], embed.throughput),
+        (f"Predict ({MLP}, rows/s)", limits["predict"], predict.throughput),
+        ("Generation (bytelm, tokens/s, decode steps)", limits["decode"], gen.throughput),
+        ("Generation (bytelm, tokens/s, prefill + decode)", alone_decode["tokens_per_s"],
+         gen.throughput),
+    )]  # fmt: skip
+    targets = []
+    for what, key, point, goal, unit in (
+        ("Embed throughput / batched forward at concurrency", "embed", embed, 0.8, "texts/s"),
+        ("Predict throughput / batched forward at concurrency", "predict", predict, 0.8, "rows/s"),
+        ("Generation tokens/s / batched decode at", "decode", gen, 0.7, "tokens/s"),
+    ):
+        value = ratio(point.throughput, limits[key])
+        detail = f"{fig(point.throughput)} vs {fig(limits[key])} {unit}"
+        name = f"{what} {batch}" + (" streams" if key == "decode" else "")
+        targets.append(target(name, value, f">= {goal:.2f}", value >= goal, detail))
+    return section(
+        "limit", "Distance to the limit",
+        f"The model's own batched forward pass in a loop, batch {batch}, in a process of "
+        "its own with the server's Python and torch threads (`bench/_model.py`), against "
+        f"the server with {batch} requests in flight, one item each: Embed (one text of "
+        f"{len(text)} characters; h2load), Predict (one row; perf_analyzer over gRPC), and "
+        f"generation ({batch} GenerateStream calls of {tokens} tokens at once; our "
+        "client). The load generator shares the cores with the server; the loop has them "
+        "to itself.",
+        {"batch": batch, "window_s": secs, "tokens": tokens, "text_chars": len(text)},
+        series=[series("Embed, server", [embed]), series("Predict, server", [predict]),
+                series("generation, server", [gen])],
+        tables=[table("In-process batched forward vs the server",
+                      ["work", "model alone", "server", "server / alone"], rows)],
+        targets=targets,
+    )  # fmt: skip
 
 
 async def scenario_batching(s: Suite) -> dict[str, Any]:
-    assert s.server
-    off = await start_server(s, "unbatched", "--no-batching")
-    c = s.plan.limit_batch
-    text = embed_text()
-    message = s.pb.EmbedRequest(model=TEXT_MODEL, inputs=[text]).SerializeToString()
-    with peak_rss(s, [("protoserve server", s.server), ("unbatched server", off)], "batching"):
-        on_embed = h2load(s, s.server, EMBED_PATH, message, c, "Embed, batching on")
-        off_embed = h2load(s, off, EMBED_PATH, message, c, "Embed, batching off")
-        count = s.plan.stream_counts[16] // 2
-        tokens = s.plan.stream_tokens
-        requests = stream_requests(s, count, tokens)
-        together = s.check(
-            await _loadgen.grpc_streams(s.server.target, requests, 16, "continuous"), "batching"
-        )
-        alone = s.check(
-            await _loadgen.grpc_streams(s.server.target, requests, 1, "one at a time"),
-            "batching",
-        )
-        turns = s.check(
-            await _loadgen.grpc_streams(off.target, requests, 16, "round-robin (no batching)"),
-            "batching",
-        )
-    off.stop()
+    on, off = await s.server(), await s.unbatched()
+    c, tokens = s.plan.limit_batch, s.plan.stream_tokens
+    message = embed_request(embed_texts(1, chars=(80, 80))[0]).SerializeToString()
+    count = dict(s.plan.stream_counts)[16] // 2
+    requests = stream_requests(count, tokens)
+    with s.peak_rss([on, off], "batching"):
+        on_embed = h2load(s, on, "Embed", message, c, "Embed, batching on")
+        off_embed = h2load(s, off, "Embed", message, c, "Embed, batching off")
+        together = await s.streams(on, requests, 16, "continuous", "batching")
+        alone = await s.streams(on, requests, 1, "one at a time", "batching")
+        turns = await s.streams(off, requests, 16, "round-robin (no batching)", "batching")
     rows = [
-        [
-            f"Embed at concurrency {c}, req/s",
-            fig(on_embed.throughput),
-            fig(off_embed.throughput),
-            fig(on_embed.throughput / off_embed.throughput),
-        ],
-        [
-            f"Embed at concurrency {c}, p99 ms",
-            fig(on_embed.p99_ms),
-            fig(off_embed.p99_ms),
-            fig(on_embed.p99_ms / off_embed.p99_ms),
-        ],
-        [
-            f"{count} generations of {tokens} tokens, tokens/s: continuous (16 at once) vs "
-            "one at a time",
-            fig(together.throughput),
-            fig(alone.throughput),
-            fig(together.throughput / alone.throughput),
-        ],
-        [
-            "the same, continuous vs round-robin (batching off, 16 at once)",
-            fig(together.throughput),
-            fig(turns.throughput),
-            fig(together.throughput / turns.throughput),
-        ],
-    ]
-    return {
-        "id": "batching",
-        "title": "Batching",
-        "description": (
-            "Dynamic batching: Embed (one text per request, h2load) at concurrency "
-            f"{c} against the server with batching on and a second server started with "
-            "`--no-batching`. Continuous batching: the same generations 16 at once (decoded "
-            "together), one at a time, and 16 at once on the `--no-batching` server "
-            "(generations take turns, one step each)."
-        ),
-        "settings": {"window_s": s.plan.seconds, "streams": count, "tokens": tokens},
-        "series": [
-            series("Embed, batching on", "h2load", [on_embed]),
-            series("Embed, batching off", "h2load", [off_embed]),
-            series("continuous", "grpc-stream-client", [together]),
-            series("one at a time", "grpc-stream-client", [alone]),
-            series("round-robin", "grpc-stream-client", [turns]),
-        ],
-        "plot": False,
-        "tables": [{"title": "On vs off", "header": ["", "on", "off", "on / off"], "rows": rows}],
-        "targets": [],
-        "notes": [],
-    }
-
-
-def dispatch_paths(s: Suite) -> list[tuple[str, dict[str, str], str | None]]:
-    """Every CPU dispatch path, as the server's Python sees this machine:
-    (name, the environment that selects it, why this machine cannot run it)."""
-    code = (
-        "import json; from protoserve.server.dispatch import dispatch_paths as d; "
-        "print(json.dumps([[str(p), p.env(), why] for p, why in d()]))"
-    )
-    out = subprocess.run([s.python, "-c", code], capture_output=True, text=True, check=True)
-    return [(name, env, why) for name, env, why in json.loads(out.stdout.splitlines()[-1])]
-
-
-def dispatch_of(python: str) -> str:
-    """How ``python`` runs torch: its capability, MKL's cap, the CPU."""
-    code = "from protoserve.server.dispatch import describe_current as d; print(d())"
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
-    return out.stdout.strip() or out.stderr.strip()[-300:]
+        versus(f"Embed at concurrency {c}, req/s", on_embed.throughput, off_embed.throughput),
+        versus(f"Embed at concurrency {c}, p99 ms", on_embed.p99_ms, off_embed.p99_ms),
+        versus(f"{count} generations of {tokens} tokens, tokens/s: continuous (16 at once) vs "
+               "one at a time", together.throughput, alone.throughput),
+        versus("the same, continuous vs round-robin (batching off, 16 at once)",
+               together.throughput, turns.throughput),
+    ]  # fmt: skip
+    return section(
+        "batching", "Batching",
+        "Dynamic batching: Embed (one text per request, h2load) at concurrency "
+        f"{c} against the server with batching on and a second server started with "
+        "`--no-batching`. Continuous batching: the same generations 16 at once (decoded "
+        "together), one at a time, and 16 at once on the `--no-batching` server "
+        "(generations take turns, one step each).",
+        {"window_s": s.plan.seconds, "streams": count, "tokens": tokens},
+        series=[series("Embed, batching on", [on_embed]), series("Embed, batching off",
+                [off_embed]), series("continuous", [together]), series("one at a time", [alone]),
+                series("round-robin", [turns])],
+        tables=[table("On vs off", ["", "on", "off", "on / off"], rows)],
+    )  # fmt: skip
 
 
 async def scenario_paths(s: Suite) -> dict[str, Any]:
     """Continuous batching on every dispatch path: 32 streams at once against one stream."""
     tokens = s.plan.stream_tokens
-    requests = stream_requests(s, 32, tokens)
-    rows, targets, series_out, notes = [], [], [], []
+    requests = stream_requests(32, tokens)
+    rows, targets, out, notes = [], [], [], []
     for i, (name, env, why) in enumerate(dispatch_paths(s)):
         if why:
             notes.append(f"`{name}` not measured: {why}.")
             continue
-        proc = await start_server(s, f"path-{i}", "--max-active", "32", env=env)
+        proc = await s.server(f"path-{i}", "--max-active", "32", env=env)
         async with grpc.aio.insecure_channel(proc.target) as channel:
-            stub = s.stubs.InferenceServiceStub(channel)
-            found = await stub.GetModel(s.pb.GetModelRequest(name=TEXT_MODEL), timeout=10)
-            decoding = s.pb.Decoding.Name(found.model.decoding)
-        together = s.check(
-            await _loadgen.grpc_streams(proc.target, requests, 32, f"{name}: 32 at once"),
-            "paths",
-        )
-        alone = s.check(
-            await _loadgen.grpc_streams(proc.target, requests[:8], 1, f"{name}: one at a time"),
-            "paths",
-        )
+            request = pb.GetModelRequest(name=TEXT_MODEL)
+            found = await stubs.InferenceServiceStub(channel).GetModel(request, timeout=10)
+        together = await s.streams(proc, requests, 32, f"{name}: 32 at once", "paths")
+        alone = await s.streams(proc, requests[:8], 1, f"{name}: one at a time", "paths")
         proc.stop()
-        s.procs.remove(proc)
-        ratio = together.throughput / alone.throughput
+        gain = ratio(together.throughput, alone.throughput)
         speeds = [fig(together.throughput), fig(alone.throughput)]
-        rows.append([f"`{name}`", decoding, *speeds, fig(ratio)])
-        targets.append(
-            target(
-                f"Generation tokens/s, 32 streams / one stream, `{name}`",
-                ratio,
-                ">= 3",
-                ratio >= 3,
-                " vs ".join(speeds),
-            )
-        )
-        series_out.append(series(f"{name}: 32 at once", "grpc-stream-client", [together]))
-        series_out.append(series(f"{name}: one at a time", "grpc-stream-client", [alone]))
-    return {
-        "id": "paths",
-        "title": "Continuous batching on every dispatch path",
-        "description": (
-            "A server started on each CPU code path this machine can run "
-            "(`ATEN_CPU_CAPABILITY` x `MKL_ENABLE_INSTRUCTIONS`, `--max-active 32`, default "
-            f"decoding): 32 generations of {tokens} tokens at once against 8 of them one at a "
-            "time, tokens per second. `decoding` is what the server's GetModel reports."
-        ),
-        "settings": {"tokens": tokens, "streams": 32},
-        "series": series_out,
-        "plot": False,
-        "tables": [
-            {
-                "title": "32 streams against one stream",
-                "header": [
-                    "path",
-                    "decoding",
-                    "32 at once, tok/s",
-                    "one at a time, tok/s",
-                    "ratio",
-                ],
-                "rows": rows,
-            }
-        ],
-        "targets": targets,
-        "notes": notes,
-    }
+        rows.append([f"`{name}`", pb.Decoding.Name(found.model.decoding), *speeds, fig(gain)])
+        targets.append(target(f"Generation tokens/s, 32 streams / one stream, `{name}`", gain,
+                              ">= 3", gain >= 3, " vs ".join(speeds)))  # fmt: skip
+        out += [series(together.label, [together]), series(alone.label, [alone])]
+    return section(
+        "paths", "Continuous batching on every dispatch path",
+        "A server started on each CPU code path this machine can run "
+        "(`ATEN_CPU_CAPABILITY` x `MKL_ENABLE_INSTRUCTIONS`, `--max-active 32`, default "
+        f"decoding): 32 generations of {tokens} tokens at once against 8 of them one at a "
+        "time, tokens per second. `decoding` is what the server's GetModel reports.",
+        {"tokens": tokens, "streams": 32}, series=out, targets=targets, notes=notes,
+        tables=[table("32 streams against one stream", ["path", "decoding", "32 at once, tok/s",
+                                                         "one at a time, tok/s", "ratio"], rows)],
+    )  # fmt: skip
 
 
 #: Per-request logging off in every server: protoserve runs at --log-level WARNING.
 PEER_SETTINGS = {"mlserver": {"debug": False}, "kserve": {"enable_latency_logging": False}}
 
 
-def drive_oip(
-    s: Suite, name: str, grpc_target: str, http_base: str, bodies: tuple[Path, Path], c: int
-) -> tuple[_loadgen.Point, _loadgen.Point]:
-    """One concurrency level on one server: h2load over gRPC, then wrk over REST."""
-    grpc_body, rest_body = bodies
-    frame = _peers.grpc_reply_frame_size(int(grpc_target.rsplit(":", 1)[1]), grpc_body)
-    g = _loadgen.h2load_grpc(
-        f"http://{grpc_target}", _peers.GRPC_PATH, grpc_body.read_bytes()[5:], c,
-        s.plan.seconds, s.tmp, f"{name} gRPC",
-    )  # fmt: skip
-    if problem := _peers.check_reply_bytes(g.extra, frame):
-        s.failures.append(f"h2load {name} gRPC at concurrency {c}: {problem}")
-    r = _loadgen.wrk(
-        f"{http_base}/v2/models/{MLP}/infer", rest_body.read_bytes(), "application/json", c,
-        s.plan.seconds, s.tmp, f"{name} REST",
-    )  # fmt: skip
-    return s.check(g, "peers"), s.check(r, "peers")
-
-
 async def scenario_peers(s: Suite) -> dict[str, Any]:
-    assert s.server and s.gateway
+    server = await s.server()
+    gateway = await s.gateway(server)
     levels = s.plan.peer_levels
-    bodies = _peers.write_load_bodies(s.tmp / "oip-bodies", MLP)
-    found: dict[str, dict[str, list[_loadgen.Point]]] = {}
+    grpc_body, rest_body = srv.write_load_bodies(s.tmp / "oip-bodies", MLP)
+    found: dict[str, dict[str, list[lg.Point]]] = {}
     settings: dict[str, Any] = {}
 
-    def sweep(name: str, grpc_target: str, http_base: str) -> None:
-        found[name] = {"grpc": [], "http": []}
+    def sweep(name: str, grpc_port: int, http_port: int) -> None:
+        frame = srv.grpc_reply_frame_size(grpc_port, grpc_body)
+        found[name] = {"gRPC": [], "REST": []}
         for c in levels:
-            g, r = drive_oip(s, name, grpc_target, http_base, bodies, c)
-            found[name]["grpc"].append(g)
-            found[name]["http"].append(r)
+            g = lg.h2load_grpc(f"http://127.0.0.1:{grpc_port}", srv.GRPC_PATH,
+                               grpc_body.read_bytes()[5:], c, s.plan.seconds, s.tmp,
+                               f"{name} gRPC")  # fmt: skip
+            if problem := srv.check_reply_bytes(g.extra, frame):
+                s.failures.append(f"h2load {name} gRPC at concurrency {c}: {problem}")
+            r = lg.wrk(f"http://127.0.0.1:{http_port}/v2/models/{MLP}/infer",
+                       rest_body.read_bytes(), "application/json", c, s.plan.seconds, s.tmp,
+                       f"{name} REST")  # fmt: skip
+            found[name]["gRPC"].append(s.check(g, "peers"))
+            found[name]["REST"].append(s.check(r, "peers"))
 
-    _peers.check_peer_output(s.gateway.port, MLP, s.model_file)
-    _peers.check_peer_output_grpc(s.server.port, MLP, s.model_file)
-    pairs = [("protoserve server", s.server), ("protoserve gateway", s.gateway)]
-    with peak_rss(s, pairs, "peers"):
-        sweep("protoserve", s.server.target, f"http://{s.gateway.target}")
-    for name in _peers.PEERS:
-        python = s.peer_pythons[name]
-        http_port, grpc_port = h.free_port(), h.free_port()
+    srv.check_output(gateway.port, server.port, MLP, s.model_file)
+    with s.peak_rss([server, gateway], "peers"):
+        sweep("protoserve", server.port, gateway.port)
+    for name, python in s.peer_pythons.items():
+        http_port, grpc_port = srv.free_port(), srv.free_port()
         workdir = s.tmp / f"peer-{name}"
-        chosen = _peers.effective_settings(name, PEER_SETTINGS[name])
-        argv, env = _peers.peer_command(
-            name, python, s.model_file, workdir, MLP, http_port, grpc_port, PEER_SETTINGS[name]
-        )
+        argv, env, chosen = srv.peer_command(name, python, s.model_file, workdir, MLP,
+                                             http_port, grpc_port, PEER_SETTINGS[name])  # fmt: skip
         settings[name] = {k: v for k, v in chosen.items() if v is not None}
-        proc = h.spawn(s.tmp, name, argv, env=env, port=http_port, cwd=workdir)
+        proc = srv.spawn(s.tmp, name, argv, env=env, port=http_port, cwd=workdir)
         s.procs.append(proc)
         try:
-            waited = _peers.wait_peer_ready(http_port, MLP, time.monotonic() + 240, proc.proc)
+            ready = ("/v2/health/ready", f"/v2/models/{MLP}/ready")
+            waited = await srv.wait_ready(proc, time.monotonic() + 240, paths=ready)
             settings[name]["ready_after_s"] = round(waited, 1)
-            _peers.check_peer_output(http_port, MLP, s.model_file)
-            _peers.check_peer_output_grpc(grpc_port, MLP, s.model_file)
-            with peak_rss(s, [(name, proc)], "peers"):
-                sweep(name, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
+            srv.check_output(http_port, grpc_port, MLP, s.model_file)
+            with s.peak_rss([proc], "peers"):
+                sweep(name, grpc_port, http_port)
         finally:
-            _peers.stop_peer(proc.proc)
-    out_series = [
-        series(f"{server} {'gRPC' if proto == 'grpc' else 'REST'}", pts[0].generator, pts)
-        for server, by in found.items()
-        for proto, pts in by.items()
-    ]
+            proc.stop(timeout=10)
     targets = []
     c16 = 16 if 16 in levels else levels[-1]
-    for proto, word in (("grpc", "gRPC"), ("http", "REST")):
+    for proto in ("gRPC", "REST"):
         ours = at(found["protoserve"][proto], c16)
-        best_name, best = max(
-            ((n, at(by[proto], c16)) for n, by in found.items() if n != "protoserve"),
-            key=lambda item: item[1].throughput,
-        )
-        value = h.ratio(ours.throughput, best.throughput)
-        targets.append(
-            target(
-                f"{word}: protoserve / best peer ({best_name}) throughput at concurrency "
-                f"{c16}, with a lower p99",
-                value,
-                ">= 1.5, p99 lower",
-                value >= 1.5 and ours.p99_ms < best.p99_ms,
-                f"{fig(ours.throughput)} vs {fig(best.throughput)} req/s; p99 "
-                f"{fig(ours.p99_ms)} vs {fig(best.p99_ms)} ms",
-            )
-        )
-    return {
-        "id": "peers",
-        "title": "Peers: the same TorchScript model on protoserve, MLServer and KServe",
-        "description": (
-            f"`{MLP}` (a TorchScript MLP, one row of {_model.FEATURES} float32 per request) "
-            "served by protoserve (a model repository folder: the `.pt` file and its tensors "
-            "in model.toml), MLServer and KServe's model server (each a custom runtime of a "
-            "few lines, the way their documentation serves a TorchScript file, in a "
-            "virtualenv of its own). The same request bytes go to all three over the Open "
-            "Inference Protocol: h2load over gRPC (one HTTP/2 connection; a call counts only "
-            "with a good reply's bytes), wrk over REST JSON (one keep-alive connection per "
-            "concurrent request). protoserve's REST is its gateway, a second process. One "
-            "peer runs at a time. perf_analyzer cannot drive either peer: it asks for the "
-            "model configuration (Triton's ModelConfig) first, which neither serves."
-        ),
-        "settings": {
-            "window_s": s.plan.seconds,
-            "concurrency": list(levels),
-            "protoserve": "batching on (max 32 rows, 2 ms), one server process + gateway",
-            **settings,
-        },
-        "series": out_series,
-        "plot": len(levels) > 1,
-        "tables": [],
-        "targets": targets,
-        "notes": [],
-    }
+        peers = ((n, at(by[proto], c16)) for n, by in found.items() if n != "protoserve")
+        best_name, best = max(peers, key=lambda item: item[1].throughput)
+        value = ratio(ours.throughput, best.throughput)
+        targets.append(target(
+            f"{proto}: protoserve / best peer ({best_name}) throughput at concurrency {c16}, "
+            "with a lower p99", value, ">= 1.5, p99 lower",
+            value >= 1.5 and ours.p99_ms < best.p99_ms,
+            f"{fig(ours.throughput)} vs {fig(best.throughput)} req/s; p99 "
+            f"{fig(ours.p99_ms)} vs {fig(best.p99_ms)} ms"))  # fmt: skip
+    return section(
+        "peers", "Peers: the same TorchScript model on protoserve, MLServer and KServe",
+        f"`{MLP}` (a TorchScript MLP, one row of {_model.FEATURES} float32 per request) "
+        "served by protoserve (a model repository folder: the `.pt` file and its tensors "
+        "in model.toml), MLServer and KServe's model server (each a custom runtime of a "
+        "few lines, the way their documentation serves a TorchScript file, in a "
+        "virtualenv of its own). The same request bytes go to all three over the Open "
+        "Inference Protocol: h2load over gRPC (one HTTP/2 connection; a call counts only "
+        "with a good reply's bytes), wrk over REST JSON (one keep-alive connection per "
+        "concurrent request). protoserve's REST is its gateway, a second process. One "
+        "peer runs at a time. perf_analyzer cannot drive either peer: it asks for the "
+        "model configuration (Triton's ModelConfig) first, which neither serves.",
+        {"window_s": s.plan.seconds, "concurrency": list(levels),
+         "protoserve": "batching on (max 32 rows, 2 ms), one server process + gateway",
+         **settings},
+        series=[series(f"{n} {proto}", pts) for n, by in found.items()
+                for proto, pts in by.items()],
+        targets=targets, plot=len(levels) > 1,
+    )  # fmt: skip
 
 
-def scenario_memory(s: Suite) -> dict[str, Any]:
-    return {
-        "id": "memory",
-        "title": "Memory",
-        "description": (
-            "Resident set size (RSS, MiB) of each process and its children: idle is sampled "
-            "just before a phase starts, peak every 0.2 s while it runs. PSS (proportional "
-            "set size) counts a library mapped by several processes of one tree once: "
-            "MLServer runs its model in a worker process beside its main one, and both "
-            "map torch."
-        ),
-        "settings": {},
-        "series": [],
-        "plot": False,
-        "tables": [
-            {
-                "title": "RSS, MiB",
-                "header": ["process", "idle RSS", "idle PSS", "peak RSS under load", "phase"],
-                "rows": s.memory,
-            }
-        ],
-        "targets": [],
-        "notes": [],
-    }
+async def scenario_memory(s: Suite) -> dict[str, Any]:
+    return section(
+        "memory", "Memory",
+        "Resident set size (RSS, MiB) of each process and its children: idle is sampled "
+        "just before a phase starts, peak every 0.2 s while it runs. PSS (proportional "
+        "set size) counts a library mapped by several processes of one tree once: "
+        "MLServer runs its model in a worker process beside its main one, and both "
+        "map torch.",
+        tables=[table("RSS, MiB", ["process", "idle RSS", "idle PSS", "peak RSS under load",
+                                   "phase"], s.memory)],
+    )  # fmt: skip
 
 
-# ---------------------------------------------------------------------------
-# The run.
+# The runtime's scenarios (issue #5) --------------------------------------------------------------
 
 
-def versions(s: Suite) -> dict[str, str]:
-    out = h.dist_versions("protoserve")
-    out["python"] = sys.version.split()[0]
-    out.update(h.dist_versions("torch", "grpcio", "protobuf", "starlette", "uvicorn"))
-    for tool, argv in (
-        ("perf_analyzer", [str(s.perf_analyzer), "--version"]),
-        ("wrk", ["wrk", "--version"]),
-        ("h2load", ["h2load", "--version"]),
-    ):
-        with contextlib.suppress(OSError):
-            got = subprocess.run(argv, capture_output=True, text=True, env=s.pa_env, check=False)
-            # "wrk debian/4.1.0-3+b2 [epoll] ...", "h2load nghttp2/1.52.0", "Perf Analyzer
-            # Version 2.51.0 (commit ...)": the first word that is a version, after any "/".
-            words = [w.rsplit("/", 1)[-1] for w in (got.stdout + got.stderr).split()]
-            out[tool] = next((w for w in words if w[:1].isdigit() and "." in w), "?")
-    return out
+async def embeddings(proc: srv.Proc, texts: Sequence[str], together: bool) -> list[list[float]]:
+    """The vector of each text from ``proc``: all at once, or one at a time."""
+    async with grpc.aio.insecure_channel(proc.target) as channel:
+        embed = stubs.InferenceServiceStub(channel).Embed
+        if together:
+            replies = await asyncio.gather(*(embed(embed_request(t), timeout=120) for t in texts))
+        else:
+            replies = [await embed(embed_request(t), timeout=120) for t in texts]
+    return [list(r.embeddings[0].values) for r in replies]
+
+
+async def scenario_embed(s: Suite) -> dict[str, Any]:
+    p = s.plan
+    on, off = await s.server(), await s.unbatched()
+    c = p.embed_clients
+    # The vectors of the sample texts, untimed (and a warm-up): the batched server's one at
+    # a time, against the batched and the unbatched servers' all at once.
+    texts = embed_texts(p.embed_sample, p.embed_chars)
+    alone = await embeddings(on, texts, together=False)
+    for what, proc in (("batched", on), ("unbatched", off)):
+        vectors = zip(alone, await embeddings(proc, texts, together=True), strict=True)
+        diff = max((abs(x - y) for a, b in vectors for x, y in zip(a, b, strict=True)), default=-1)
+        if not 0 <= diff <= 1e-5:  # nothing compared fails too
+            s.failures.append(f"embed: max abs diff (concurrent {what} vs one at a time) = "
+                              f"{diff:.3g} > 1e-5")  # fmt: skip
+    message = embed_request(texts[0]).SerializeToString()
+    phases = (("one at a time (batched server)", on, 1),
+              (f"{c} concurrent (batched server)", on, c),
+              (f"{c} concurrent (--no-batching)", off, c))  # fmt: skip
+    found: dict[str, list[lg.Point]] = {name: [] for name, *_ in phases}
+    for _ in range(p.rounds):  # the phases alternate, so drift hits them alike
+        for name, proc, n in phases:
+            async with s.around("embed", name, proc):
+                point = h2load(s, proc, "Embed", message, n, name, p.embed_seconds / p.rounds)
+            found[name].append(point)
+    rates = [
+        ratio(sum(pt.ok for pt in pts), sum(pt.seconds for pt in pts)) for pts in found.values()
+    ]
+    one, conc, unb = rates
+    return section(
+        "embed", "1. Embed: dynamic batching",
+        f"One text of {len(texts[0])} characters per request (h2load), {fig(p.embed_seconds)} s "
+        f"per phase in {p.rounds} alternating round(s). Before them, untimed, the vectors of "
+        f"{len(texts)} texts of {p.embed_chars[0]}-{p.embed_chars[-1]} characters sent all at "
+        "once to each server must equal those sent one at a time (within 1e-5).",
+        {"clients": c, "seconds": p.embed_seconds, "rounds": p.rounds},
+        series=[series(name, pts) for name, pts in found.items()],
+        tables=[table("Ratios", ["", "ratio"], [
+            ["concurrent batched / one at a time", ratio(conc, one)],
+            ["batched / unbatched at concurrency", ratio(conc, unb)]]),
+            metrics_table(s, "embed")],
+    )  # fmt: skip
+
+
+def mismatches(reference: Sequence[lg.Stream], streams: Sequence[lg.Stream]) -> list[int]:
+    """Indices of ``streams`` whose text or tokens differ from the good reference stream."""
+    pairs = enumerate(zip(reference, streams, strict=False))
+    return [i for i, (ref, got) in pairs if not ref.error
+            and (got.text, got.token_ids) != (ref.text, ref.token_ids)]  # fmt: skip
+
+
+async def scenario_generate(s: Suite) -> dict[str, Any]:
+    p = s.plan
+    on, off = await s.server(), await s.unbatched()
+    requests = stream_requests(p.gen_streams, p.gen_tokens)
+    for proc in (on, off):  # warm-up: four short generations
+        await lg.grpc_streams(proc.target, stream_requests(4, 4, 1), 4, "warm-up")
+    n_alone = min(p.gen_alone or len(requests), len(requests))
+    names = (f"alone, one after another ({n_alone} of {len(requests)}, batched server)",
+             f"{len(requests)} concurrent (batched server)",
+             f"{len(requests)} concurrent (--no-batching, round-robin)")  # fmt: skip
+    async with s.around("generate", names[0], on):
+        alone = await s.streams(on, requests[:n_alone], 1, names[0], "generation")
+    async with s.around("generate", names[1], on):
+        conc = await s.streams(on, requests, len(requests), names[1], "generation")
+    async with s.around("generate", names[2], off):
+        rr = await s.streams(off, requests, len(requests), names[2], "generation")
+    differ = mismatches(alone.streams, conc.streams)
+    differ_rr = mismatches(alone.streams, rr.streams)
+    compared = sum(1 for ref in alone.streams if not ref.error)
+    for problem, bad in (
+        (f"{len(differ)} concurrent batched streams differ from their alone text: {differ}",
+         len(differ) > MAX_ROUNDED_TEXTS),
+        (f"{len(differ_rr)} --no-batching streams differ from their alone text", differ_rr),
+        ("no stream could be compared with its alone run", not compared),
+    ):  # fmt: skip
+        if bad:
+            s.failures.append(f"generation: {problem}")
+    return section(
+        "generate", "2. Generation: continuous batching",
+        f"GenerateStream, max_new_tokens={p.gen_tokens}, temperature 0.8, seeds 1000+i, "
+        "distinct prompts. Throughput: tokens over the wall time from the first call to the "
+        "last stream's end (alone: one stream at a time); latency columns are time to first "
+        "token; gap: between successive messages carrying tokens.",
+        {"streams": len(requests), "tokens": p.gen_tokens, "alone": n_alone},
+        series=[series(pt.label, [pt]) for pt in (alone, conc, rr)],
+        tables=[table("Ratios", ["", "ratio"], [
+            ["concurrent continuous / alone", ratio(conc.throughput, alone.throughput)],
+            ["continuous / round-robin (concurrent)", ratio(conc.throughput, rr.throughput)]]),
+            metrics_table(s, "generate")],
+        notes=[f"correctness: {compared} streams compared with their alone run: "
+               f"**{len(differ)} mismatches** (batched, to float rounding: at most "
+               f"{MAX_ROUNDED_TEXTS} allowed), {len(differ_rr)} (--no-batching)"],
+        mismatched=differ,
+    )  # fmt: skip
+
+
+def overload_row(s: Suite, path: str, point: lg.Point, fit: int, notes: list[str]) -> list[Any]:
+    """A row of the overload table; what went wrong goes to the failures and ``notes``."""
+    codes = [("OK" if not st.error else "RESOURCE_EXHAUSTED" if st.code in REFUSED else st.code)
+             for st in point.streams]  # fmt: skip
+    pairs = list(zip(point.streams, codes, strict=True))
+    refused = [st for st, code in pairs if code == "RESOURCE_EXHAUSTED"]
+    accepted = [st.seconds for st, code in pairs if code == "OK"]
+    other = dict(Counter(c for c in codes if c not in ("OK", "RESOURCE_EXHAUSTED")))
+    delays = sorted({st.retry_delay for st in refused if st.retry_delay is not None})
+    with_delay = sum(1 for st in refused if st.retry_delay is not None)
+    for problem, bad in ((f"unexpected outcomes {other}", other),
+                         (f"{len(refused) - with_delay} of {len(refused)} refusals carried no "
+                          "retry delay", with_delay != len(refused)),
+                         ("nothing was refused", not refused),
+                         ("nothing was accepted", not accepted)):  # fmt: skip
+        if bad:
+            s.failures.append(f"overload ({path}): {problem}")
+    if len(accepted) != fit:
+        notes.append(f"NOTE ({path}): {len(accepted)} accepted, not the {fit} that fit (a "
+                     "call may have ended before the last arrived)")  # fmt: skip
+    times = [st.seconds * 1e3 for st in refused]
+    return [path, len(codes), len(accepted), len(refused), other or 0,
+            fig(lg.percentile(times, 50)), fig(lg.percentile(times, 99)),
+            f"{with_delay}/{len(refused)} ({', '.join(f'{d:g} s' for d in delays)})",
+            fig(lg.percentile(accepted, 50))]  # fmt: skip
+
+
+async def scenario_overload(s: Suite) -> dict[str, Any]:
+    p = s.plan
+    flags = ("--max-queue", str(p.overload_max_queue), "--max-active", str(p.overload_max_active))
+    proc = await s.server("overload", *flags)
+    fit = p.overload_max_queue + p.overload_max_active
+    requests = stream_requests(p.overload_requests, p.overload_tokens, 2000)
+    await lg.grpc_streams(proc.target, requests[:1], 1, "warm-up")
+    notes: list[str] = []
+    async with s.around("overload", "gRPC", proc):
+        burst = await lg.grpc_streams(proc.target, requests, len(requests), "gRPC")
+    rows = [overload_row(s, "gRPC GenerateStream", burst, fit, notes)]
+    if p.overload_gateway:
+        url = f"http://{(await s.gateway(proc)).target}"
+        bodies = [{"inputs": r.inputs, "parameters": {**as_json(r.parameters), "seed": 3000 + i}}
+                  for i, r in enumerate(requests)]  # fmt: skip
+        async with s.around("overload", "gateway", proc):
+            burst = await lg.sse_streams(url, TEXT_MODEL, bodies, len(bodies), "gateway")
+        rows.append(overload_row(s, "gateway POST :generateStream (SSE)", burst, fit, notes))
+    counted = {k: v["rejections_total"] for k, v in s.metrics["overload"].items()}
+    return section(
+        "overload", "3. Overload",
+        f"`--max-queue {p.overload_max_queue} --max-active {p.overload_max_active}`; "
+        f"{p.overload_requests} generations of max_new_tokens={p.overload_tokens} sent at once "
+        f"(expected accepted: max_queue + max_active = {fit}). Retry info: gRPC RetryInfo "
+        "detail / HTTP 429 with Retry-After, on the refusals.",
+        {"requests": p.overload_requests, "tokens": p.overload_tokens},
+        tables=[table("Refusals", ["path", "sent", "accepted OK", "refused", "other",
+                                   "refusal p50 ms", "refusal p99 ms", "retry info",
+                                   "accepted p50 s"], rows)],
+        notes=[*notes, "protoserve_rejections_total (overload server): "
+               + ", ".join(f"+{fig(n)} over the {k} burst" for k, n in counted.items())],
+    )  # fmt: skip
+
+
+def shown(c: Counter[str]) -> dict[str, float]:
+    """The figures the metrics' tables show of COUNTED deltas (histograms' means added)."""
+
+    def mean(name: str) -> float:
+        return ratio(c[f"{name} sum"], c[f"{name} count"])
+
+    return {"batch_size[embed] count": c["batch_size[embed] count"],
+            "batch_size[embed] mean": mean("batch_size[embed]"),
+            "batch_size[generate] count": c["batch_size[generate] count"],
+            "batch_size[generate] mean": mean("batch_size[generate]"),
+            "generated_tokens_total": c["generated_tokens_total"],
+            "queue_duration_seconds count": c["queue_duration_seconds count"],
+            "queue_duration mean ms": 1e3 * mean("queue_duration_seconds"),
+            "rejections_total": c["rejections_total"]}  # fmt: skip
+
+
+def metrics_table(s: Suite, scenario: str) -> dict[str, Any]:
+    """The servers' /metrics over each phase of ``scenario`` (summed over rounds), and the
+    batched server's over its two phases."""
+    phases = s.metrics[scenario]
+    columns = [shown(c) for c in [*phases.values(), sum(list(phases.values())[:2], Counter())]]
+    rows = [[key, *(fig(c[key]) for c in columns)] for key in columns[0]]
+    return table("Server metrics: deltas over each phase; batch_size mean = sum / count",
+                 ["metric", *phases, "batched server, whole scenario"], rows)  # fmt: skip
+
+
+# Batched decoding on every dispatch path (issue #13) ---------------------------------------------
+
+
+async def scenario_decoding(s: Suite) -> dict[str, Any]:
+    p, rows, measured = s.plan, [], []
+    sizes = {"steps": p.decode_steps, "texts": p.decode_texts, "text_tokens": p.decode_text_tokens,
+             "repeats": p.decode_repeats}  # fmt: skip
+    for name, env, why in dispatch_paths(s):
+        print(f"suite: decoding on {name} ...", file=sys.stderr, flush=True)
+        try:
+            r = None if why else run_model(s, "decoding", env, **sizes)
+        except RuntimeError as error:
+            s.failures.append(f"decoding on {name}: {error}")
+            r = None
+        if r is None:
+            rows.append([f"`{name}`", why or "FAILED", "", "", "", "", ""])
+            continue
+        measured.append(r)
+        rounding, text, speed = r["rounding"], r["text"], r["speed"]
+        batched = speed["batched"]
+        first = f" (first at {sorted(text['first_at'])})" if text["differ"] else ""
+        rows.append([
+            f"`{r['path']}`", f"{fig(rounding['max_abs'])} / {fig(rounding['max_rel'])}",
+            f"{text['differ']} of {text['sequences']}{first}",
+            "passes" if r["probe"]["exact_passes"] else "fails",
+            f"{fig(batched['1'])} / {fig(batched['32'])} ({batched['32'] / batched['1']:.2f}x)",
+            fig(speed["exact"]["32"]) if speed["exact"] else "n/a", fig(speed["row by row"]["32"]),
+        ])  # fmt: skip
+    return section(
+        "decoding", "Batched decoding on every dispatch path",
+        "For each dispatch path this machine can run, a process of its own measures "
+        "bytelm's `BatchedDecoding` (shipped weights, no server): the largest logit "
+        f"difference of a batched step against each row's lone step ({p.decode_steps} steps "
+        f"of 32 sequences); {p.decode_texts} texts of {p.decode_text_tokens} tokens, greedy "
+        "and sampled, decoded together against each alone; the median step time of 1, 8 and "
+        "32 sequences batched, exact (`--batch-invariant`) and row by row, as tokens/s.",
+        {"steps": p.decode_steps, "texts": p.decode_texts, "tokens": p.decode_text_tokens},
+        tables=[table("Batched vs alone, per path", [
+            "path", "max abs / rel logit diff, batched vs alone", "texts differing",
+            "exact check", "batched tok/s at 1 / 32 (x)", "exact tok/s at 32",
+            "row by row at 32"], rows)],
+        paths=measured,
+    )  # fmt: skip
+
+
+# The run -----------------------------------------------------------------------------------------
 
 
 def find_perf_analyzer() -> tuple[Path, dict[str, str]]:
-    """perf_analyzer and the environment it runs in: from `nox -s bench`, else `nox -s compat`."""
-    binary = os.environ.get(PERF_ANALYZER_ENV)
-    libs = os.environ.get(PERF_ANALYZER_LIBS_ENV, "")
-    if not binary:
-        compat = h.ROOT / ".nox" / "compat"
-        binary = str(compat / "bin" / "perf_analyzer")
-        libs = os.pathsep.join(
-            str(p.parent)
-            for pattern in (
-                "libb64/**/libb64.so.0d",
-                "lib/python*/site-packages/nvidia/**/libcudart.so.12",
-            )
-            for p in sorted(compat.glob(pattern))[:1]
-        )
-    if not Path(binary).exists():
-        raise SystemExit(
-            "perf_analyzer not found: run the suite with `nox -s bench` (it installs it), or set "
-            f"{PERF_ANALYZER_ENV} and {PERF_ANALYZER_LIBS_ENV}"
-        )
-    env = {**os.environ, "LD_LIBRARY_PATH": libs}
-    return Path(binary), env
+    """perf_analyzer and the environment it runs in, as `nox -s bench` sets them."""
+    binary, libs = os.environ.get(PERF_ANALYZER_ENV, ""), os.environ.get(PERF_ANALYZER_LIBS_ENV, "")
+    if not binary or not Path(binary).exists():
+        raise SystemExit(f"perf_analyzer not found: run `nox -s bench` (it installs it), or "
+                         f"set {PERF_ANALYZER_ENV} and {PERF_ANALYZER_LIBS_ENV}")  # fmt: skip
+    return Path(binary), {**os.environ, "LD_LIBRARY_PATH": libs}
+
+
+def write_repository(root: Path, model_file: Path) -> None:
+    """A model repository: the MLP as a TorchScript file with its tensors declared, and bytelm."""
+    (root / MLP / "1").mkdir(parents=True)
+    shutil.copy(model_file, root / MLP / "1" / "model.pt")
+    tensor = f'dtype = "float32"\nshape = [-1, {_model.FEATURES}]\n'
+    (root / MLP / "model.toml").write_text(
+        f'source = "model.pt"\n\n[inputs.INPUT0]\n{tensor}\n[outputs.OUTPUT0]\n{tensor}\n'
+        "[batching]\npredict_batches = true\n\n"
+        f'[warmup.inputs.INPUT0]\ndtype = "float32"\nshape = [1, {_model.FEATURES}]\n'
+    )
+    (root / TEXT_MODEL / "1").mkdir(parents=True)
+    (root / TEXT_MODEL / "model.toml").write_text('source = "bytelm"\n[warmup]\ntext = "def "\n')
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    plan = QUICK if args.quick else FULL
-    if missing := [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]:
-        raise SystemExit(
-            f"the suite needs {' and '.join(missing)}: apt-get install wrk nghttp2-client"
-        )
-    pb, stubs = h.import_protoserve(tmp)
-    binary, pa_env = find_perf_analyzer()
-    model_file = tmp / "mlp.pt"
-    _model.build_torchscript(model_file)
-    s = Suite(args, plan, tmp, args.server_python or h.server_python(), pb, stubs, binary,
-              pa_env, model_file)  # fmt: skip
+    tools = {tool for name in args.scenarios for tool in TOOLS.get(name, ())}
+    if missing := sorted(t for t in tools - {"perf_analyzer"} if shutil.which(t) is None):
+        raise SystemExit(f"the suite needs {' and '.join(missing)}: apt-get install wrk "
+                         "nghttp2-client")  # fmt: skip
+    binary, pa_env = find_perf_analyzer() if "perf_analyzer" in tools else (None, {})
+    _model.build_torchscript(model_file := tmp / "mlp.pt")
+    write_repository(tmp / "repository", model_file)
+    s = Suite(args, args.plan, tmp, args.server_python or sys.executable, binary, pa_env,
+              model_file)  # fmt: skip
     # Set-up, not timed: the peers' virtualenvs (minutes the first time, nothing after).
     setup = time.perf_counter()
     if "peers" in args.scenarios:
-        s.peer_pythons = {name: _peers.ensure_venv(name, h.ROOT) for name in _peers.PEERS}
+        s.peer_pythons = {name: srv.ensure_venv(name, srv.ROOT) for name in srv.PEERS}
     setup_s = round(time.perf_counter() - setup, 1)
+    dispatch = python_says(s, "from protoserve.server.runtime.dispatch import describe_current "
+                              "as d; print(d())")  # fmt: skip
+    tools_run = [str(binary) if t == "perf_analyzer" else t for t in sorted(tools)]
     started = time.perf_counter()
     results: dict[str, Any] = {
-        "title": "protoserve benchmarks",
-        "name": args.name,
+        "title": "protoserve benchmarks", "name": args.name,
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "quick": bool(args.quick),
-        "setup_s": setup_s,
-        "command": command_line(args),
-        "machine": {**h.machine(), "dispatch": dispatch_of(s.python)},
-        "versions": versions(s),
-        "scenarios": [],
-        "failures": s.failures,
-    }
-    chosen = [name for name in SCENARIOS if name in args.scenarios]
-    runners: dict[str, Callable[[Suite], Any]] = {
-        "gateway": scenario_gateway,
-        "streams": scenario_streams,
-        "limit": scenario_limit,
-        "batching": scenario_batching,
-        "paths": scenario_paths,
-        "peers": scenario_peers,
-    }
-    with h.stopping(s.procs):
-        s.server = await start_server(s, "server")
-        s.gateway = await start_gateway(s, s.server)
-        for name in chosen:
-            if name == "memory":
-                continue
+        "quick": bool(args.quick), "setup_s": setup_s, "command": args.command,
+        "machine": {**machine(), "dispatch": dispatch},
+        "versions": versions(tools_run, pa_env or None), "scenarios": [], "failures": s.failures,
+    }  # fmt: skip
+    with srv.stopping(s.procs):
+        for name in (n for n in SCENARIOS if n in args.scenarios):
             print(f"suite: {name} ...", file=sys.stderr, flush=True)
             phase = time.perf_counter()
-            scenario = await runners[name](s)
-            scenario["settings"]["wall_s"] = round(time.perf_counter() - phase, 1)
+            scenario = await globals()[f"scenario_{name}"](s)
+            if scenario["settings"]:  # not memory's: it gathers the others' figures
+                scenario["settings"]["wall_s"] = round(time.perf_counter() - phase, 1)
             results["scenarios"].append(scenario)
-    if "memory" in chosen:
-        results["scenarios"].append(scenario_memory(s))
     results["wall_s"] = round(time.perf_counter() - started, 1)
+    # What protoserve's processes logged at WARNING or above, shutdown included.
+    ours = [p for p in s.procs if p.port_file is not None]
+    results["logs"] = {p.name: tail for p in ours if (tail := p.log_tail(30).strip())}
     return results
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The command that runs this suite again, as the report shows it."""
-    flags = ["--quick"] if args.quick else []
-    if args.scenarios != set(SCENARIOS):
-        flags += ["--scenarios", ",".join(n for n in SCENARIOS if n in args.scenarios)]
-    return "nox -s bench" + (" -- " + " ".join(flags) if flags else "")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter windows: within 5 minutes")
-    parser.add_argument(
-        "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated, of {', '.join(SCENARIOS)} (default: all)",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report")
-    parser.add_argument("--name", help="file name of the report (default: the date)")
-    parser.add_argument("--server-python", help="the Python that runs protoserve")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    add = parser.add_argument
+    add("group", nargs="?", choices=tuple(GROUPS), default="suite", help="default: suite")
+    add("--quick", action="store_true", help="shorter runs: the suite within 5 minutes")
+    add("--scenarios", help=f"comma-separated, of {', '.join(SCENARIOS)} (default: the group's)")
+    add("--set", action="append", default=[], metavar="NAME=VALUE",
+        help="a figure of the plan (Plan, above): seconds=2, embed_chars=(10, 20)")  # fmt: skip
+    add("--out", type=Path, default=RESULTS, help="folder of the report")
+    add("--name", help="file name of the report (default: the date, group and mode)")
+    add("--server-python", help="the Python that runs protoserve (default: this one)")
+    add("--server-threads", type=int, help="OMP_NUM_THREADS of the servers (default: unset)")
     args = parser.parse_args(argv)
-    args.scenarios = {x.strip() for x in args.scenarios.split(",") if x.strip()}
+    args.command = " ".join(["nox -s bench", *(["--", *argv] if argv else [])])
+    chosen = args.scenarios.split(",") if args.scenarios else GROUPS[args.group]
+    args.scenarios = {x.strip() for x in chosen if x.strip()}
     if unknown := args.scenarios - set(SCENARIOS):
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    args.plan = QUICK if args.quick else FULL
+    for item in args.set:
+        key, _, text = item.partition("=")
+        try:
+            old, new = getattr(args.plan, key), ast.literal_eval(text)
+            if not isinstance(new, type(old)) and not isinstance(old, float):
+                raise TypeError(f"not a {type(old).__name__}")
+            args.plan = dataclasses.replace(args.plan, **{key: new})
+        except (AttributeError, TypeError, ValueError, SyntaxError) as error:
+            parser.error(f"--set {item}: {error}")
     if args.name is None:
-        args.name = dt.date.today().isoformat() + ("-quick" if args.quick else "")
+        group = "" if args.group == "suite" else f"-{args.group}"
+        args.name = dt.date.today().isoformat() + group + ("-quick" if args.quick else "")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="protoserve-bench-") as tmp:
         results = asyncio.run(run(args, Path(tmp)))
-    written = _report.write_report(results, args.out)
-    for path in written.values():
+    for path in _report.write_report(results, args.out).values():
         print(path)
     if results["failures"]:
         print(f"suite: {len(results['failures'])} failure(s); see the report", file=sys.stderr)
@@ -1012,4 +1044,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

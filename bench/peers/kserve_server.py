@@ -1,22 +1,10 @@
 """KServe's model server serving the benchmark's TorchScript MLP (bench/_model.py).
 
-The idiomatic KServe custom model (its docs, "Deploy Custom Python Serving
-Runtime with InferenceService", V2 protocol): a ``kserve.Model`` subclass whose
-``load`` reads the file and whose ``predict`` takes an ``InferRequest`` and
-returns an ``InferResponse``, started by ``kserve.ModelServer().start([model])``.
-KServe serves the Open Inference Protocol over REST (``/v2/...``) and gRPC
-(``inference.GRPCInferenceService``) from that one process. It has no adaptive
-batching of its own (in a cluster that is the batcher sidecar's job), so every
-request is one model call.
-
-Run it under KServe's own virtualenv (bench/_peers.py makes it); it imports
-nothing from protoserve::
-
-    python bench/peers/kserve_server.py --model_path mlp.pt --model_name mlp \\
-        --http_port 8080 --grpc_port 8081
-
-Every ``kserve.model_server`` flag (``--workers``, ``--max_threads``,
-``--enable_latency_logging``, ...) is accepted too.
+The idiomatic KServe custom model (its docs, "Deploy Custom Python Serving Runtime with
+InferenceService", V2 protocol), serving the Open Inference Protocol over REST and gRPC
+from one process, with no adaptive batching of its own (in a cluster that is the batcher
+sidecar's job). Run under KServe's own virtualenv (bench/_peers.py makes it and starts
+it); every ``kserve.model_server`` flag is accepted too.
 """
 
 from __future__ import annotations
@@ -55,12 +43,8 @@ class TorchScriptMLP(Model):
     def get_output_types(self) -> list[dict[str, Any]]:
         return [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, FEATURES]}]
 
-    def predict(
-        self,
-        payload: InferRequest,
-        headers: dict[str, str] | None = None,
-        response_headers: dict[str, str] | None = None,
-    ) -> InferResponse:
+    def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
+                response_headers: dict[str, str] | None = None) -> InferResponse:  # fmt: skip
         request_input = payload.get_input_by_name(INPUT) or payload.inputs[0]
         # astype copies: as_numpy may be a read-only view of the request's bytes.
         rows = request_input.as_numpy().astype(np.float32).reshape(-1, FEATURES)
@@ -72,13 +56,9 @@ class TorchScriptMLP(Model):
         # leave the choice to KServe, but its to_grpc() then fails on raw requests:
         # "The truth value of an array with more than one element is ambiguous".)
         output.set_data_from_numpy(result, binary_data=payload.use_binary_outputs)
-        return InferResponse(
-            response_id=payload.id or generate_uuid(),
-            model_name=self.name,
-            infer_outputs=[output],
-            use_binary_outputs=payload.use_binary_outputs,
-            requested_outputs=payload.request_outputs,
-        )
+        return InferResponse(response_id=payload.id or generate_uuid(), model_name=self.name,
+                             infer_outputs=[output], use_binary_outputs=payload.use_binary_outputs,
+                             requested_outputs=payload.request_outputs)  # fmt: skip
 
 
 def main() -> None:

@@ -1,16 +1,10 @@
 """An MLServer custom runtime serving the benchmark's TorchScript MLP (bench/_model.py).
 
-The idiomatic MLServer way (its docs, "Custom Inference Runtimes"): a subclass
-of ``mlserver.MLModel`` named by ``implementation`` in ``model-settings.json``,
-whose ``load`` reads the file at ``parameters.uri`` and whose ``predict`` turns
-the V2 request into numpy with ``NumpyCodec`` and back. MLServer itself serves
-the Open Inference Protocol over REST and gRPC, runs ``predict`` in its worker
-process(es) (``parallel_workers``) and does the adaptive batching
-(``max_batch_size`` / ``max_batch_time``) before it.
-
-It runs under MLServer's own virtualenv (bench/_peers.py makes it) and imports
-nothing from protoserve. ``bench/_peers.py`` writes the settings files and
-starts ``mlserver start DIR`` with this folder on ``PYTHONPATH``.
+The idiomatic MLServer way (its docs, "Custom Inference Runtimes"): an ``MLModel`` named by
+``implementation`` in ``model-settings.json``; MLServer serves the Open Inference Protocol
+over REST and gRPC, runs ``predict`` in its worker process(es) and batches adaptively
+before it. Run under MLServer's own virtualenv (bench/_peers.py writes the settings and
+starts ``mlserver start DIR`` with this folder on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ import numpy as np
 import torch
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
-from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor
+from mlserver.types import InferenceRequest, InferenceResponse
 from mlserver.utils import get_model_uri
 
 INPUT = "INPUT0"
@@ -33,14 +27,7 @@ class TorchScriptMLP(MLModel):
     async def load(self) -> bool:
         path = await get_model_uri(self.settings)
         self._module = torch.jit.load(path, map_location="cpu")
-        self._module.eval()
-        # The metadata is what model-settings.json declares; declare it here when it
-        # does not, so /v2/models/NAME always describes the tensors (MLModel's docs
-        # allow setting inputs/outputs at load time).
-        if not self.inputs:
-            self.inputs = [MetadataTensor(name=INPUT, datatype="FP32", shape=[-1, FEATURES])]
-        if not self.outputs:
-            self.outputs = [MetadataTensor(name=OUTPUT, datatype="FP32", shape=[-1, FEATURES])]
+        self._module.eval()  # its tensors: as model-settings.json declares them
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
