@@ -14,29 +14,26 @@ Example::
 
 Methods whose protocol has a JSON of its own get a :class:`Codec` (``codecs=``): the
 Open Inference Protocol's REST format is built in, for
-``inference.GRPCInferenceService`` (see ``docs/gateway-codecs.md``).
+``inference.GRPCInferenceService`` (see ``docs/gateway-codecs.md``). It and the
+playground are protoserve's own pieces (``gateway/inference/``), which
+:func:`build_gateway` registers on the generic core (``gateway/_app.py``).
 """
 
 from __future__ import annotations
 
-from protoserve.gateway._app import DEFAULT_FORWARDED_HEADERS, build_gateway
-from protoserve.gateway._codecs import (
-    OIP_SERVICE,
-    Codec,
-    CodecRequest,
-    CodecResponse,
-    ErrorInfo,
-    load_codec,
-)
+from protoserve.gateway._app import DEFAULT_FORWARDED_HEADERS
+from protoserve.gateway._assembly import build_gateway, load_codec
+from protoserve.gateway._codecs import Codec, CodecRequest, CodecResponse
 from protoserve.gateway._descriptors import (
     Descriptors,
     DescriptorSourceError,
-    from_compiled,
     from_descriptor_set,
     from_reflection,
 )
-from protoserve.gateway._errors import HTTP_STATUS, GatewayError, bad_request
+from protoserve.gateway._errors import HTTP_STATUS, ErrorInfo, GatewayError, bad_request
 from protoserve.gateway._rules import Binding
+from protoserve.gateway._streaming import StreamFormat
+from protoserve.gateway.inference import OIP_SERVICE, from_compiled
 
 __all__ = [
     "DEFAULT_FORWARDED_HEADERS",
@@ -50,6 +47,7 @@ __all__ = [
     "Descriptors",
     "ErrorInfo",
     "GatewayError",
+    "StreamFormat",
     "bad_request",
     "build_gateway",
     "from_compiled",

@@ -10,41 +10,45 @@ an HTTP request becomes the request message and how the response message and
 errors become the HTTP response. Routing, deadlines, metadata, request ids,
 metrics and cancelling stay the gateway's (see ``docs/gateway-codecs.md``).
 
-Codecs are unary only: a stream's framing (SSE, NDJSON) is the gateway's.
+The base class is protobuf's JSON mapping, and :class:`ProtobufCodec`, one of it, is
+the codec of every method that has none registered: every call goes through a
+codec. A codec that sets ``serves_streams`` owns its server streams' wire format
+too (:meth:`Codec.stream_format`); any other is refused for streaming methods.
+The gateway core knows no codec by name but ``protobuf``; the public assembly
+names more (``load_codec``'s ``named``).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
 from protoserve.gateway._body import check_content_type
+from protoserve.gateway._errors import ErrorInfo
 from protoserve.gateway._rules import Binding
-from protoserve.gateway._transcode import build_request, render_response
+from protoserve.gateway._streaming import STREAM_FORMATS, StreamFormat, choose_format
+from protoserve.gateway._transcode import build_request, render_message, render_response
 
 __all__ = [
-    "BUILT_IN_CODECS",
-    "OIP_SERVICE",
     "Codec",
     "CodecRequest",
     "CodecResponse",
     "ErrorInfo",
+    "NamedCodecs",
+    "ProtobufCodec",
     "load_codec",
     "parse_codec_option",
     "resolve_codecs",
 ]
 
-#: The Open Inference Protocol's service, which gets the OIP codec unless told otherwise.
-OIP_SERVICE = "inference.GRPCInferenceService"
-#: Names ``load_codec`` knows without an import path: "protobuf" turns a codec off.
-BUILT_IN_CODECS = ("protobuf", "oip")
+#: Codec names known without an import path -> what makes the codec.
+NamedCodecs = Mapping[str, Callable[[], "Codec"]]
 
 
 @dataclass(frozen=True)
@@ -96,26 +100,6 @@ class CodecResponse:
         return cls(body, status, "application/json", dict(headers or {}))
 
 
-@dataclass(frozen=True)
-class ErrorInfo:
-    """An error to answer, from the upstream call or from the gateway itself.
-
-    Attributes:
-        status: the HTTP status from the gateway's table (``HTTP_STATUS``), or the
-            gateway's own choice (413, 415, 405).
-        code: the gRPC status code.
-        message: the message for people.
-        details: the ``google.rpc`` details, as Anys (upstream) or messages (gateway).
-        status_json: the ``google.rpc.Status`` JSON the gateway answers by default.
-    """
-
-    status: int
-    code: grpc.StatusCode
-    message: str
-    details: tuple[Message, ...]
-    status_json: dict[str, Any]
-
-
 class Codec:
     """The HTTP format of the methods a codec is registered for.
 
@@ -129,6 +113,9 @@ class Codec:
 
     #: JSON names of the default encoding: proto names (``generated_text``) or lowerCamelCase.
     use_proto_names: bool = True
+    #: True for a codec that frames server streams too (:meth:`stream_format`,
+    #: :meth:`encode_stream_message`); any other is refused for a streaming method.
+    serves_streams: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -177,6 +164,30 @@ class Codec:
         """Schemas this codec adds to ``components.schemas``, by name."""
         return {}
 
+    def stream_format(self, request: CodecRequest) -> StreamFormat:
+        """The wire format of a server stream answering ``request``: its content type,
+        framing, end, error and keep-alive. By default SSE when ``Accept`` names
+        ``text/event-stream``, else NDJSON; a protocol with an event framing of its
+        own returns its own :class:`~protoserve.gateway._streaming.StreamFormat`."""
+        return choose_format(STREAM_FORMATS, request.headers.get("accept", ""))
+
+    def encode_stream_message(self, request: CodecRequest, message: Message) -> Any:
+        """The JSON of one message of a server stream, which the stream format frames."""
+        return render_message(message, use_proto_names=self.use_proto_names)
+
+
+class ProtobufCodec(Codec):
+    """Protobuf's JSON mapping: the codec of every method that has none registered."""
+
+    serves_streams = True
+
+    def __init__(self, *, use_proto_names: bool = True) -> None:
+        self.use_proto_names = use_proto_names
+
+    @property
+    def name(self) -> str:
+        return "protobuf"
+
 
 def resolve_codecs(
     services: Iterable[ServiceDescriptor], codecs: Mapping[str, Codec | None]
@@ -186,22 +197,18 @@ def resolve_codecs(
     ``codecs`` maps a full method name (``pkg.Service.Method``) or a full service
     name (``pkg.Service``) to a codec, or to None for protobuf's JSON mapping; a
     method's own entry wins over its service's. A service's codec covers its unary
-    methods; its streaming methods keep the gateway's framing. The OIP codec is
-    registered for ``inference.GRPCInferenceService`` unless ``codecs`` names that
-    service; it applies only when the service is served.
+    methods, and its server-streaming ones when it ``serves_streams``; its other
+    methods keep the gateway's formats.
 
     Raises:
         ValueError: a codec is registered for a name that is neither a served
-            service nor a served method, or for a streaming method, or its ``check``
-            refused a method.
+            service nor a served method, or for a streaming method it cannot frame,
+            or its ``check`` refused a method.
     """
     served = list(services)
     methods = {m.full_name: m for s in served for m in s.methods}
     service_names = {s.full_name for s in served}
-    wanted = dict(codecs)
-    if OIP_SERVICE in service_names and OIP_SERVICE not in wanted:
-        wanted[OIP_SERVICE] = _oip_codec()
-    for name, codec in wanted.items():
+    for name, codec in codecs.items():
         if codec is not None and name not in methods and name not in service_names:
             known = ", ".join(sorted(service_names))
             raise ValueError(
@@ -212,17 +219,17 @@ def resolve_codecs(
             raise ValueError(f"the codec for {name!r} is not a protoserve.gateway.Codec")
     resolved: dict[str, Codec] = {}
     for full_name, method in methods.items():
-        streaming = method.server_streaming or method.client_streaming
-        if full_name in wanted:
-            codec = wanted[full_name]
-            if codec is not None and streaming:
+        if full_name in codecs:
+            codec = codecs[full_name]
+            if codec is not None and not _frames(codec, method):
                 kind = "server-streaming" if method.server_streaming else "client-streaming"
                 raise ValueError(
                     f"codec {codec.name} is registered for {full_name}, a {kind} method; "
-                    "codecs serve unary methods only"
+                    "codecs serve unary methods only, unless they set serves_streams"
                 )
         else:
-            codec = None if streaming else wanted.get(method.containing_service.full_name)
+            codec = codecs.get(method.containing_service.full_name)
+            codec = codec if codec is not None and _frames(codec, method) else None
         if codec is None:
             continue
         try:
@@ -233,15 +240,16 @@ def resolve_codecs(
     return resolved
 
 
-def _oip_codec() -> Codec:
-    # Imported only when needed: the OIP codec brings numpy.
-    from protoserve.gateway._oip import OipCodec
+def _frames(codec: Codec, method: MethodDescriptor) -> bool:
+    """Whether ``codec`` can answer ``method``: unary, or server-streaming if it frames streams."""
+    if method.client_streaming:
+        return False
+    return not method.server_streaming or codec.serves_streams
 
-    return OipCodec()
 
-
-def load_codec(spec: str) -> Codec | None:
-    """The codec ``spec`` names: ``protobuf`` (None: no codec), ``oip``, or ``package.module:attr``.
+def load_codec(spec: str, named: NamedCodecs) -> Codec | None:
+    """The codec ``spec`` names: ``protobuf`` (None: no codec), a name in ``named``, or
+    ``package.module:attr``.
 
     The attribute is a :class:`Codec` instance, or a class or function that makes
     one when called with no arguments.
@@ -252,11 +260,12 @@ def load_codec(spec: str) -> Codec | None:
     spec = spec.strip()
     if spec == "protobuf":
         return None
-    if spec == "oip":
-        return _oip_codec()
+    if spec in named:
+        return named[spec]()
     module_name, colon, attr = spec.partition(":")
     if not colon or not module_name or not attr:
-        raise ValueError(f"codec {spec!r} is not 'protobuf', 'oip' or 'package.module:attribute'")
+        names = ", ".join(repr(name) for name in ("protobuf", *named))
+        raise ValueError(f"codec {spec!r} is not {names} or 'package.module:attribute'")
     try:
         found: Any = importlib.import_module(module_name)
     except ImportError as exc:
@@ -278,7 +287,7 @@ def load_codec(spec: str) -> Codec | None:
     return found
 
 
-def parse_codec_option(option: str) -> tuple[str, Codec | None]:
+def parse_codec_option(option: str, named: NamedCodecs) -> tuple[str, Codec | None]:
     """``NAME=SPEC`` (the CLI's ``--codec``) as (name, codec); see :func:`load_codec`.
 
     Raises:
@@ -289,6 +298,6 @@ def parse_codec_option(option: str) -> tuple[str, Codec | None]:
     if not equals or not name:
         raise ValueError(
             f"--codec {option!r} is not NAME=CODEC (for example "
-            f"{OIP_SERVICE}=protobuf, or pkg.Service.Method=package.module:attr)"
+            "pkg.Service=protobuf, or pkg.Service.Method=package.module:attr)"
         )
-    return name, load_codec(spec)
+    return name, load_codec(spec, named)

@@ -1,12 +1,12 @@
 """Where the gateway's routes come from: a pool of descriptors and the services in it.
 
-Three sources, one result (:class:`Descriptors`):
+Sources, one result (:class:`Descriptors`):
 
-- the stubs compiled into this package (``protoserve.inference.v1`` and the Open
-  Inference Protocol's ``inference``), the default;
 - a ``FileDescriptorSet`` file (``protoc --include_imports --descriptor_set_out``),
   for any gRPC service whose protos you have;
-- the upstream server's reflection service, for any gRPC server that has it.
+- the upstream server's reflection service, for any gRPC server that has it;
+- stubs compiled in: protoserve's own API (``from_compiled`` in
+  ``gateway/inference/``, the public ``build_gateway``'s default).
 
 Descriptor sets built with ``--include_source_info`` also give the proto
 comments, which the OpenAPI document shows.
@@ -25,10 +25,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from protoserve.gateway._comments import comments_from_descriptor_set
+
 __all__ = [
     "DescriptorSourceError",
     "Descriptors",
-    "from_compiled",
     "from_descriptor_set",
     "from_reflection",
 ]
@@ -78,39 +79,8 @@ def _services(
 
 
 def _comments(files: Sequence[descriptor_pb2.FileDescriptorProto]) -> dict[str, str]:
-    # Imported here: the OpenAPI module is only needed when comments exist.
-    from protoserve.gateway._openapi import comments_from_descriptor_set
-
     data = descriptor_pb2.FileDescriptorSet(file=files).SerializeToString()
     return comments_from_descriptor_set(data)
-
-
-def from_compiled() -> Descriptors:
-    """protoserve's own API, from the stubs in this package: the task API
-    (``protoserve.inference.v1.InferenceService``, with comments from its shipped
-    descriptor set) and the Open Inference Protocol (``inference.GRPCInferenceService``,
-    which the gateway serves with its OIP codec)."""
-    from protoserve.inference.v1 import inference_service_pb2 as pb
-    from protoserve.oip.v2 import grpc_service_pb2 as oip
-
-    services = (
-        pb.DESCRIPTOR.services_by_name["InferenceService"],
-        oip.DESCRIPTOR.services_by_name["GRPCInferenceService"],
-    )
-    # Only the task API's comments: they are what the server's reflection sends too,
-    # so the compiled-in and the reflected documents say the same.
-    comments: dict[str, str] = {}
-    try:
-        from importlib.resources import files
-
-        shipped = files("protoserve.inference.v1") / "descriptor_set.binpb"
-        if shipped.is_file():
-            from protoserve.gateway._openapi import comments_from_descriptor_set
-
-            comments = comments_from_descriptor_set(shipped.read_bytes())
-    except (ModuleNotFoundError, OSError):
-        comments = {}
-    return Descriptors(descriptor_pool.Default(), services, comments, "compiled-in stubs")
 
 
 def from_descriptor_set(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -26,15 +27,13 @@ from google.protobuf.message import DecodeError, Message
 # Importing error_details_pb2 also registers google.rpc's detail types (BadRequest,
 # RetryInfo, ...) in the default pool, which is how they are always known.
 from google.rpc import error_details_pb2, status_pb2
-from starlette.responses import JSONResponse
 
 __all__ = [
     "HTTP_STATUS",
+    "ErrorInfo",
     "GatewayError",
     "bad_request",
-    "error_response",
-    "from_grpc_error",
-    "grpc_error_parts",
+    "error_info",
     "status_json",
 ]
 
@@ -72,7 +71,6 @@ HTTP_STATUS: Mapping[grpc.StatusCode, int] = MappingProxyType(
 )
 
 _DETAILS_KEY = "grpc-status-details-bin"
-_TYPE_URL_PREFIX = "type.googleapis.com/"
 # Codes after which waiting helps, so a RetryInfo detail becomes a Retry-After header.
 _RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 # Types whose JSON is not an object: inside an Any they go under "value" (proto3 JSON).
@@ -116,9 +114,7 @@ class GatewayError(Exception):
         self.message = message
         self.details: tuple[Message, ...] = tuple(details)
         self.headers: dict[str, str] = dict(headers or {})
-        self.http_status: int = (
-            http_status if http_status is not None else HTTP_STATUS.get(code, 500)
-        )
+        self.http_status: int = http_status if http_status is not None else HTTP_STATUS[code]
 
     def __repr__(self) -> str:
         return f"GatewayError({self.code.name}, {self.message!r}, http_status={self.http_status})"
@@ -167,32 +163,43 @@ def status_json(
     }
 
 
-def from_grpc_error(
-    error: grpc.aio.AioRpcError | grpc.RpcError, pool: DescriptorPool | None = None
-) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """The HTTP answer to a failed upstream call: (status, body, extra headers).
+@dataclass(frozen=True)
+class ErrorInfo:
+    """An error to answer, from the upstream call or from the gateway itself.
 
-    The details come from the ``grpc-status-details-bin`` trailer (a serialized
-    ``google.rpc.Status``). The code and message are the call's own: if the trailer
-    disagrees with them (a server bug), the details are still shown. A trailer that
-    does not parse is ignored. When a RESOURCE_EXHAUSTED or UNAVAILABLE error carries a
-    ``google.rpc.RetryInfo``, the headers hold ``Retry-After`` (whole seconds, rounded
-    up, at least 1).
+    Attributes:
+        status: the HTTP status from the gateway's table (``HTTP_STATUS``), or the
+            gateway's own choice (413, 415, 405).
+        code: the gRPC status code.
+        message: the message for people.
+        details: the ``google.rpc`` details, as Anys (upstream) or messages (gateway).
+        status_json: the ``google.rpc.Status`` JSON the gateway answers by default.
     """
-    code, message, details, headers = grpc_error_parts(error)
-    body = status_json(code, message, details, pool)
-    return HTTP_STATUS.get(code, 500), body, headers
+
+    status: int
+    code: grpc.StatusCode
+    message: str
+    details: tuple[Message, ...]
+    status_json: dict[str, Any]
 
 
-def grpc_error_parts(
-    error: grpc.aio.AioRpcError | grpc.RpcError,
-) -> tuple[grpc.StatusCode, str, list[any_pb2.Any], dict[str, str]]:
-    """A failed upstream call as (code, message, details, extra headers).
+def error_info(
+    error: GatewayError | grpc.RpcError, pool: DescriptorPool | None = None
+) -> tuple[ErrorInfo, dict[str, str]]:
+    """Either kind of error as what the gateway answers: the :class:`ErrorInfo`, and the
+    headers that go with it (``Allow`` of a 405, ``Retry-After``).
 
-    What :func:`from_grpc_error` renders, before rendering: the details are the
-    ``google.rpc`` Anys of the details trailer, the headers hold ``Retry-After``
-    as described there.
+    An upstream error's details come from the ``grpc-status-details-bin`` trailer (a
+    serialized ``google.rpc.Status``). The code and message are the call's own: if the
+    trailer disagrees with them (a server bug), the details are still shown. A trailer
+    that does not parse is ignored. When a RESOURCE_EXHAUSTED or UNAVAILABLE error
+    carries a ``google.rpc.RetryInfo``, the headers hold ``Retry-After`` (whole seconds,
+    rounded up, at least 1). ``pool`` finds detail types other than google.rpc's.
     """
+    if isinstance(error, GatewayError):
+        body = status_json(error.code, error.message, error.details, pool)
+        info = ErrorInfo(error.http_status, error.code, error.message, error.details, body)
+        return info, dict(error.headers)
     code, message, trailers = _call_status(error)
     details = list(_rich_status(trailers).details)
     headers: dict[str, str] = {}
@@ -200,29 +207,8 @@ def grpc_error_parts(
         delay = _retry_delay(details)
         if delay is not None:
             headers["Retry-After"] = str(max(1, math.ceil(delay)))
-    return code, message, details, headers
-
-
-def error_response(
-    error: GatewayError | grpc.aio.AioRpcError | grpc.RpcError,
-    pool: DescriptorPool | None = None,
-    *,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    """An ``application/json`` response for either kind of error.
-
-    Args:
-        error: raised by the gateway, or by an upstream call.
-        pool: where to find detail types other than google.rpc's.
-        headers: more headers to send (``X-Request-Id``); the error's own win over them.
-    """
-    if isinstance(error, GatewayError):
-        status = error.http_status
-        body = status_json(error.code, error.message, error.details, pool)
-        extra = error.headers
-    else:
-        status, body, extra = from_grpc_error(error, pool)
-    return JSONResponse(body, status_code=status, headers={**(headers or {}), **extra})
+    body = status_json(code, message, details, pool)
+    return ErrorInfo(HTTP_STATUS[code], code, message, tuple(details), body), headers
 
 
 def _call_status(

@@ -29,12 +29,14 @@ from google.protobuf.descriptor import (
 
 from protoserve.gateway._codecs import Codec
 from protoserve.gateway._comments import comments_from_descriptor_set
+from protoserve.gateway._errors import HTTP_STATUS
 from protoserve.gateway._mapping_schemas import SCALAR_LIKE as _SCALAR_LIKE
 from protoserve.gateway._mapping_schemas import SCALARS as _SCALARS
 from protoserve.gateway._mapping_schemas import STATUS as _STATUS
 from protoserve.gateway._mapping_schemas import STATUS_NAME as _STATUS_NAME
 from protoserve.gateway._mapping_schemas import WELL_KNOWN as _WELL_KNOWN
 from protoserve.gateway._rules import Binding
+from protoserve.gateway._streaming import STREAM_FORMATS
 
 __all__ = ["build_openapi", "comments_from_descriptor_set"]
 
@@ -54,27 +56,27 @@ base64; floats that are not finite are the strings `"NaN"`, `"Infinity"` and \
 `"-Infinity"`.
 
 Errors are `google.rpc.Status` JSON with an HTTP status derived from the gRPC \
-code: INVALID_ARGUMENT, FAILED_PRECONDITION and OUT_OF_RANGE 400, UNAUTHENTICATED \
-401, PERMISSION_DENIED 403, NOT_FOUND 404, ALREADY_EXISTS and ABORTED 409, \
-RESOURCE_EXHAUSTED 429, CANCELLED 499, UNIMPLEMENTED 501, UNAVAILABLE 503, \
-DEADLINE_EXCEEDED 504, others 500; 405 for a method not allowed on a path and 413 \
+code: {statuses}; 405 for a method not allowed on a path and 413 \
 for a body that is too large.
 
 Operations marked `x-codec` speak another protocol's format instead of protobuf's \
 JSON mapping, bodies and errors alike: their schemas are the codec's."""
 
-_SSE = (
-    "Server-Sent Events, sent when the request has `Accept: text/event-stream`. Each "
-    "response message is one `event: message` with an increasing `id:` and its JSON as "
-    "`data:`. The stream ends with exactly one `event: done` (the call succeeded) or "
-    "`event: error` whose `data:` is the google.rpc.Status JSON. Lines starting with `:` "
-    "are keep-alive comments. A request with `Last-Event-ID` (an EventSource reconnecting "
-    "after the stream ended) is answered 204, so the call is not made again."
-)
-_NDJSON = (
-    "Newline-delimited JSON, sent otherwise: one response message per line. A call that "
-    'fails after the stream started ends with a line `{"error": <google.rpc.Status>}`.'
-)
+
+def _statuses() -> str:
+    """``HTTP_STATUS`` in words: "INVALID_ARGUMENT, ... and OUT_OF_RANGE 400, ..., others 500"."""
+    by_status: dict[int, list[str]] = {}
+    for code in sorted(HTTP_STATUS, key=lambda code: code.value[0]):
+        by_status.setdefault(HTTP_STATUS[code], []).append(code.name)
+    parts = []
+    for status, names in sorted(by_status.items()):
+        if status not in (200, 500):
+            listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+            parts.append(f"{listed} {status}")
+    return ", ".join([*parts, "others 500"])
+
+
+_DESCRIPTION = _INFO.format(statuses=_statuses())
 # OpenAPI path items have no room for other HTTP methods (a rule's `custom` kind).
 _VERBS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _VARIABLE = re.compile(r"\{\s*([\w.]+)\s*(?:=([^}]*))?\}")
@@ -148,7 +150,7 @@ def build_openapi(
         schemas.components.setdefault(name, schema)
     return {
         "openapi": "3.1.0",
-        "info": {"title": title, "version": version, "description": _INFO},
+        "info": {"title": title, "version": version, "description": _DESCRIPTION},
         "tags": list(tags.values()),
         "paths": paths,
         "components": {"schemas": dict(sorted(schemas.components.items()))},
@@ -509,22 +511,12 @@ def _success(binding: Binding, schemas: _Schemas) -> Schema:
             "description": schemas.comment(message.full_name) or "The response message.",
             "content": {"application/json": {"schema": schema}},
         }
-    # anyOf, not oneOf: a message whose fields are all optional also matches the error line.
-    line = {
-        "anyOf": [
-            schema,
-            {
-                "type": "object",
-                "properties": {"error": {"$ref": f"#/components/schemas/{_STATUS_NAME}"}},
-                "required": ["error"],
-            },
-        ],
-        "description": "One line: a response message, or the error that ended the stream.",
-    }
+    status = {"$ref": f"#/components/schemas/{_STATUS_NAME}"}
     return {
-        "description": "A stream of response messages.\n\n" + _SSE + "\n\n" + _NDJSON,
+        "description": "\n\n".join(
+            ["A stream of response messages.", *(f.description for f in STREAM_FORMATS)]
+        ),
         "content": {
-            "text/event-stream": {"schema": {"type": "string", "description": _SSE}},
-            "application/x-ndjson": {"schema": line},
+            f.media_type: {"schema": f.openapi_schema(schema, status)} for f in STREAM_FORMATS
         },
     }

@@ -1,9 +1,10 @@
 """Request ids: the caller's ``X-Request-Id`` when it is sane, else a new one, on every response.
 
-The id is decided once per request, here, and held in
-:data:`~protoserve.common.logs.REQUEST_ID` while the request is served: the
-endpoints send it upstream (so the server logs the same id), every log line of
-the request carries it, and the request's access line ends with it.
+The id is decided once per request, here, by the rule both processes share
+(:func:`protoserve.common.logs.request_id`), and held in
+:data:`~protoserve.common.logs.REQUEST_ID` while the request is served: the call
+sends it upstream (so the server logs the same id), every log line of the request
+carries it, every response carries it, and the request's access line ends with it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from protoserve.common.logs import REQUEST_ID, request_id
 
-__all__ = ["RequestIdMiddleware", "current_request_id"]
+__all__ = ["GRPC_METHOD", "RequestIdMiddleware", "current_request_id"]
 
 #: One line per finished request: method, path, status, duration_ms, request_id,
 #: grpc_method (when a route matched), client.
@@ -25,20 +26,31 @@ access_log = logging.getLogger("protoserve.gateway.access")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 #: The status logged for a request that ended before any response (nginx's "client closed").
 _NO_RESPONSE = 499
+_HEADER = b"x-request-id"
 
 
-def current_request_id() -> str | None:
-    """The id of the request being served (None outside :class:`RequestIdMiddleware`)."""
-    return REQUEST_ID.get()
+#: What an endpoint leaves in ``request.state`` for the access line: the gRPC method
+#: (``/package.Service/Method``) once a route matched.
+GRPC_METHOD = "grpc_method"
+
+
+def current_request_id() -> str:
+    """The id :class:`RequestIdMiddleware` decided for the request being served.
+
+    Raises:
+        LookupError: outside the middleware, where no request is being served.
+    """
+    rid = REQUEST_ID.get()
+    if rid is None:
+        raise LookupError("no request id: the app is not behind RequestIdMiddleware")
+    return rid
 
 
 class RequestIdMiddleware:
-    """Decides every request's id, gives every response an ``X-Request-Id``, and logs
+    """Decides every request's id, gives every response its ``X-Request-Id``, and logs
     one access line per request when its response has ended (a stream's too).
 
-    The gateway's endpoints set the header themselves (with the id decided here,
-    see :func:`current_request_id`); this covers the rest (health, OpenAPI, docs,
-    errors from Starlette itself).
+    The header is set here and only here, over any an endpoint or a codec set.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -59,9 +71,8 @@ class RequestIdMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = list(message.get("headers", []))
-                if not any(key.lower() == b"x-request-id" for key, _ in headers):
-                    message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != _HEADER]
+                message = {**message, "headers": [*headers, (_HEADER, rid.encode())]}
             await send(message)
 
         token = REQUEST_ID.set(rid)
@@ -86,7 +97,7 @@ def _log_access(scope: Scope, state: dict[str, Any], status: int, started: float
         "duration_ms": duration_ms,
         "request_id": rid,
     }
-    grpc_method = state.get("grpc_method")
+    grpc_method = state.get(GRPC_METHOD)
     if grpc_method is not None:
         fields["grpc_method"] = grpc_method
     fields["client"] = f"{client[0]}:{client[1]}" if client else None

@@ -20,6 +20,7 @@ import uvicorn
 
 from protoserve.common.logs import FORMATS
 from protoserve.common.logs import configure as configure_logging
+from protoserve.gateway._cancel import race
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -47,29 +48,54 @@ def _grace(text: str) -> float:
     return value
 
 
+def _flag(flag: str, default: str) -> str:
+    """``--flag``'s default from its variable: ``--max-body-bytes`` reads
+    ``PROTOSERVE_GATEWAY_MAX_BODY_BYTES`` (see :func:`_env`)."""
+    return _env(flag.removeprefix("--").upper().replace("-", "_"), default)
+
+
+def _switch(flag: str) -> bool:
+    """A switch's default: on when its variable is 1, true or yes."""
+    return _flag(flag, "") in ("1", "true", "yes")
+
+
+def _maybe(flag: str) -> str | None:
+    """An optional value's default: its variable, or None."""
+    return _flag(flag, "") or None
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``protoserve gateway``, each defaulting to its ``PROTOSERVE_GATEWAY_*``."""
     parser = argparse.ArgumentParser(
         prog="protoserve gateway",
         description="Serve every method of a gRPC server over HTTP: JSON for unary calls, "
         "Server-Sent Events or NDJSON for server streaming, OpenAPI at /openapi.json, docs "
         "at /docs. Flags also read PROTOSERVE_GATEWAY_<FLAG> environment variables.",
     )
+    _upstream_flags(parser)
+    _http_flags(parser)
+    _behaviour_flags(parser)
+    return parser
+
+
+def _upstream_flags(parser: argparse.ArgumentParser) -> None:
+    """What to call and what it serves."""
     parser.add_argument(
         "--upstream",
-        default=_env("UPSTREAM", "127.0.0.1:50051"),
+        default=_flag("--upstream", "127.0.0.1:50051"),
         help="the gRPC server, HOST:PORT (default %(default)s)",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--from-reflection",
         action="store_true",
-        default=_env("FROM_REFLECTION", "") in ("1", "true", "yes"),
+        default=_switch("--from-reflection"),
         help="read the services from the upstream's reflection service",
     )
     source.add_argument(
         "--descriptor-set",
         metavar="FILE",
-        default=_env("DESCRIPTOR_SET", "") or None,
+        default=_maybe("--descriptor-set"),
         help="read the services from a FileDescriptorSet file "
         "(protoc --include_imports [--include_source_info] --descriptor_set_out)",
     )
@@ -80,15 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="serve only this service (repeatable; default: all)",
     )
+
+
+def _http_flags(parser: argparse.ArgumentParser) -> None:
+    """Where and how it listens, and what it takes."""
     parser.add_argument(
         "--host",
-        default=_env("HOST", "127.0.0.1"),
+        default=_flag("--host", "127.0.0.1"),
         help="address to listen on (default %(default)s)",
     )
     parser.add_argument(
         "--port",
         type=int,
-        default=_env("PORT", "8080"),
+        default=_flag("--port", "8080"),
         help="port to listen on (default %(default)s)",
     )
     parser.add_argument(
@@ -101,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-body-bytes",
         type=int,
-        default=_env("MAX_BODY_BYTES", str(4 * 1024 * 1024)),
+        default=_flag("--max-body-bytes", str(4 * 1024 * 1024)),
         help="larger request bodies get 413 (default %(default)s)",
     )
     parser.add_argument(
@@ -112,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--http2",
         action="store_true",
-        default=_env("HTTP2", "") in ("1", "true", "yes"),
+        default=_switch("--http2"),
         help="serve with hypercorn instead of uvicorn: HTTP/2 and HTTP/1.1 on the same port "
         "(cleartext HTTP/2 by prior knowledge or h2c upgrade; over TLS, ALPN offers h2 and "
         "http/1.1)",
@@ -120,16 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--certfile",
         metavar="PEM",
-        default=_env("CERTFILE", "") or None,
+        default=_maybe("--certfile"),
         help="serve HTTPS with this certificate chain (needs --keyfile); works with or without "
         "--http2, but only --http2 negotiates HTTP/2 over TLS",
     )
     parser.add_argument(
         "--keyfile",
         metavar="PEM",
-        default=_env("KEYFILE", "") or None,
+        default=_maybe("--keyfile"),
         help="the private key of --certfile (unencrypted PEM)",
     )
+
+
+def _behaviour_flags(parser: argparse.ArgumentParser) -> None:
+    """How it answers, stops and logs."""
     parser.add_argument(
         "--codec",
         action="append",
@@ -148,19 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shutdown-grace",
         type=_grace,
-        default=_env("SHUTDOWN_GRACE", str(DEFAULT_GRACE_SECONDS)),
+        default=_flag("--shutdown-grace", str(DEFAULT_GRACE_SECONDS)),
         metavar="SECONDS",
         help="after the first SIGTERM/SIGINT, requests in flight (streams included) get "
         "this long to finish; a second signal ends them at once (default %(default)s)",
     )
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=_flag("--log-level", "INFO"))
     parser.add_argument(
         "--log-format",
         choices=FORMATS,
-        default=_env("LOG_FORMAT", "text"),
+        default=_flag("--log-format", "text"),
         help="text, or json for one JSON object per line (default %(default)s)",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,14 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"PROTOSERVE_GATEWAY_LOG_FORMAT={args.log_format!r} is not one of {', '.join(FORMATS)}"
         )
     configure_logging(args.log_level, args.log_format)
-    from protoserve.gateway._app import build_gateway
-    from protoserve.gateway._codecs import parse_codec_option
+    from protoserve.gateway._assembly import build_gateway, parse_codec_option
     from protoserve.gateway._descriptors import (
         DescriptorSourceError,
-        from_compiled,
         from_descriptor_set,
         from_reflection,
     )
+    from protoserve.gateway.inference import from_compiled
 
     try:
         if args.from_reflection:
@@ -414,18 +446,11 @@ class _Drain:
 
         async def receive_until_hurry() -> Message:
             if not self.hurry.is_set():
-                message = asyncio.ensure_future(receive())
-                hurry = asyncio.ensure_future(self.hurry.wait())
-                try:
-                    await asyncio.wait({message, hurry}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    # Also when this receive is itself cancelled: a receive() left
-                    # running would swallow the request's next message.
-                    hurry.cancel()
-                    if not message.done():
-                        message.cancel()
-                # A message that came with the hurry is still the request's to read.
-                if message.done() and not message.cancelled():
+                # race() cancels the receive() it loses, also when this receive is itself
+                # cancelled: a receive() left running would swallow the request's next
+                # message. A message that came with the hurry is still the request's.
+                message = await race(receive(), self.hurry.wait())
+                if message is not None:
                     return message.result()
             return {"type": "http.disconnect"}
 

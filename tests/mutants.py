@@ -241,7 +241,7 @@ MUTANTS = (
         ("tests/gateway/test_errors.py",),
         "a 429 carries no Retry-After header",
     ),
-    # Stream framing (gateway/_streaming.py) and request ids (gateway/_request_id.py).
+    # Stream framing (gateway/_streaming.py) and request ids (common/logs.py).
     Mutant(
         "sse-done-without-blank-line",
         "gateway/_streaming.py",
@@ -268,8 +268,8 @@ MUTANTS = (
     ),
     Mutant(
         "request-id-not-echoed",
-        "gateway/_request_id.py",
-        "return given if _SANE.match(given) else uuid.uuid4().hex",
+        "common/logs.py",
+        "return given if given is not None and _SANE.match(given) else uuid.uuid4().hex",
         "return uuid.uuid4().hex",
         ("tests/gateway/test_http.py",),
         "the gateway answers a new X-Request-Id instead of the caller's",

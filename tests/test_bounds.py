@@ -26,7 +26,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from protoserve.gateway._app import build_gateway
+from protoserve.gateway import build_gateway
 from protoserve.inference.v1 import inference_service_pb2 as v1
 from protoserve.inference.v1 import inference_service_pb2_grpc as v1_grpc
 from protoserve.oip.v2 import grpc_service_pb2 as oip

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from protoserve.gateway._app import build_gateway
+from protoserve.gateway import build_gateway
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from tests._observe import wait_until
 from tests._threads import UvicornThread, start_grpc_server, stop_grpc_server

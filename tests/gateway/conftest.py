@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from protoserve.gateway._app import build_gateway
+from protoserve.gateway import build_gateway
 from tests._threads import LoopThread, UvicornThread, start_grpc_server, stop_grpc_server
 
 MODELS = (

@@ -35,8 +35,8 @@ from protoserve.gateway import (
     from_descriptor_set,
     load_codec,
 )
-from protoserve.gateway._codecs import parse_codec_option
-from protoserve.gateway._oip import OipCodec
+from protoserve.gateway._assembly import parse_codec_option
+from protoserve.gateway.inference._oip import OipCodec
 from tests import _sse
 from tests._threads import UvicornThread
 from tests.gateway.echo_server import build_descriptor_set

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from protoserve.gateway._docs import docs_html
 from protoserve.gateway._openapi import build_openapi
+from protoserve.gateway._page import docs_html
 from protoserve.gateway._rules import bindings_for
 from protoserve.inference.v1 import inference_service_pb2
 from tests._tools import chromium, which

@@ -14,17 +14,37 @@ import pytest
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from starlette.responses import Response
 
+from protoserve.gateway._call import answer_error
 from protoserve.gateway._errors import (
     HTTP_STATUS,
     GatewayError,
     bad_request,
-    error_response,
-    from_grpc_error,
+    error_info,
     status_json,
 )
 
 Code = grpc.StatusCode
+
+
+def from_grpc_error(
+    error: grpc.RpcError, pool: descriptor_pool.DescriptorPool | None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(HTTP status, body, headers): what the gateway answers for a failed upstream call."""
+    info, headers = error_info(error, pool)
+    return info.status, info.status_json, headers
+
+
+def error_response(
+    error: GatewayError | grpc.RpcError, *, headers: dict[str, str] | None = None
+) -> Response:
+    """The gateway's answer to ``error`` where no codec is registered, with ``headers``
+    added as ``RequestIdMiddleware`` adds ``X-Request-Id``."""
+    response = answer_error(error, None)
+    for key, value in (headers or {}).items():
+        response.headers.setdefault(key, value)
+    return response
 
 
 def test_every_code_has_an_http_status() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from protoserve.gateway._app import build_gateway
+from protoserve.gateway import build_gateway
 from tests._observe import SlowCancelled, wait_until
 from tests._sse import events
 from tests._threads import UvicornThread

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from protoserve.gateway._app import build_gateway
+from protoserve.gateway import build_gateway
 from tests import _sse
 from tests._observe import wait_until
 from tests._threads import UvicornThread

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from protoserve.gateway import build_gateway, from_descriptor_set
-from protoserve.gateway._playground import playground_html
+from protoserve.gateway.inference._playground import playground_html
 from tests._observe import SlowCancelled
 from tests._threads import UvicornThread
 from tests._tools import chromium

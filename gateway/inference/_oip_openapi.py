@@ -1,6 +1,6 @@
 """OpenAPI for the Open Inference Protocol's REST format: the V2 schemas, not protobuf's.
 
-The OIP codec (:mod:`protoserve.gateway._oip`) hands these to the OpenAPI
+The OIP codec (:mod:`protoserve.gateway.inference._oip`) hands these to the OpenAPI
 document for the methods it serves, so ``/openapi.json`` and ``/docs`` show the
 bodies the gateway really sends: ``{"inputs": [{"name", "shape", "datatype",
 "data"}]}`` and the binary data extension, not ``raw_input_contents`` as base64.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from protoserve.gateway._oip_tensors import DATATYPES
 from protoserve.gateway._rules import Binding
+from protoserve.gateway.inference._oip_tensors import DATATYPES
 
 __all__ = ["OIP_SCHEMAS", "oip_operation"]
 

@@ -28,8 +28,10 @@ from google.protobuf.message import Message
 
 from protoserve.gateway._codecs import Codec, CodecRequest, CodecResponse, ErrorInfo
 from protoserve.gateway._errors import GatewayError, bad_request
-from protoserve.gateway._oip_openapi import OIP_SCHEMAS, oip_operation
-from protoserve.gateway._oip_tensors import (
+from protoserve.gateway._rules import Binding
+from protoserve.gateway._transcode import build_request
+from protoserve.gateway.inference._oip_openapi import OIP_SCHEMAS, oip_operation
+from protoserve.gateway.inference._oip_tensors import (
     DATATYPES,
     NotUtf8Error,
     TensorError,
@@ -38,8 +40,6 @@ from protoserve.gateway._oip_tensors import (
     json_to_raw,
     raw_to_json,
 )
-from protoserve.gateway._rules import Binding
-from protoserve.gateway._transcode import build_request
 
 __all__ = ["OipCodec"]
 
