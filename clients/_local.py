@@ -56,7 +56,7 @@ def _check_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
 
 def _typed(error: Exception) -> Exception:
     """The client's exception for a runtime error (same class as over the network)."""
-    from protoserve.server.errors import ProtoserveError as ServerError
+    from protoserve.server import ProtoserveError as ServerError
 
     if isinstance(error, ServerError):
         return from_status(error.code, error.message, error.details)

@@ -6,9 +6,12 @@ To serve your own model, subclass :class:`Model` and run
 
 from __future__ import annotations
 
+# Imported for what it does: the built-in model sources register with the runtime's loader.
+from protoserve.server import models  # noqa: F401
 from protoserve.server.app import InferenceServer
 from protoserve.server.config import ServerConfig
-from protoserve.server.errors import (
+from protoserve.server.runtime.core import Runtime
+from protoserve.server.runtime.errors import (
     Cancelled,
     Internal,
     InvalidArgument,
@@ -17,7 +20,6 @@ from protoserve.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import (
     BatchDecoder,
     Decoding,

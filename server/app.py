@@ -110,8 +110,6 @@ class InferenceServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self._health_updates: set[asyncio.Task[None]] = set()
-        self._stopping: asyncio.Event | None = None
-        self._stopped = asyncio.Event()
 
     def _update_health(self) -> None:
         """Health per model (``models/NAME``) and for the whole server ("" and the service)."""
@@ -162,16 +160,12 @@ class InferenceServer:
         await self.server.stop(0.5)
         self.runtime.close()
         self._close_metrics()
-        self._stopped.set()
         log.info("stopped")
 
     def _close_metrics(self) -> None:
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
             self._metrics_endpoint = None
-
-    async def wait_for_termination(self) -> None:
-        await self._stopped.wait()
 
     async def serve_until_signal(self) -> None:
         """Start, serve until SIGTERM or SIGINT, drain, stop."""

@@ -6,17 +6,28 @@ Labels are bounded: a model name (only models the server was configured
 with, or the repository's folders; never a version), a method name (of our
 service) and a status code; never a request id.
 
-The runtime uses this module too, so it stays transport-independent: nothing
-here imports grpc; status codes arrive as their names.
+The calls' frame (:mod:`protoserve.server.calls`) counts calls here; the runtime
+counts model work through the :class:`~protoserve.server.runtime.meter.Meter`
+interface, which :class:`Metrics` implements.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+
+from protoserve.server.runtime.meter import GenerationMeter, Meter
 
 __all__ = ["Metrics", "MetricsEndpoint"]
 
@@ -24,94 +35,81 @@ __all__ = ["Metrics", "MetricsEndpoint"]
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_MODEL = ("model",)
 
 
-class Metrics:
+class Metrics(Meter):
     """The server's metrics, all in :attr:`registry`."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
+        counter = functools.partial(Counter, registry=self.registry)
+        gauge = functools.partial(Gauge, registry=self.registry)
+        histogram = functools.partial(Histogram, registry=self.registry)
+        # Calls, counted by the calls' frame.
+        self.requests = counter(
             "protoserve_requests",
             "gRPC calls finished, by method and status code.",
             ("method", "code"),
-            registry=r,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = histogram(
             "protoserve_request_duration_seconds",
             "Seconds from a call's start to its status (whole stream for streaming calls).",
             ("method",),
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.queue_seconds = Histogram(
+        # Model work, counted by the runtime (the Meter methods below).
+        self.queue_seconds = histogram(
             "protoserve_queue_duration_seconds",
             "Seconds a job waited in its model's queue before its first step.",
-            ("model",),
+            _MODEL,
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = histogram(
             "protoserve_batch_size",
             "Items per model call: texts per embed batch, rows per predict batch, "
             "sequences per decode step (generate).",
             ("model", "kind"),
             buckets=_BATCH_BUCKETS,
-            registry=r,
         )
-        self.queue_depth = Gauge(
-            "protoserve_queue_depth",
-            "Jobs waiting to start, per model.",
-            ("model",),
-            registry=r,
+        self.queue_depth = gauge(
+            "protoserve_queue_depth", "Jobs waiting to start, per model.", _MODEL
         )
-        self.streams_in_flight = Gauge(
+        self.streams_in_flight = gauge(
             "protoserve_streams_in_flight",
             "Generations (unary or streaming) under way, per model.",
-            ("model",),
-            registry=r,
+            _MODEL,
         )
-        self.tokens = Counter(
-            "protoserve_generated_tokens",
-            "Tokens generated, per model.",
-            ("model",),
-            registry=r,
-        )
-        self.time_to_first_token = Histogram(
+        self.tokens = counter("protoserve_generated_tokens", "Tokens generated, per model.", _MODEL)
+        self.time_to_first_token = histogram(
             "protoserve_time_to_first_token_seconds",
             "Seconds from a generation's submission to its first token.",
-            ("model",),
+            _MODEL,
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.inter_token_seconds = Histogram(
+        self.inter_token_seconds = histogram(
             "protoserve_inter_token_latency_seconds",
             "Seconds between successive chunks of tokens of a generation.",
-            ("model",),
+            _MODEL,
             buckets=_TOKEN_BUCKETS,
-            registry=r,
         )
-        self.cancellations = Counter(
+        self.cancellations = counter(
             "protoserve_cancellations",
             "Generations that ended before finishing (client gone, or shutdown), per model.",
-            ("model",),
-            registry=r,
+            _MODEL,
         )
-        self.decoding = Gauge(
+        self.decoding = gauge(
             "protoserve_model_decoding",
             "1 for how the served version of a model decodes its generations: batched "
             "(to float rounding), batched-exact (bit for bit, --batch-invariant) or "
             "sequential (one sequence at a time); 0 for the others, and for all of them "
             "while no version that generates text is served.",
             ("model", "decoding"),
-            registry=r,
         )
-        self.rejections = Counter(
+        self.rejections = counter(
             "protoserve_rejections",
             "Requests refused with RESOURCE_EXHAUSTED because the model was at capacity.",
-            ("model",),
-            registry=r,
+            _MODEL,
         )
 
     def add_model(
@@ -121,8 +119,7 @@ class Metrics:
         decoding: Callable[[], str | None],
         decodings: Iterable[str],
     ) -> None:
-        """Export a model's series at zero from the start; ``depth`` reads its queue depth,
-        ``decoding`` how its served version decodes (one of ``decodings``, or None).
+        """Export a model's series at zero from the start (:meth:`Meter.add_model`).
 
         Safe to call again for a name (a model reloaded from the repository): the
         series stay as they are, and the readers replace those before.
@@ -133,6 +130,45 @@ class Metrics:
         self.streams_in_flight.labels(name)
         for counter in (self.tokens, self.cancellations, self.rejections):
             counter.labels(name)
+
+    def queued(self, model: str, seconds: float) -> None:
+        self.queue_seconds.labels(model).observe(seconds)
+
+    def batched(self, model: str, kind: str, size: int) -> None:
+        self.batch_size.labels(model, kind).observe(size)
+
+    def rejected(self, model: str) -> None:
+        self.rejections.labels(model).inc()
+
+    def generation(self, model: str, submitted: float) -> GenerationMeter:
+        return _Generation(self, model, submitted)
+
+
+class _Generation(GenerationMeter):
+    """One generation's series: in flight until it ends, tokens, time to first token,
+    inter-token latency, and a cancellation when it ended early."""
+
+    def __init__(self, metrics: Metrics, model: str, submitted: float) -> None:
+        # The labelled series, looked up once: tokens() runs for every chunk.
+        self._in_flight = metrics.streams_in_flight.labels(model)
+        self._tokens = metrics.tokens.labels(model)
+        self._first = metrics.time_to_first_token.labels(model)
+        self._gaps = metrics.inter_token_seconds.labels(model)
+        self._cancellations = metrics.cancellations.labels(model)
+        self._last = submitted
+        self._started = False
+        self._in_flight.inc()
+
+    def tokens(self, count: int) -> None:
+        now = time.perf_counter()
+        self._tokens.inc(count)
+        (self._gaps if self._started else self._first).observe(now - self._last)
+        self._started, self._last = True, now
+
+    def end(self, cancelled: bool) -> None:
+        self._in_flight.dec()
+        if cancelled:
+            self._cancellations.inc()
 
 
 def _is(read: Callable[[], str | None], value: str) -> Callable[[], float]:

@@ -678,7 +678,7 @@ def test_configmap_is_a_model_repository_the_server_accepts(tmp_path: Path) -> N
     The kubelet writes the items under a hidden ``..data`` folder and links each
     top-level name to it (``writer -> ..data/writer``).
     """
-    from protoserve.server.repository import ModelRepository
+    from protoserve.server.runtime.repository import ModelRepository
 
     pod = _pod(_one(BASE, "Deployment", "protoserve-server"))
     (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]

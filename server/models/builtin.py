@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from protoserve.server.models import bytelm
+import protoserve.server.models.bytelm as bytelm
 from protoserve.server.runtime.model import (
     BatchDecoder,
     Decoding,

@@ -483,23 +483,13 @@ def generate_tokens(
         ValueError: On an out-of-range prompt id or sampling parameter.
     """
     config = model.config
-    vocab = config.vocab_size
-    for tok in prompt_ids:
-        if not 0 <= tok < vocab:
-            raise ValueError(f"prompt id {tok} outside [0, {vocab})")
+    history = _prompt_history(config, prompt_ids)
     if max_new_tokens <= 0:
         return
-    ctx = config.context_length
-    keep = max(1, ctx // 2)
+    keep = max(1, config.context_length // 2)
     device, dtype = _model_device_dtype(model)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
-
-    # The whole history is kept only as far back as a slide needs it.
-    history: list[int] = list(prompt_ids) if prompt_ids else [config.eot_id]
-    if len(history) > ctx:
-        history = history[-ctx:]
-
     cache: KVCache | None = None
     token = config.eot_id
     for _ in range(max_new_tokens):
@@ -509,18 +499,10 @@ def generate_tokens(
         with torch.inference_mode():
             if cache is None:
                 cache = KVCache(config, 1, device=device, dtype=dtype)
-                idx = torch.tensor([history], dtype=torch.long, device=device)
+                ids = history
             else:
-                history.append(token)
-                if cache.length >= ctx:
-                    # Full context: re-prefill from the recent half so there
-                    # is room to keep decoding one token at a time.
-                    history = history[-keep:]
-                    cache.reset()
-                    idx = torch.tensor([history], dtype=torch.long, device=device)
-                else:
-                    idx = torch.tensor([[token]], dtype=torch.long, device=device)
-            logits, _ = model(idx, cache=cache)
+                ids, history = _next_ids(cache, history, token, keep)
+            logits, _ = model(torch.tensor([ids], dtype=torch.long, device=device), cache=cache)
             token = sample_next(
                 logits[0, -1],
                 temperature=temperature,
@@ -531,6 +513,31 @@ def generate_tokens(
         if token == config.eot_id:
             return
         yield token
+
+
+def _prompt_history(config: ByteLMConfig, prompt_ids: list[int]) -> list[int]:
+    """The ids a generation starts from: the prompt's last ``context_length``, or
+    ``eot_id`` alone for an empty prompt. Raises ValueError for an id out of range."""
+    for tok in prompt_ids:
+        if not 0 <= tok < config.vocab_size:
+            raise ValueError(f"prompt id {tok} outside [0, {config.vocab_size})")
+    # The whole history is kept only as far back as a slide needs it.
+    history = list(prompt_ids) if prompt_ids else [config.eot_id]
+    return history[-config.context_length :]
+
+
+def _next_ids(
+    cache: KVCache, history: list[int], token: int, keep: int
+) -> tuple[list[int], list[int]]:
+    """The ids the step after ``token`` feeds the model, and the history kept: ``token``
+    alone through the cache; or, once the cache is full, the recent ``keep`` ids again
+    from an empty cache (positions restart at 0), so there is room to go on one at a time."""
+    history.append(token)
+    if cache.length < cache.capacity:
+        return [token], history
+    history = history[-keep:]
+    cache.reset()
+    return history, history
 
 
 #: Element-wise CPU kernels run SIMD code over whole multiples of (at most) this

@@ -11,13 +11,16 @@ from typing import Any, NoReturn
 
 import torch
 
-from protoserve.server.errors import FailedPrecondition
+from protoserve.server.runtime.errors import FailedPrecondition
 from protoserve.server.runtime.model import Model, TensorInfo
 from protoserve.server.runtime.tensors import DTYPES
 
-__all__ = ["TorchFileModel"]
+__all__ = ["FILE_SUFFIXES", "TorchFileModel"]
 
 log = logging.getLogger("protoserve.server")
+
+#: The files served: TorchScript (``torch.jit.save``) and ``torch.export`` (``.pt2``).
+FILE_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".pt2")
 
 _EXPORT_LOAD = threading.Lock()
 

@@ -222,6 +222,68 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What a training run did: optimiser steps, tokens seen, the smoothed training
+    loss (None before the first step) and its wall-clock seconds."""
+
+    steps: int
+    tokens_seen: int
+    loss_ema: float | None
+    seconds: float
+
+
+def train(model: ByteLM, corpus: Corpus, args: argparse.Namespace) -> Trained:
+    """Train ``model`` until ``args.minutes`` of wall clock or ``args.steps`` steps,
+    printing a progress line every ``LOG_EVERY_S`` seconds."""
+    context = model.config.context_length
+    model.train()
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8
+    )
+    data_gen = torch.Generator().manual_seed(args.seed)
+    budget_s = args.minutes * 60.0
+    tokens_per_step = args.batch_size * context
+
+    start = time.monotonic()
+    last_log = start
+    step = 0
+    loss_ema: float | None = None
+    log_tokens = 0
+    while step < args.steps:
+        elapsed = time.monotonic() - start
+        if elapsed >= budget_s:
+            break
+        progress = max(step / args.steps, elapsed / budget_s)
+        lr = lr_at(progress, step, max_lr=args.lr, warmup=args.warmup, min_ratio=0.1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(corpus.train, args.batch_size, context, data_gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits, _ = model(x)
+        # The loss is computed in float32 for an accurate log-softmax.
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        step += 1
+        log_tokens += tokens_per_step
+        value = loss.detach().item()
+        # Smoothed loss: single-batch losses are noisy at batch size 16.
+        loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
+        now = time.monotonic()
+        if now - last_log >= LOG_EVERY_S:
+            print(
+                f"step {step:6d} | {log_tokens / (now - last_log):7.0f} tok/s | "
+                f"train loss {loss_ema:.4f} ({loss_ema / math.log(2):.3f} bits/byte) | "
+                f"lr {lr:.2e} | {now - start:6.0f}s",
+                flush=True,
+            )
+            last_log, log_tokens = now, 0
+    return Trained(step, step * tokens_per_step, loss_ema, time.monotonic() - start)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs training; returns the process exit status."""
     args = parse_args(argv)
@@ -246,83 +308,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, context_length=args.context
     )
     model = ByteLM(config)
-    model.train()
-    n_params = model.num_parameters()
     print(
-        f"model: {config.to_dict()} params={n_params:,} threads={torch.get_num_threads()}",
+        f"model: {config.to_dict()} params={model.num_parameters():,} "
+        f"threads={torch.get_num_threads()}",
         flush=True,
     )
-
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8
-    )
-    data_gen = torch.Generator().manual_seed(args.seed)
-    budget_s = args.minutes * 60.0
-    tokens_per_step = args.batch_size * config.context_length
-
-    start = time.monotonic()
-    last_log = start
-    step = 0
-    tokens_seen = 0
-    loss_ema: float | None = None
-    log_tokens = 0
-    while step < args.steps:
-        elapsed = time.monotonic() - start
-        if elapsed >= budget_s:
-            break
-        progress = max(step / args.steps, elapsed / budget_s)
-        lr = lr_at(progress, step, max_lr=args.lr, warmup=args.warmup, min_ratio=0.1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(corpus.train, args.batch_size, config.context_length, data_gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            logits, _ = model(x)
-        # The loss is computed in float32 for an accurate log-softmax.
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        step += 1
-        tokens_seen += tokens_per_step
-        log_tokens += tokens_per_step
-        value = loss.detach().item()
-        # Smoothed loss: single-batch losses are noisy at batch size 16.
-        loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
-        now = time.monotonic()
-        if now - last_log >= LOG_EVERY_S:
-            print(
-                f"step {step:6d} | {log_tokens / (now - last_log):7.0f} tok/s | "
-                f"train loss {loss_ema:.4f} ({loss_ema / math.log(2):.3f} bits/byte) | "
-                f"lr {lr:.2e} | {now - start:6.0f}s",
-                flush=True,
-            )
-            last_log, log_tokens = now, 0
-
-    train_s = time.monotonic() - start
+    trained = train(model, corpus, args)
     print(
-        f"training done: {step} steps, {tokens_seen:,} tokens in {train_s:.0f}s; evaluating...",
+        f"training done: {trained.steps} steps, {trained.tokens_seen:,} tokens in "
+        f"{trained.seconds:.0f}s; evaluating...",
         flush=True,
     )
     val_loss = evaluate(model, corpus.val, config.context_length)
-    val_bpb = val_loss / math.log(2)
-    print(f"validation: loss {val_loss:.4f} nats/byte = {val_bpb:.4f} bits/byte", flush=True)
+    print(
+        f"validation: loss {val_loss:.4f} nats/byte = {val_loss / math.log(2):.4f} bits/byte",
+        flush=True,
+    )
+    metadata = _metadata(args, command, model, corpus, trained, val_loss)
+    weights_path, json_path = save_pretrained(model, out_dir, metadata=metadata)
+    print(
+        f"saved {weights_path} ({weights_path.stat().st_size:,} bytes) and {json_path}", flush=True
+    )
+    return 0
 
-    metadata = {
-        "steps": step,
-        "tokens_seen": tokens_seen,
-        "train_seconds": round(train_s, 1),
-        "tokens_per_second": round(tokens_seen / max(train_s, 1e-9), 1),
-        "train_loss_ema": None if loss_ema is None else round(loss_ema, 4),
+
+def _metadata(
+    args: argparse.Namespace,
+    command: str,
+    model: ByteLM,
+    corpus: Corpus,
+    trained: Trained,
+    val_loss: float,
+) -> dict[str, object]:
+    """What ``bytelm.json`` records about the run, beside the model's configuration."""
+    return {
+        "steps": trained.steps,
+        "tokens_seen": trained.tokens_seen,
+        "train_seconds": round(trained.seconds, 1),
+        "tokens_per_second": round(trained.tokens_seen / max(trained.seconds, 1e-9), 1),
+        "train_loss_ema": None if trained.loss_ema is None else round(trained.loss_ema, 4),
         "val_loss_nats": round(val_loss, 4),
-        "val_bits_per_byte": round(val_bpb, 4),
+        "val_bits_per_byte": round(val_loss / math.log(2), 4),
         "val_tokens": int(corpus.val.numel()),
         "train_tokens": int(corpus.train.numel()),
         "train_files": corpus.train_files,
         "val_files": corpus.val_files,
         "corpus": "python stdlib *.py (excluding test/tests/idlelib/site-packages)",
         "corpus_python_version": platform.python_version(),
-        "n_params": n_params,
+        "n_params": model.num_parameters(),
         "batch_size": args.batch_size,
         "lr": args.lr,
         "warmup": args.warmup,
@@ -335,11 +368,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": command,
     }
-    weights_path, json_path = save_pretrained(model, out_dir, metadata=metadata)
-    print(
-        f"saved {weights_path} ({weights_path.stat().st_size:,} bytes) and {json_path}", flush=True
-    )
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ from typing import Any
 from protoserve.common import framing
 from protoserve.common.dtypes import OIP_BYTES, oip_datatype
 from protoserve.oip.v2 import grpc_service_pb2 as pb
-from protoserve.server.errors import FieldViolation, InvalidArgument
-from protoserve.server.oip import parameters as oip_parameters
+from protoserve.server.oip.parameters import (
+    embedding_parameters,
+    generation_parameters,
+    plain_parameters,
+)
 from protoserve.server.oip.signatures import (
     EMBEDDING_OUTPUT,
     GENERATION_OUTPUT,
@@ -29,6 +32,7 @@ from protoserve.server.oip.signatures import (
 )
 from protoserve.server.oip.tensors import InferInput, read_inputs
 from protoserve.server.runtime.core import GenerateResult, ModelEntry, Runtime
+from protoserve.server.runtime.errors import FieldViolation, InvalidArgument
 from protoserve.server.runtime.model import Task
 
 __all__ = ["infer"]
@@ -157,7 +161,7 @@ async def _predict(
         raise InvalidArgument(
             "invalid inputs: " + "; ".join(f"{f}: {d}" for f, d in violations), violations
         )
-    parameters = oip_parameters.plain_parameters(request.parameters)
+    parameters = plain_parameters(request.parameters)
     results = await runtime.predict(
         entry.name, [t.raw() for t in inputs], parameters, version=entry.version
     )
@@ -189,7 +193,7 @@ async def _embed(
 ) -> list[_Output]:
     (tensor,) = inputs  # choose() picked the one input of embedding
     texts = _texts(tensor)
-    normalize = oip_parameters.embedding_parameters(request.parameters)
+    normalize = embedding_parameters(request.parameters)
     vectors, _ = await runtime.embed(entry.name, texts, normalize=normalize, version=entry.version)
     rows = vectors.detach().to("cpu").float().contiguous()
     return [_Output(EMBEDDING_OUTPUT, "FP32", tuple(rows.shape), rows.numpy().tobytes())]
@@ -200,7 +204,7 @@ async def _generate(
 ) -> list[_Output]:
     (tensor,) = inputs  # choose() picked the one input of generation
     texts = _texts(tensor)
-    parameters = oip_parameters.generation_parameters(request.parameters)
+    parameters = generation_parameters(request.parameters)
     calls = [
         runtime.generate(entry.name, text, parameters, version=entry.version) for text in texts
     ]

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from protoserve.oip.v2 import grpc_service_pb2 as pb
-from protoserve.server.errors import FieldViolation, InvalidArgument
+from protoserve.server.runtime.errors import FieldViolation, InvalidArgument
 
 __all__ = ["embedding_parameters", "generation_parameters", "plain_parameters"]
 

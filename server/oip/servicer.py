@@ -1,7 +1,7 @@
 """``inference.GRPCInferenceService``: the Open Inference Protocol over the same runtime.
 
 Thin like the v1 servicer (docs/architecture.md, rule 7), and in the same call frame
-(:func:`protoserve.server.servicer.unary`): request ids, access lines, metrics
+(:func:`protoserve.server.calls.unary`): request ids, access lines, metrics
 labelled with the RPC's name, and runtime errors as the same statuses with the
 same ``google.rpc`` details.
 """
@@ -15,12 +15,12 @@ import grpc
 
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.oip.v2 import grpc_service_pb2_grpc as pb_grpc
-from protoserve.server.errors import InvalidArgument, NotFound
+from protoserve.server.calls import add_service, unary
 from protoserve.server.metrics import Metrics
 from protoserve.server.oip.infer import infer
 from protoserve.server.oip.signatures import model_config, model_metadata
 from protoserve.server.runtime.core import Runtime
-from protoserve.server.servicer import add_service, unary
+from protoserve.server.runtime.errors import InvalidArgument, NotFound
 
 __all__ = ["EXTENSIONS", "SERVICE_NAME", "OpenInferenceServicer", "add_to_server"]
 
@@ -87,45 +87,41 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._version = _server_version()
 
     @unary
-    async def ServerLive(self, request: pb.ServerLiveRequest, rid: str) -> pb.ServerLiveResponse:
+    async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     @unary
-    async def ServerReady(self, request: pb.ServerReadyRequest, rid: str) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.runtime.ready)
 
     @unary
-    async def ModelReady(self, request: pb.ModelReadyRequest, rid: str) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         # An unknown model is not ready, not an error: the protocol's health semantics.
         return pb.ModelReadyResponse(ready=self.runtime.model_ready(request.name, request.version))
 
     @unary
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, rid: str
-    ) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=self._version, extensions=list(EXTENSIONS)
         )
 
     @unary
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, rid: str
-    ) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
         entry = self.runtime.get_model(_model_name(request.name, "name"), request.version)
         return model_metadata(entry, self.runtime.versions(entry.name))
 
     @unary
-    async def ModelConfig(self, request: pb.ModelConfigRequest, rid: str) -> pb.ModelConfigResponse:
+    async def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
         entry = self.runtime.get_model(_model_name(request.name, "name"), request.version)
         return pb.ModelConfigResponse(config=model_config(entry))
 
     @unary
-    async def ModelInfer(self, request: pb.ModelInferRequest, rid: str) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         return await infer(self.runtime, request)
 
     @unary
     async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, rid: str
+        self, request: pb.RepositoryIndexRequest
     ) -> pb.RepositoryIndexResponse:
         _repository(request.repository_name)
         return pb.RepositoryIndexResponse(
@@ -139,7 +135,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, rid: str
+        self, request: pb.RepositoryModelLoadRequest
     ) -> pb.RepositoryModelLoadResponse:
         _repository(request.repository_name)
         _no_parameters(request.parameters)
@@ -148,7 +144,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, rid: str
+        self, request: pb.RepositoryModelUnloadRequest
     ) -> pb.RepositoryModelUnloadResponse:
         _repository(request.repository_name)
         _no_parameters(request.parameters, _UNLOAD_PARAMETERS)

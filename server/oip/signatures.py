@@ -20,8 +20,8 @@ from typing import cast
 
 from protoserve.common.dtypes import BY_OIP, OIP_BYTES, oip_datatype
 from protoserve.oip.v2 import grpc_service_pb2 as pb
-from protoserve.server.errors import InvalidArgument
 from protoserve.server.runtime.core import ModelEntry
+from protoserve.server.runtime.errors import InvalidArgument
 from protoserve.server.runtime.model import Model, Task, TensorInfo
 
 __all__ = [

@@ -19,7 +19,7 @@ import numpy as np
 from protoserve.common import framing
 from protoserve.common.dtypes import BY_OIP, OIP_BYTES
 from protoserve.oip.v2 import grpc_service_pb2 as pb
-from protoserve.server.errors import FieldViolation, InvalidArgument
+from protoserve.server.runtime.errors import FieldViolation, InvalidArgument
 from protoserve.server.runtime.tensors import RawTensor
 
 __all__ = ["InferInput", "read_inputs"]

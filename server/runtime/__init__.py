@@ -1,9 +1,15 @@
-"""The transport-independent core: models, their worker threads, validation, generation."""
+"""The transport-independent core: models, their worker threads, validation, generation.
+
+It imports nothing of :mod:`protoserve.server` outside this package: the server passes
+in what it needs (a :class:`Meter` for its metrics), and the built-in models register
+their sources with :mod:`.loader`.
+"""
 
 from __future__ import annotations
 
 from protoserve.server.runtime.core import GenerateResult, ModelEntry, ModelState, Runtime
 from protoserve.server.runtime.generation import Chunk, FinishReason, Usage
+from protoserve.server.runtime.meter import GenerationMeter, Meter
 from protoserve.server.runtime.model import (
     BatchDecoder,
     GenerationParams,
@@ -19,7 +25,9 @@ __all__ = [
     "Chunk",
     "FinishReason",
     "GenerateResult",
+    "GenerationMeter",
     "GenerationParams",
+    "Meter",
     "Model",
     "ModelEntry",
     "ModelState",

@@ -1,22 +1,22 @@
 """The transport-independent core: every servicer converts messages and calls this.
 
-The runtime holds the models, their states and their schedulers; it validates
-requests, runs them in the models' worker threads, counts requests in flight
-and drains them at shutdown. It raises only :mod:`protoserve.server.errors`
-for request problems.
+The runtime holds the models, their states and their schedulers; it admits and
+validates requests, runs them in the models' worker threads, counts requests in
+flight and drains them at shutdown. It raises only
+:mod:`~protoserve.server.runtime.errors` for request problems, and counts through
+the :class:`~protoserve.server.runtime.meter.Meter` it is given.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import time
 from collections.abc import (
     AsyncGenerator,
     Callable,
-    Hashable,
     Iterator,
     Mapping,
     Sequence,
@@ -27,16 +27,16 @@ from typing import Any, TypeVar
 
 import torch
 
-from protoserve.server.errors import (
+from protoserve.server.runtime.batching import embed_batch, predict_batch, predict_batch_key
+from protoserve.server.runtime.decoding import DecodingChoice, choose_decoder
+from protoserve.server.runtime.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from protoserve.server.metrics import Metrics
-from protoserve.server.repository import Batching, Warmup
-from protoserve.server.runtime.decoding import DecodingChoice, choose_decoder
-from protoserve.server.runtime.generation import Chunk, FinishReason, Usage, run_generation
+from protoserve.server.runtime.generation import Chunk, FinishReason, Usage
+from protoserve.server.runtime.meter import Meter
 from protoserve.server.runtime.model import (
     BatchDecoder,
     Decoding,
@@ -46,8 +46,9 @@ from protoserve.server.runtime.model import (
 )
 from protoserve.server.runtime.params import validate_generation
 from protoserve.server.runtime.registry import IndexEntry, ModelEntry, ModelRegistry, ModelState
+from protoserve.server.runtime.repository import Batching, Warmup
 from protoserve.server.runtime.scheduler import Scheduler
-from protoserve.server.runtime.tensors import RawTensor, from_raw, to_raw
+from protoserve.server.runtime.tensors import RawTensor, check_declared, from_raw, to_raw
 
 __all__ = ["GenerateResult", "IndexEntry", "ModelEntry", "ModelState", "Runtime"]
 
@@ -98,8 +99,8 @@ class Runtime:
             model's ``[batching] batch_invariant`` overrides it.
         on_change: called (on the event loop) whenever a model's state or the
             server's readiness changes; the health service listens here.
-        metrics: where to count queueing, tokens, cancellations and rejections;
-            None for no metrics.
+        metrics: where to count queueing, tokens, cancellations and rejections
+            (the server's :class:`~protoserve.server.metrics.Metrics`); None: nowhere.
         repository: the model repository folder, or None for none.
         model_control: allow :meth:`load_model` and :meth:`unload_model`.
         unload_grace: seconds the requests in flight on an unloaded (or replaced)
@@ -118,12 +119,12 @@ class Runtime:
         max_batch_delay: float | None = None,
         max_streams: int = 256,
         on_change: Callable[[], None] | None = None,
-        metrics: Metrics | None = None,
+        metrics: Meter | None = None,
         repository: str | Path | None = None,
         model_control: bool = True,
         unload_grace: float = 30.0,
     ) -> None:
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else Meter()
         self.batching = batching
         self.batch_invariant = batch_invariant
         self.max_streams = max_streams
@@ -164,7 +165,7 @@ class Runtime:
             max_batch_delay=_first(own_delay, max_batch_delay, model.max_batch_delay),
             metrics=self.metrics,
         )
-        if self.metrics is not None and name not in self._metered:
+        if name not in self._metered:
             # Once per name: a reload or another version adds no series, and the depth
             # read sums the versions served at the time (0 once unloaded).
             self._metered.add(name)
@@ -299,7 +300,7 @@ class Runtime:
         for entry in self._models.everything():
             entry.scheduler.close()
 
-    # Requests.
+    # Models.
     def list_models(self) -> list[ModelEntry]:
         """Every model, ready or not, in configuration order; for a model with several
         versions, the one a request naming no version gets (the latest)."""
@@ -352,7 +353,50 @@ class Runtime:
         self._models.check_control(name)
         await self._models.unload(name)
 
-    def _serving(self, name: str, task: Task, version: str = "") -> ModelEntry:
+    # Admission.
+    @contextlib.contextmanager
+    def _admitted(
+        self, name: str, task: Task, version: str = "", *, stream: bool = False
+    ) -> Iterator[ModelEntry]:
+        """The version a request gets, counted in flight (on the server and on the
+        version) until the block ends. Every refusal before the model's queue is here;
+        the queue's own bound is ``Scheduler._admit``.
+
+        Raises:
+            ResourceExhausted: ``stream``, and ``max_streams`` streams are in flight.
+            Unavailable: the server is draining, or the model is not READY.
+            NotFound: no such model or version.
+            InvalidArgument: no model named, or it does not serve ``task``.
+        """
+        if stream:
+            if self._streams >= self.max_streams:
+                if name in self._models:
+                    self.metrics.rejected(name)
+                raise ResourceExhausted(
+                    f"the server has {self._streams} streams in flight, its limit; retry later",
+                    retry_after=1.0,
+                )
+        entry = self._serving(name, task, version)
+        # No await since _serving: a version taken out of service is then either
+        # counted here or never handed out.
+        slots = 1 if stream else 0  # a stream holds one of max_streams until it ends
+        self._streams += slots
+        self._in_flight += 1
+        self._idle.clear()
+        entry.in_flight += 1
+        entry.idle.clear()
+        try:
+            yield entry
+        finally:
+            self._streams -= slots
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            entry.in_flight -= 1
+            if entry.in_flight == 0:
+                entry.idle.set()
+
+    def _serving(self, name: str, task: Task, version: str) -> ModelEntry:
         if self._draining:
             raise Unavailable("the server is shutting down; retry on another instance")
         if not name:
@@ -366,27 +410,6 @@ class Runtime:
             )
         return entry
 
-    @contextlib.contextmanager
-    def _request(self, entry: ModelEntry) -> Iterator[None]:
-        """Count a request in flight, on the server and on the version it uses.
-
-        Entered right after :meth:`_serving`, with no ``await`` between: a version
-        taken out of service is then either counted here or never handed out.
-        """
-        self._in_flight += 1
-        self._idle.clear()
-        entry.in_flight += 1
-        entry.idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
-            entry.in_flight -= 1
-            if entry.in_flight == 0:
-                entry.idle.set()
-
     def _prompt_tokens(self, entry: ModelEntry, text: str, field: str) -> int:
         count = entry.model.count_tokens(text)
         limit = entry.model.max_input_tokens
@@ -396,131 +419,17 @@ class Runtime:
             )
         return count
 
-    async def generate_stream(
+    # The tasks.
+    def generate_stream(
         self, model: str, text: str, parameters: Mapping[str, Any], *, version: str = ""
     ) -> AsyncGenerator[Chunk, None]:
         """Chunks of a generation as they are produced; the last has finish reason and usage.
 
-        Counts toward ``max_streams``. Leaving the iteration early cancels the
-        generation before its next step.
+        Counts toward ``max_streams``. Nothing happens until the first chunk is asked
+        for; leaving the iteration early (``aclose``) cancels the generation before
+        its next step.
         """
-        if self._streams >= self.max_streams:
-            if self.metrics is not None and model in self._models:
-                self.metrics.rejections.labels(model).inc()
-            raise ResourceExhausted(
-                f"the server has {self._streams} streams in flight, its limit; retry later",
-                retry_after=1.0,
-            )
-        self._streams += 1
-        try:
-            generation = self._generation(model, text, parameters, version)
-            async with contextlib.aclosing(generation) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        finally:
-            self._streams -= 1
-
-    async def _generation(
-        self, model: str, text: str, parameters: Mapping[str, Any], version: str = ""
-    ) -> AsyncGenerator[Chunk, None]:
-        entry = self._serving(model, Task.TEXT_GENERATION, version)
-        with self._request(entry):
-            params = validate_generation(entry.model, parameters)
-            prompt_tokens = self._prompt_tokens(entry, text, "inputs")
-            scheduler = entry.scheduler
-            job: Any
-            if scheduler.decoder is not None:
-                job = self._submit(
-                    entry, lambda: scheduler.submit_sequence(text, params, prompt_tokens)
-                )
-            else:
-
-                def factory() -> Iterator[Chunk]:
-                    return run_generation(
-                        entry.model, text, params, prompt_tokens=prompt_tokens, stop=job.stop
-                    )
-
-                job = self._submit(entry, lambda: scheduler.submit(factory))
-            chunks = scheduler.stream(job)
-            if self.metrics is not None:
-                chunks = self._measured(model, job.submitted, chunks)
-            # aclosing: leaving early reaches the job (and cancels it) at once, not at GC.
-            async with contextlib.aclosing(chunks):
-                async for chunk in chunks:
-                    yield chunk
-
-    async def _measured(
-        self, model: str, submitted: float, chunks: AsyncGenerator[Chunk, None]
-    ) -> AsyncGenerator[Chunk, None]:
-        """``chunks``, timed and counted: tokens, time to first token, inter-token latency."""
-        assert self.metrics is not None
-        m = self.metrics
-        in_flight = m.streams_in_flight.labels(model)
-        tokens, ttft, gaps = (
-            m.tokens.labels(model),
-            m.time_to_first_token.labels(model),
-            m.inter_token_seconds.labels(model),
-        )
-        last: float | None = None
-        finished = cancelled = False
-        in_flight.inc()
-        try:
-            async for chunk in chunks:
-                if chunk.token_ids:
-                    now = time.perf_counter()
-                    tokens.inc(len(chunk.token_ids))
-                    if last is None:
-                        ttft.observe(now - submitted)
-                    else:
-                        gaps.observe(now - last)
-                    last = now
-                if chunk.finish_reason is not None:
-                    finished = True
-                    # Shutdown ended it early (stop_generations).
-                    cancelled = chunk.finish_reason is FinishReason.CANCELLED
-                yield chunk
-        except (GeneratorExit, asyncio.CancelledError):
-            # The caller left before the end; a model error is not a cancellation.
-            cancelled = cancelled or not finished
-            raise
-        finally:
-            await chunks.aclose()
-            in_flight.dec()
-            if cancelled:
-                m.cancellations.labels(model).inc()
-
-    @contextlib.contextmanager
-    def _counting_rejections(self, entry: ModelEntry) -> Iterator[None]:
-        """Count a RESOURCE_EXHAUSTED (the model is full) raised inside, and let it go on."""
-        try:
-            yield
-        except ResourceExhausted:
-            if self.metrics is not None:
-                self.metrics.rejections.labels(entry.name).inc()
-            raise
-
-    def _submit(self, entry: ModelEntry, submit: Callable[[], T]) -> T:
-        """``submit()``, a rejection counted."""
-        with self._counting_rejections(entry):
-            return submit()
-
-    async def _run(self, entry: ModelEntry, fn: Callable[[], T]) -> T:
-        """``fn`` as one step in the model's thread; a rejection counted."""
-        with self._counting_rejections(entry):
-            return await entry.scheduler.run(fn)
-
-    async def _run_batched(
-        self,
-        entry: ModelEntry,
-        kind: str,
-        key: Hashable,
-        payload: Any,
-        weight: int,
-        run_batch: Callable[[list[Any]], list[T]],
-    ) -> T:
-        """``payload`` in a dynamic batch on the model's thread; a rejection counted."""
-        with self._counting_rejections(entry):
-            return await entry.scheduler.run_batched(kind, key, payload, weight, run_batch)
+        return self._generation(model, text, parameters, version, stream=True)
 
     async def generate(
         self, model: str, text: str, parameters: Mapping[str, Any], *, version: str = ""
@@ -528,20 +437,56 @@ class Runtime:
         """A whole generation at once."""
         result = GenerateResult("")
         parts: list[str] = []
-        async for chunk in self._generation(model, text, parameters, version):
-            parts.append(chunk.text)
-            result.token_ids.extend(chunk.token_ids)
-            if chunk.finish_reason is not None and chunk.usage is not None:
-                result.finish_reason, result.usage = chunk.finish_reason, chunk.usage
+        generation = self._generation(model, text, parameters, version)
+        async with contextlib.aclosing(generation) as chunks:
+            async for chunk in chunks:
+                parts.append(chunk.text)
+                result.token_ids.extend(chunk.token_ids)
+                if chunk.finish_reason is not None and chunk.usage is not None:
+                    result.finish_reason, result.usage = chunk.finish_reason, chunk.usage
         result.text = "".join(parts)
         return result
+
+    async def _generation(
+        self,
+        model: str,
+        text: str,
+        parameters: Mapping[str, Any],
+        version: str,
+        *,
+        stream: bool = False,
+    ) -> AsyncGenerator[Chunk, None]:
+        """The one generation pipeline, for both calls: admitted, validated, queued on
+        the model's scheduler, and its job's chunks counted as they pass. Closing it (the
+        caller left) cancels the job, which leaves the batch before its next step."""
+        with self._admitted(model, Task.TEXT_GENERATION, version, stream=stream) as entry:
+            params = validate_generation(entry.model, parameters)
+            prompt_tokens = self._prompt_tokens(entry, text, "inputs")
+            job = entry.scheduler.submit_generation(entry.model, text, params, prompt_tokens)
+            meter = self.metrics.generation(model, job.submitted)
+            finished = cancelled = False
+            try:
+                async for chunk in job:
+                    if chunk.token_ids:
+                        meter.tokens(len(chunk.token_ids))
+                    if chunk.finish_reason is not None:
+                        finished = True
+                        # Shutdown ended it early (stop_generations).
+                        cancelled = chunk.finish_reason is FinishReason.CANCELLED
+                    yield chunk
+            except (GeneratorExit, asyncio.CancelledError):
+                # The caller left before the end; a model error is not a cancellation.
+                cancelled = cancelled or not finished
+                raise
+            finally:
+                job.cancel()
+                meter.end(cancelled)
 
     async def embed(
         self, model: str, texts: Sequence[str], *, normalize: bool = True, version: str = ""
     ) -> tuple[torch.Tensor, Usage]:
         """One float32 vector per text, shape ``[len(texts), dim]``, and the token usage."""
-        entry = self._serving(model, Task.EMBEDDING, version)
-        with self._request(entry):
+        with self._admitted(model, Task.EMBEDDING, version) as entry:
             if not texts:
                 raise InvalidArgument.field("inputs", "must hold at least one text")
             limit = entry.model.max_batch_texts
@@ -550,21 +495,9 @@ class Runtime:
                     "inputs", f"holds {len(texts)} texts; the model takes at most {limit}"
                 )
             tokens = sum(self._prompt_tokens(entry, t, f"inputs[{i}]") for i, t in enumerate(texts))
-            model_ = entry.model
-
-            def run_batch(payloads: list[tuple[list[str], bool]]) -> list[torch.Tensor]:
-                vectors = _embeddings(model_, [t for texts, _ in payloads for t in texts])
-                out, start = [], 0
-                for part, normalize_part in payloads:
-                    rows = vectors[start : start + len(part)]
-                    start += len(part)
-                    if normalize_part:
-                        rows = torch.nn.functional.normalize(rows, dim=-1)
-                    out.append(rows.clone())
-                return out
-
             payload = (list(texts), normalize)
-            vectors = await self._run_batched(entry, "embed", (), payload, len(texts), run_batch)
+            run_batch = functools.partial(embed_batch, entry.model)
+            vectors = await entry.scheduler.run_batched("embed", (), payload, len(texts), run_batch)
             return vectors, Usage(tokens, 0)
 
     async def predict(
@@ -576,30 +509,28 @@ class Runtime:
         version: str = "",
     ) -> list[RawTensor]:
         """Run a model on named tensors; outputs come back raw, in the model's order."""
-        entry = self._serving(model, Task.TENSOR_PREDICTION, version)
-        with self._request(entry):
+        with self._admitted(model, Task.TENSOR_PREDICTION, version) as entry:
             tensors = from_raw(inputs)
-            _check_declared(entry.model, tensors)
+            check_declared(entry.model.inputs, tensors)
             params = dict(parameters)
             model_ = entry.model
             key = None
             if model_.predict_batches and entry.scheduler.max_batch_size > 1:
-                key = _predict_batch_key(tensors, params)
+                key = predict_batch_key(tensors, params)
             if key is None:
 
                 def run() -> list[RawTensor]:
                     outputs = model_.predict(tensors, params)
                     return [to_raw(name, value) for name, value in outputs.items()]
 
-                return await self._run(entry, run)
+                return await entry.scheduler.run(run)
             rows = next(iter(tensors.values())).shape[0]
-            return await self._run_batched(
-                entry,
+            return await entry.scheduler.run_batched(
                 "predict",
                 key,
                 tensors,
                 rows,
-                lambda batch: _predict_batch(model_, batch, params),
+                lambda batch: predict_batch(model_, batch, params),
             )
 
 
@@ -618,81 +549,3 @@ def _warm_up_decoder(decoder: BatchDecoder) -> None:
         decoder.step([state])
     finally:
         decoder.release(state)
-
-
-def _embeddings(model: Model, texts: list[str]) -> torch.Tensor:
-    """``model.embed(texts)`` as float32 rows on the CPU; a wrong shape is the model's error."""
-    vectors = model.embed(texts)
-    if not isinstance(vectors, torch.Tensor) or vectors.shape[:1] != (len(texts),):
-        raise TypeError(
-            f"{type(model).__name__}.embed returned "
-            f"{getattr(vectors, 'shape', type(vectors))} for {len(texts)} texts"
-        )
-    return vectors.detach().to("cpu", torch.float32).reshape(len(texts), -1)
-
-
-def _predict_batch_key(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Hashable:
-    """What requests must share to be run together: input dtypes and shapes but the
-    first dimension, and the parameters. None when this request cannot be batched."""
-    if not tensors or any(t.ndim == 0 for t in tensors.values()):
-        return None
-    if len({t.shape[0] for t in tensors.values()}) != 1:
-        return None  # inputs disagree on the rows; the model will say what it thinks
-    try:
-        params_key = json.dumps(params, sort_keys=True)
-    except (TypeError, ValueError):
-        return None
-    inputs = tuple(sorted((n, str(t.dtype), tuple(t.shape[1:])) for n, t in tensors.items()))
-    return inputs, params_key
-
-
-def _predict_batch(
-    model: Model, batch: list[Mapping[str, torch.Tensor]], params: Mapping[str, Any]
-) -> list[list[RawTensor]]:
-    """One ``predict`` call on requests' inputs joined along dimension 0, split back per request."""
-    rows = [next(iter(tensors.values())).shape[0] for tensors in batch]
-    if len(batch) == 1:
-        joined = batch[0]
-    else:
-        joined = {name: torch.cat([tensors[name] for tensors in batch]) for name in batch[0]}
-    outputs = model.predict(joined, params)
-    results: list[list[RawTensor]] = [[] for _ in batch]
-    for name, value in outputs.items():
-        if value.ndim == 0 or value.shape[0] != sum(rows):
-            raise RuntimeError(
-                f"{type(model).__name__} sets predict_batches, but its output {name!r} has "
-                f"shape {list(value.shape)} for {sum(rows)} input rows"
-            )
-        for result, part in zip(results, torch.split(value, rows), strict=True):
-            result.append(to_raw(name, part))
-    return results
-
-
-def _check_declared(model: Model, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Inputs against the model's declared inputs, when it declares any."""
-    if not model.inputs:
-        return
-    from protoserve.server.runtime.tensors import DTYPES
-
-    violations = []
-    declared = {spec.name: spec for spec in model.inputs}
-    for name in tensors.keys() - declared.keys():
-        violations.append(("inputs", f"unknown input {name!r}; the model takes {sorted(declared)}"))
-    for name, spec in declared.items():
-        tensor = tensors.get(name)
-        if tensor is None:
-            violations.append(("inputs", f"missing input {name!r}"))
-            continue
-        if DTYPES.get(spec.dtype) not in (None, tensor.dtype):
-            violations.append((f"inputs[{name}].data_type", f"must be {spec.dtype}"))
-        shape = tuple(tensor.shape)
-        if len(shape) != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
-        ):
-            violations.append(
-                (f"inputs[{name}].shape", f"must match {list(spec.shape)}, got {list(shape)}")
-            )
-    if violations:
-        raise InvalidArgument(
-            "invalid inputs: " + "; ".join(f"{f} {d}" for f, d in violations), violations
-        )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from protoserve.server.dispatch import describe_current
+from protoserve.server.runtime.dispatch import describe_current
 from protoserve.server.runtime.model import BatchDecoder, Decoding, Model, Task
 
 __all__ = ["DecodingChoice", "choose_decoder"]

@@ -8,14 +8,19 @@ A spec is ``[NAME=]SOURCE`` where SOURCE is one of:
   ``torch.export`` archive (``.pt2``), served for Predict.
 
 NAME sets the name the model is served under; it defaults to the class's
-``name``, or the file's stem. The model repository (``protoserve.server.repository``)
-builds its models from the same SOURCE forms, through :func:`model_from_source`.
+``name``, or the file's stem. The model repository (:mod:`.repository`) builds
+its models from the same SOURCE forms, through :func:`model_from_source`.
+
+The named sources and the file types are registered here by the models that
+serve them (:func:`register_source`, :func:`register_file_type`): the built-in
+ones by :mod:`protoserve.server.models`, which ``protoserve.server`` imports.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from protoserve.server.runtime.model import Model
@@ -24,13 +29,30 @@ __all__ = [
     "ModelSpecError",
     "check_model_name",
     "is_file_source",
+    "is_named_source",
     "load_model_spec",
     "model_from_source",
+    "register_file_type",
+    "register_source",
 ]
 
-BUILTIN = "bytelm"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_TORCHSCRIPT = {".pt", ".pth", ".ts", ".torchscript"}
+#: Named sources ("bytelm"), each with what builds a new model of it.
+_NAMED: dict[str, Callable[[], Model]] = {}
+#: Model files by suffix (".pt2"), each with what builds a new model of a file.
+_FILE_TYPES: dict[str, Callable[[Path], Model]] = {}
+
+
+def register_source(name: str, build: Callable[[], Model]) -> None:
+    """Serve ``name`` as a SOURCE: ``build()`` makes a new, not yet loaded, model."""
+    _NAMED[name] = build
+
+
+def register_file_type(suffixes: Iterable[str], build: Callable[[Path], Model]) -> None:
+    """Serve files whose name ends in one of ``suffixes`` (".pt2"): ``build(path)``
+    makes a new, not yet loaded, model of the file."""
+    for suffix in suffixes:
+        _FILE_TYPES[suffix] = build
 
 
 class ModelSpecError(ValueError):
@@ -56,9 +78,14 @@ def load_model_spec(spec: str) -> tuple[str, Model]:
     return name, model
 
 
+def is_named_source(source: str) -> bool:
+    """True when ``source`` is a registered name (``bytelm``)."""
+    return source in _NAMED
+
+
 def is_file_source(source: str) -> bool:
-    """True when ``source`` names a TorchScript or ``torch.export`` file."""
-    return Path(source).suffix in _TORCHSCRIPT | {".pt2"}
+    """True when ``source`` names a file of a registered type (TorchScript, ``torch.export``)."""
+    return Path(source).suffix in _FILE_TYPES
 
 
 def model_from_source(source: str, *, folder: Path | None = None, spec: str = "") -> Model:
@@ -70,17 +97,13 @@ def model_from_source(source: str, *, folder: Path | None = None, spec: str = ""
     Raises:
         ModelSpecError: as :func:`load_model_spec`.
     """
-    if source == BUILTIN:
-        from protoserve.server.models.builtin import ByteLMModel
-
-        return ByteLMModel()
+    if is_named_source(source):
+        return _NAMED[source]()
     if is_file_source(source):
         path = Path(source) if folder is None else folder / source
         if not path.is_file():
             raise ModelSpecError(f"model file {str(path)!r} does not exist")
-        from protoserve.server.models.torchfile import TorchFileModel
-
-        return TorchFileModel(path)
+        return _FILE_TYPES[path.suffix](path)
     if ":" in source:
         module_name, _, class_name = source.partition(":")
         try:

@@ -1,9 +1,14 @@
 """The base class a model implements to be served, and the types it speaks.
 
 A model is plain Python: it loads itself, then generates, embeds or predicts
-when asked. It never sees gRPC. The runtime calls every method from the
-model's own worker thread, one call at a time, so a model needs no locking
-and never blocks the event loop.
+when asked. It never sees gRPC. The runtime calls the methods that do its work
+(``load``, ``warmup``, ``batch_decoder``, ``generate``, ``embed``, ``predict``)
+from the model's own worker thread, one call at a time, so a model needs no
+locking and its work never blocks the event loop (docs/architecture.md, rule 5).
+The methods that describe it (``tasks``, ``parameters``, ``count_tokens``,
+``describe_inputs``, ``describe_outputs``) are also called on the event loop, to
+check and describe requests: they must be quick, and must not change anything
+the work uses.
 
 Example::
 
@@ -202,7 +207,6 @@ class Model:
     #: dtype and in every other dimension may be concatenated into one call.
     predict_batches: ClassVar[bool] = False
 
-    served_name: str = ""
     #: Set by the server before it calls :meth:`batch_decoder`: every sequence must get
     #: bit for bit the tokens it gets alone (``--batch-invariant``, or a repository
     #: model's ``[batching] batch_invariant``). A decoder that cannot promise that

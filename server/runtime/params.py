@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from protoserve.server.errors import FieldViolation, InvalidArgument
+from protoserve.server.runtime.errors import FieldViolation, InvalidArgument
 from protoserve.server.runtime.model import (
     MAX_STOP_SEQUENCE_CHARS,
     GenerationParams,

@@ -30,15 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protoserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from protoserve.server.repository import (
+from protoserve.server.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from protoserve.server.runtime.model import Decoding, Model
+from protoserve.server.runtime.repository import (
     Batching,
     ModelConfig,
     ModelRepository,
     RepositoryError,
     Warmup,
 )
-from protoserve.server.runtime.model import Decoding, Model
 from protoserve.server.runtime.scheduler import Scheduler
 
 __all__ = [

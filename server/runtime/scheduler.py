@@ -30,13 +30,13 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Generic, TypeVar
 
-from protoserve.server.errors import ResourceExhausted, Unavailable
-from protoserve.server.metrics import Metrics
-from protoserve.server.runtime.generation import Chunk, TextAssembly
-from protoserve.server.runtime.model import BatchDecoder, GenerationParams
+from protoserve.server.runtime.errors import ResourceExhausted, Unavailable
+from protoserve.server.runtime.generation import Chunk, TextAssembly, run_generation
+from protoserve.server.runtime.meter import Meter
+from protoserve.server.runtime.model import BatchDecoder, GenerationParams, Model
 
 __all__ = ["Job", "Scheduler"]
 
@@ -52,7 +52,8 @@ _Delivery = tuple["Job[Any]", int, object]
 
 
 class Job(Generic[T]):
-    """Submitted work; iterate it (async) for its items."""
+    """Submitted work; iterate it (async) for its items. It is its own async iterator,
+    not a generator: leaving the iteration early does nothing, :meth:`cancel` drops it."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
@@ -62,6 +63,7 @@ class Job(Generic[T]):
         self.unread = 0  # items handed to the loop, not yet read; guarded by the scheduler lock
         self.cancelled = False
         self.finished = False
+        self._ended = False  # its last item was read
         #: Set by the server to end a generation early (it checks this between steps).
         self.stop = threading.Event()
 
@@ -69,20 +71,22 @@ class Job(Generic[T]):
         """Drop the job: out of the queue if waiting, out of the batch before its next step."""
         self._scheduler._cancel(self)
 
-    def __aiter__(self) -> AsyncIterator[T]:
-        return self._items()
+    def __aiter__(self) -> Job[T]:
+        return self
 
-    async def _items(self) -> AsyncIterator[T]:
-        while True:
-            kind, value = await self._out.get()
-            self._scheduler._consumed(self)
-            if kind == _ITEM:
-                yield value  # type: ignore[misc]
-            elif kind == _DONE:
-                return
-            else:
-                assert isinstance(value, BaseException)
-                raise value
+    async def __anext__(self) -> T:
+        """The next item, as the worker delivers it; raises what the work raised."""
+        if self._ended:
+            raise StopAsyncIteration
+        kind, value = await self._out.get()
+        self._scheduler._consumed(self)
+        if kind == _ITEM:
+            return value  # type: ignore[return-value]
+        self._ended = True
+        if kind == _DONE:
+            raise StopAsyncIteration
+        assert isinstance(value, BaseException)
+        raise value
 
 
 class _StepJob(Job[T]):
@@ -135,6 +139,27 @@ class _StepJob(Job[T]):
                 pass
 
 
+class _Generation(_StepJob[Chunk]):
+    """One generation through ``Model.generate``, stepped like any step job; its
+    :attr:`~Job.stop` ends it at the next step."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        model: Model,
+        text: str,
+        params: GenerationParams,
+        prompt_tokens: int,
+    ) -> None:
+        super().__init__(scheduler, self._chunks, request=True)
+        self.model, self.text, self.params, self.prompt_tokens = model, text, params, prompt_tokens
+
+    def _chunks(self) -> Iterator[Chunk]:
+        return run_generation(
+            self.model, self.text, self.params, prompt_tokens=self.prompt_tokens, stop=self.stop
+        )
+
+
 class _BatchItem(Job[T]):
     """One request's part of a dynamic batch: a payload of ``weight`` items."""
 
@@ -175,7 +200,7 @@ class Scheduler:
         buffer: most unread items per job before its steps pause.
         max_batch_size: most items (texts, rows) in one dynamic batch.
         max_batch_delay: seconds a batch that is not full may wait for more.
-        metrics: where queue times and batch sizes are observed, or None.
+        metrics: where queue times, batch sizes and refusals are counted; None: nowhere.
     """
 
     def __init__(
@@ -187,7 +212,7 @@ class Scheduler:
         buffer: int = 16,
         max_batch_size: int = 1,
         max_batch_delay: float = 0.0,
-        metrics: Metrics | None = None,
+        metrics: Meter | None = None,
     ) -> None:
         self.name = name
         self.max_queue = max_queue
@@ -197,7 +222,7 @@ class Scheduler:
         self.max_batch_delay = max(0.0, max_batch_delay)
         #: Set (from the worker thread, after the model loaded) to decode generations together.
         self.decoder: BatchDecoder | None = None
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else Meter()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[Job[Any]] = deque()  # step jobs and sequences
@@ -226,13 +251,17 @@ class Scheduler:
         """
         return self._enqueue(_StepJob(self, factory, request))
 
-    def submit_sequence(
-        self, text: str, params: GenerationParams, prompt_tokens: int
+    def submit_generation(
+        self, model: Model, text: str, params: GenerationParams, prompt_tokens: int
     ) -> Job[Chunk]:
-        """Queue a generation for the continuous batch (needs :attr:`decoder`)."""
-        if self.decoder is None:
-            raise RuntimeError(f"model {self.name!r} has no batch decoder")
-        return self._enqueue(_Sequence(self, text, params, prompt_tokens))
+        """Queue a generation: into the continuous batch when the model has a
+        :attr:`decoder`, else as a step job over ``model.generate``. Raises as :meth:`submit`."""
+        job: Job[Chunk]
+        if self.decoder is not None:
+            job = _Sequence(self, text, params, prompt_tokens)
+        else:
+            job = _Generation(self, model, text, params, prompt_tokens)
+        return self._enqueue(job)
 
     def _enqueue(self, job: J) -> J:
         """Admit ``job`` (or raise) and queue it for the worker's next round."""
@@ -276,22 +305,16 @@ class Scheduler:
             job.cancel()
         raise AssertionError("a one-result job ended without a result")
 
-    async def stream(self, job: Job[T]) -> AsyncGenerator[T, None]:
-        """The items of a submitted job; leaving early cancels it."""
-        try:
-            async for item in job:
-                yield item
-        finally:
-            job.cancel()
-
     def _admit(self, job: Job[Any]) -> None:
-        """Refuse ``job`` unless there is room; called with the lock held."""
+        """Refuse ``job`` unless there is room, counting the refusal; called with the
+        lock held. The runtime's own admission is ``Runtime._admitted``."""
         if self._closed:
             raise Unavailable(f"model {self.name!r} is shutting down")
         # Free active slots count as room: the worker admits waiting jobs only
         # between rounds, and capacity must not depend on that timing.
         held = self.depth + len(self._active)
         if held >= self.max_queue + self.max_active:
+            self._metrics.rejected(self.name)
             raise ResourceExhausted(
                 f"model {self.name!r} is at capacity: {len(self._active)} requests "
                 f"running and {self.depth} queued; retry later",
@@ -359,13 +382,7 @@ class Scheduler:
                     job.cancelled = True
 
     def _observe_queue(self, job: Job[Any]) -> None:
-        if self._metrics is not None:
-            waited = time.perf_counter() - job.submitted
-            self._metrics.queue_seconds.labels(self.name).observe(waited)
-
-    def _observe_batch(self, kind: str, size: int) -> None:
-        if self._metrics is not None:
-            self._metrics.batch_size.labels(self.name, kind).observe(size)
+        self._metrics.queued(self.name, time.perf_counter() - job.submitted)
 
     def _finish(self, jobs: list[Job[Any]]) -> None:
         with self._lock:
@@ -462,7 +479,7 @@ class Scheduler:
             return
         for item in live:
             self._observe_queue(item)
-        self._observe_batch(live[0].kind, sum(item.weight for item in live))
+        self._metrics.batched(self.name, live[0].kind, sum(item.weight for item in live))
         out: list[_Delivery] = []
         try:
             results = live[0].run_batch([item.payload for item in live])
@@ -525,7 +542,7 @@ class Scheduler:
                 stepping.append(job)
         if stepping:
             assert self.decoder is not None
-            self._observe_batch("generate", len(stepping))
+            self._metrics.batched(self.name, "generate", len(stepping))
             try:
                 tokens = self.decoder.step([job.state for job in stepping])
                 if len(tokens) != len(stepping):

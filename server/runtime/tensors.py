@@ -1,19 +1,21 @@
-"""Named tensors as raw little-endian bytes, and back, without per-element copies."""
+"""Named tensors as raw little-endian bytes and back, without per-element copies, and checked
+against what a model declares."""
 
 from __future__ import annotations
 
 import ctypes
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from protoserve.common import dtypes
-from protoserve.server.errors import FieldViolation, InvalidArgument
+from protoserve.server.runtime.errors import FieldViolation, InvalidArgument
+from protoserve.server.runtime.model import TensorInfo
 
-__all__ = ["DTYPES", "RawTensor", "from_raw", "to_raw"]
+__all__ = ["DTYPES", "RawTensor", "check_declared", "from_raw", "to_raw"]
 
 #: dtype names of the API (:mod:`protoserve.common.dtypes`), and the torch dtypes
 #: they stand for. uint16/32/64 travel only over the Open Inference Protocol; torch
@@ -97,3 +99,35 @@ def to_raw(name: str, tensor: torch.Tensor) -> RawTensor:
     size = flat.numel() * flat.element_size()
     data = ctypes.string_at(flat.data_ptr(), size) if size else b""
     return RawTensor(name, _NAMES[flat.dtype], tuple(flat.shape), data)
+
+
+def check_declared(inputs: Sequence[TensorInfo], tensors: Mapping[str, torch.Tensor]) -> None:
+    """``tensors`` against a model's declared ``inputs``, when it declares any.
+
+    Raises:
+        InvalidArgument: naming each unknown, missing or mismatched input.
+    """
+    if not inputs:
+        return
+    violations = []
+    declared = {spec.name: spec for spec in inputs}
+    for name in tensors.keys() - declared.keys():
+        violations.append(("inputs", f"unknown input {name!r}; the model takes {sorted(declared)}"))
+    for name, spec in declared.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            violations.append(("inputs", f"missing input {name!r}"))
+            continue
+        if DTYPES.get(spec.dtype) not in (None, tensor.dtype):
+            violations.append((f"inputs[{name}].data_type", f"must be {spec.dtype}"))
+        shape = tuple(tensor.shape)
+        if len(shape) != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+        ):
+            violations.append(
+                (f"inputs[{name}].shape", f"must match {list(spec.shape)}, got {list(shape)}")
+            )
+    if violations:
+        raise InvalidArgument(
+            "invalid inputs: " + "; ".join(f"{f} {d}" for f, d in violations), violations
+        )

@@ -1,6 +1,6 @@
 """A model repository for `protoserve serve --model-repository`, built in a temporary folder.
 
-The layout is the server's (protoserve.server.repository): one folder per model
+The layout is the server's (protoserve.server.runtime.repository): one folder per model
 holding a `model.toml` and numbered version folders.
 """
 

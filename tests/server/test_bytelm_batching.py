@@ -28,7 +28,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from protoserve.server import dispatch
 from protoserve.server.models.builtin import ByteLMModel
 from protoserve.server.models.bytelm import (
     ROUNDING_TOLERANCE,
@@ -41,6 +40,7 @@ from protoserve.server.models.bytelm import (
     rounding_difference,
     save_pretrained,
 )
+from protoserve.server.runtime import dispatch
 from protoserve.server.runtime.model import BatchDecoder, Decoding, GenerationParams, Token
 from tests.server.models_for_tests import NoEotByteLM
 

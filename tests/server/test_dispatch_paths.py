@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from protoserve.server import dispatch
-from protoserve.server.dispatch import DispatchPath, dispatch_paths
+from protoserve.server.runtime import dispatch
+from protoserve.server.runtime.dispatch import DispatchPath, dispatch_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -34,7 +34,7 @@ from protoserve.inference.v1 import inference_service_pb2_grpc as v1_grpc
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 from protoserve.server import InferenceServer
-from protoserve.server.errors import FailedPrecondition
+from protoserve.server.runtime.errors import FailedPrecondition
 from tests._observe import wait_until
 from tests._threads import start_grpc_server, stop_grpc_server
 from tests.server.conftest import Running

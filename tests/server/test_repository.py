@@ -35,9 +35,9 @@ from protoserve.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 from protoserve.server import InferenceServer, Runtime, TensorInfo
 from protoserve.server.app import model_health_name
 from protoserve.server.config import add_arguments, from_arguments
-from protoserve.server.errors import FailedPrecondition
 from protoserve.server.models.bytelm import BatchedDecoding, load_pretrained
-from protoserve.server.repository import RepositoryError, read_config
+from protoserve.server.runtime.errors import FailedPrecondition
+from protoserve.server.runtime.repository import RepositoryError, read_config
 from tests._observe import wait_until
 from tests._threads import LoopThread, start_grpc_server, stop_grpc_server
 from tests.server.repository_models import Held, SlowToLoad

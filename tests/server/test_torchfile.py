@@ -97,8 +97,8 @@ class Named(torch.nn.Module):
 
 def test_declared_outputs_name_and_check_what_the_file_returns(tmp_path: Path) -> None:
     from protoserve.server import TensorInfo
-    from protoserve.server.errors import FailedPrecondition
     from protoserve.server.models.torchfile import TorchFileModel
+    from protoserve.server.runtime.errors import FailedPrecondition
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -68,6 +68,7 @@ from protoserve.server.runtime.loader import (
     ModelSpecError,
     check_model_name,
     is_file_source,
+    is_named_source,
     model_from_source,
 )
 from protoserve.server.runtime.model import Model, Task, TensorInfo, warm_up_text
@@ -316,7 +317,7 @@ def read_config(folder: Path, *, reserved: frozenset[str] = frozenset()) -> Mode
     if "source" not in raw:
         raise RepositoryError("source: missing; 'bytelm', 'package.module:Class' or a file name")
     source = _string(raw, "source", "")
-    if not (source == "bytelm" or is_file_source(source) or ":" in source):
+    if not (is_named_source(source) or is_file_source(source) or ":" in source):
         raise RepositoryError(
             f"source: cannot tell what {source!r} is: expected 'bytelm', "
             "'package.module:Class', or a .pt/.pt2 file in each version folder"

@@ -1,10 +1,11 @@
-"""The errors the server raises, each carrying its gRPC status code.
+"""The errors a request ends with, each carrying its gRPC status code.
 
-A request fails by raising one of these from the runtime; the servicer turns
-it into a gRPC status with ``google.rpc`` details (AIP-193): a message for
-people, typed details for machines. Anything else raised while serving is an
-internal error: logged with its traceback on the server, sent to the client
-only as INTERNAL with the request id.
+Status codes are the error vocabulary (docs/architecture.md, rule 4). A request
+fails by raising one of these from the runtime (or a servicer); the call's frame
+(:mod:`protoserve.server.calls`) turns it into a gRPC status with ``google.rpc``
+details (AIP-193, :func:`to_rpc_status`): a message for people, typed details for
+machines. Anything else raised while serving is an internal error: logged with its
+traceback on the server, sent to the client only as INTERNAL with the request id.
 """
 
 from __future__ import annotations

@@ -1,0 +1,227 @@
+"""Every gRPC call's plumbing, for every servicer: registration, parsing, its frame.
+
+:func:`add_service` registers a servicer's methods from the service's descriptor,
+with lenient parsing: bytes that do not parse reach the method as
+:class:`Malformed` and become INVALID_ARGUMENT, where grpc's own handling is
+UNKNOWN and a server-side traceback. A method decorated :func:`unary` or
+:func:`streaming` runs in its call's frame (:func:`_call`): its request id (the
+caller's ``x-request-id``, or a new one; :func:`protoserve.common.logs.request_id`),
+returned as ``x-request-id`` metadata and carried by every line logged while the
+call runs; its errors as statuses with ``google.rpc`` details (docs/architecture.md,
+rule 4), an unexpected exception logged with its traceback while the client gets
+INTERNAL with the request id only; its metrics; and one access line
+(``protoserve.server.access``) when it ends, for a stream when the stream does
+(rule 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
+
+from protoserve.common import logs
+from protoserve.common.logs import REQUEST_ID
+from protoserve.server.metrics import Metrics
+from protoserve.server.runtime.errors import (
+    Internal,
+    InvalidArgument,
+    ProtoserveError,
+    to_rpc_status,
+)
+
+__all__ = ["add_service", "streaming", "unary"]
+
+log = logging.getLogger("protoserve.server")
+#: One line per finished call: method, code, duration_ms, request_id, peer (and error).
+access_log = logging.getLogger("protoserve.server.access")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Item = TypeVar("Item")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _request_id(context: Context) -> str:
+    """The caller's ``x-request-id`` when it is sane, else a new one (:func:`logs.request_id`)."""
+    given = (v for k, v in context.invocation_metadata() or () if k == "x-request-id")
+    return logs.request_id(next((v for v in given if isinstance(v, str)), None))
+
+
+async def _abort(context: Context, error: ProtoserveError) -> None:
+    status = to_rpc_status(error)
+    await context.abort(
+        error.code,
+        error.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _call(context: Context, method: str, metrics: Metrics | None) -> AsyncIterator[None]:
+    """One call's frame (the module docstring): request id, errors as statuses,
+    metrics, and the access line when it ends."""
+    started = time.perf_counter()
+    # Anything that is neither a result nor an error of ours (the call was cancelled).
+    code = grpc.StatusCode.CANCELLED
+    error_message: str | None = None
+    rid = _request_id(context)
+    # Asked now: once a call is over, grpc may have freed what peer() reads (a crash).
+    peer = context.peer()
+    token = REQUEST_ID.set(rid)
+    try:
+        await context.send_initial_metadata((("x-request-id", rid),))
+        try:
+            yield
+            code = grpc.StatusCode.OK
+        except ProtoserveError as error:
+            code = error.code
+            error_message = error.message  # on the access line
+            await _abort(context, error)
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            # Logged here with the traceback; the client sees INTERNAL and the id only.
+            log.exception("%s failed", method)
+            await _abort(context, Internal(rid))
+    finally:
+        seconds = time.perf_counter() - started
+        if metrics is not None:
+            metrics.requests.labels(method, code.name).inc()
+            metrics.request_seconds.labels(method).observe(seconds)
+        _log_access(method, code, seconds, rid, peer, error_message)
+        try:
+            REQUEST_ID.reset(token)
+        except ValueError:
+            # A stream's generator closed late, from another context: that one never had it.
+            pass
+
+
+def _log_access(
+    method: str,
+    code: grpc.StatusCode,
+    seconds: float,
+    rid: str,
+    peer: str,
+    error_message: str | None,
+) -> None:
+    """The call's one access line (``protoserve.server.access``, INFO)."""
+    duration_ms = round(seconds * 1000, 3)
+    fields: dict[str, Any] = {
+        "method": method,
+        "code": code.name,
+        "duration_ms": duration_ms,
+        "request_id": rid,
+        "peer": peer,
+    }
+    if error_message is None:
+        access_log.info("%s %s %.1fms", method, code.name, duration_ms, extra=fields)
+    else:
+        fields["error"] = error_message
+        access_log.info(
+            "%s %s %.1fms: %s", method, code.name, duration_ms, error_message, extra=fields
+        )
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What a request that does not parse becomes, so the call can answer INVALID_ARGUMENT.
+
+    grpc's own handling of a deserializer error is UNKNOWN and a server-side
+    traceback; a client's bad bytes deserve neither.
+    """
+
+    type_name: str
+    error: str
+
+
+def _lenient(message_class: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Malformed(message_class.DESCRIPTOR.full_name, str(exc))
+
+    return parse
+
+
+def _parsed(request: Req | Malformed) -> Req:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"the request is not a valid {request.type_name}: {request.error}")
+    return request
+
+
+def add_service(servicer: object, server: grpc.aio.Server, service: ServiceDescriptor) -> None:
+    """Register every method of ``service`` (the servicer's method of the same name),
+    from its descriptor, with lenient parsing: a request that does not parse reaches
+    the method as :class:`Malformed`, which :func:`unary` and :func:`streaming`
+    answer with INVALID_ARGUMENT."""
+    handlers = {}
+    for method in service.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(GetMessageClass(method.input_type)),
+            response_serializer=lambda message: message.SerializeToString(),
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
+def unary(
+    fn: Callable[[Any, Req], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    """A unary method in its call's frame: ``fn(self, request)`` gets a parsed request,
+    and its errors become statuses. The method's name is the metrics' and access
+    line's method label; ``self.metrics`` (or None) counts the call."""
+
+    async def handler(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        async with _call(context, fn.__name__, self.metrics):
+            return await fn(self, _parsed(request))
+        raise AssertionError("unreachable: _call aborts on every error")
+
+    handler.__name__ = fn.__name__
+    return handler
+
+
+def streaming(
+    message: Callable[[Item], Resp],
+) -> Callable[
+    [Callable[[Any, Req], AsyncGenerator[Item, None]]],
+    Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
+]:
+    """A server-streaming method in its call's frame, as :func:`unary`: ``fn(self,
+    request)`` returns the items (an async generator, from the runtime), and
+    ``message(item)`` is the response sent for each. A call that ends early (the
+    client left, its deadline passed) closes the items at once, not at GC, which
+    cancels the work behind them."""
+
+    def decorate(
+        fn: Callable[[Any, Req], AsyncGenerator[Item, None]],
+    ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+        async def handler(
+            self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+        ) -> AsyncIterator[Resp]:
+            async with _call(context, fn.__name__, self.metrics):
+                async with contextlib.aclosing(fn(self, _parsed(request))) as items:
+                    async for item in items:
+                        yield message(item)
+
+        handler.__name__ = fn.__name__
+        return handler
+
+    return decorate
