@@ -56,7 +56,7 @@ S = TypeVar("S")  # the stream class a client's generate_stream returns
 
 
 @dataclass(frozen=True)
-class Call(Generic[R]):
+class UnaryCall(Generic[R]):
     """One unary call, whatever carries it.
 
     Attributes:
@@ -71,28 +71,30 @@ class Call(Generic[R]):
     read: Callable[[Any], R]
 
 
-def _list_models() -> Call[list[ModelInfo]]:
-    return Call("ListModels", pb.ListModelsRequest(), lambda r: [model_info(m) for m in r.models])
+def _list_models() -> UnaryCall[list[ModelInfo]]:
+    request = pb.ListModelsRequest()
+    return UnaryCall("ListModels", request, lambda r: [model_info(m) for m in r.models])
 
 
-def _get_model(name: str) -> Call[ModelInfo]:
-    return Call("GetModel", pb.GetModelRequest(name=name), lambda r: model_info(r.model))
+def _get_model(name: str) -> UnaryCall[ModelInfo]:
+    return UnaryCall("GetModel", pb.GetModelRequest(name=name), lambda r: model_info(r.model))
 
 
-def _generate(model: str, text: str, parameters: Mapping[str, Any]) -> Call[Generation]:
-    return Call("Generate", generate_request(model, text, parameters), generation)
+def _generate(model: str, text: str, parameters: Mapping[str, Any]) -> UnaryCall[Generation]:
+    return UnaryCall("Generate", generate_request(model, text, parameters), generation)
 
 
-def _embed(model: str, texts: str | Sequence[str], normalize: bool) -> Call[torch.Tensor]:
+def _embed(model: str, texts: str | Sequence[str], normalize: bool) -> UnaryCall[torch.Tensor]:
     single = isinstance(texts, str)
-    return Call("Embed", embed_request(model, texts, normalize), lambda r: embeddings(r, single))
+    request = embed_request(model, texts, normalize)
+    return UnaryCall("Embed", request, lambda r: embeddings(r, single))
 
 
 def _predict(
     model: str, tensors: Tensors, parameters: Mapping[str, Any] | None
-) -> Call[dict[str, torch.Tensor | npt.NDArray[Any]]]:
+) -> UnaryCall[dict[str, torch.Tensor | npt.NDArray[Any]]]:
     request, as_numpy = predict_request(model, tensors, parameters)
-    return Call("Predict", request, lambda r: predict_outputs(r, as_numpy))
+    return UnaryCall("Predict", request, lambda r: predict_outputs(r, as_numpy))
 
 
 class Transport(Protocol):
@@ -153,7 +155,7 @@ class ClientAPI(BaseClient, Closing, Generic[S]):
                 self._default_model = only_model(self.models())
             return self._default_model
 
-    def _call(self, call: Call[R], timeout: float | None, metadata: Metadata) -> R:
+    def _call(self, call: UnaryCall[R], timeout: float | None, metadata: Metadata) -> R:
         return call.read(self._transport.unary(call.method, call.request, timeout, metadata))
 
     def models(self, *, timeout: float | None = None, metadata: Metadata = ()) -> list[ModelInfo]:
@@ -256,7 +258,7 @@ class AsyncClientAPI(BaseClient, AsyncClosing, Generic[S]):
             self._default_model = only_model(await self.models())
         return self._default_model
 
-    async def _call(self, call: Call[R], timeout: float | None, metadata: Metadata) -> R:
+    async def _call(self, call: UnaryCall[R], timeout: float | None, metadata: Metadata) -> R:
         return call.read(await self._transport.unary(call.method, call.request, timeout, metadata))
 
     async def models(

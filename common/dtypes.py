@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BY_NAME", "BY_OIP", "BY_WIRE", "DTYPES", "OIP_BYTES", "DType", "oip_datatype"]
+__all__ = ["BY_NAME", "BY_OIP", "DTYPES", "OIP_BYTES", "DType", "oip_datatype"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,6 @@ OIP_BYTES = "BYTES"
 
 BY_NAME: dict[str, DType] = {d.name: d for d in DTYPES}
 BY_OIP: dict[str, DType] = {d.oip: d for d in DTYPES}
-BY_WIRE: dict[str, DType] = {d.wire: d for d in DTYPES if d.wire is not None}
 
 
 def oip_datatype(name: str) -> str:

@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from protoserve.gateway._call import Call, answer_error, build_call, grpc_path
 from protoserve.gateway._callmeta import metadata_headers
-from protoserve.gateway._cancel import disconnected, race
+from protoserve.gateway._cancel import CLIENT_CLOSED, disconnected, race
 from protoserve.gateway._codecs import Codec, ProtobufCodec, resolve_codecs
 from protoserve.gateway._descriptors import Descriptors
 from protoserve.gateway._errors import GatewayError, error_info
@@ -56,8 +56,6 @@ MiB = 1024 * 1024
 DEFAULT_FORWARDED_HEADERS = ("authorization", "traceparent", "tracestate")
 DEFAULT_TITLE = "protoserve gateway"
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-#: HTTP status for a client that went away (nginx's convention, as grpc-gateway uses).
-CLIENT_CLOSED = 499
 #: A page of the gateway: what answers ``GET`` (and ``HEAD``) on its path.
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -141,7 +139,7 @@ class _Gateway:
 
     async def endpoint(self, request: Request) -> Response:
         """The app's one route: a page by its path, every other request to :meth:`dispatch`."""
-        page = self.pages.get(request.scope["path"]) if request.method in ("GET", "HEAD") else None
+        page = self.pages.get(_route_path(request)) if request.method in ("GET", "HEAD") else None
         return await (page(request) if page is not None else self.dispatch(request))
 
     async def dispatch(self, request: Request) -> Response:
@@ -211,7 +209,7 @@ class _Gateway:
         return call.encode_response(response, headers)
 
     async def _stream(self, call: Call) -> Response:
-        stream_format = call.codec.stream_format(call.request)
+        stream_format = call.stream_format()
         status = stream_format.reconnect_status(call.http.headers)
         if status is not None:
             return Response(status_code=status)
@@ -259,12 +257,14 @@ class _Gateway:
             index = 0
             async for item in _chain(head, rest):
                 index += 1
-                data = call.codec.encode_stream_message(call.request, item)
-                yield stream_format.message(index, data)
+                yield call.frame(stream_format, index, item)
             if end := stream_format.done():
                 yield end
         except grpc.aio.AioRpcError as error:
             self.metrics.upstream_errors.labels(error.code().name).inc()
+            info, _ = error_info(error, self.pool)
+            yield stream_format.error(info.status_json)
+        except GatewayError as error:  # the codec failed (logged): the stream still ends
             info, _ = error_info(error, self.pool)
             yield stream_format.error(info.status_json)
         finally:
@@ -431,3 +431,11 @@ def _middleware(cors_origins: Sequence[str], verbs: Sequence[str]) -> list[Middl
             )
         )
     return middleware
+
+
+def _route_path(request: Request) -> str:
+    """The request's path below the app's ``root_path`` (a proxy prefix or a ``Mount``),
+    where the gateway's pages are found, as Starlette's routes find theirs."""
+    path: str = request.scope["path"]
+    root: str = request.scope.get("root_path", "")
+    return path[len(root) :] or "/" if root and path.startswith(root) else path

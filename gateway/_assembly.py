@@ -50,8 +50,9 @@ def build_gateway(
             as ``build_app`` (``gateway/_app.py``) documents them.
 
     Raises:
-        ValueError: a method's ``google.api.http`` rule is invalid, or a codec is
-            registered for a name not served or for a streaming method.
+        ValueError: a method's ``google.api.http`` rule is invalid; a codec is
+            registered for a name not served, or for a streaming method when it does not
+            set ``serves_streams``; or a page's path is one of the gateway's own.
     """
     descriptors = descriptors or from_compiled()
     title = options.get("title", DEFAULT_TITLE)

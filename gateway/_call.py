@@ -31,6 +31,7 @@ from protoserve.gateway._callmeta import outgoing_metadata, request_deadline
 from protoserve.gateway._codecs import Codec, CodecRequest, CodecResponse
 from protoserve.gateway._errors import ErrorInfo, GatewayError, error_info
 from protoserve.gateway._rules import Binding
+from protoserve.gateway._streaming import StreamFormat
 
 __all__ = ["Call", "answer_error", "build_call", "codec_response", "grpc_path"]
 
@@ -54,7 +55,6 @@ class Call:
         message: the request message.
         deadline: seconds the call may take, or None.
         metadata: what goes upstream as gRPC metadata (the request id included).
-        request_id: the id ``RequestIdMiddleware`` decided for the request.
     """
 
     http: Request
@@ -63,7 +63,6 @@ class Call:
     message: Message
     deadline: float | None
     metadata: list[tuple[str, str]]
-    request_id: str
 
     @property
     def binding(self) -> Binding:
@@ -80,6 +79,22 @@ class Call:
             codec, self.binding, "encode the response", codec.encode_response, self.request, message
         )
         return codec_response(encoded, headers)
+
+    def stream_format(self) -> StreamFormat:
+        """The format the codec chooses for this call's stream."""
+        codec = self.codec
+        what = "choose a stream format"
+        return _guarded(codec, self.binding, what, codec.stream_format, self.request)
+
+    def frame(self, stream_format: StreamFormat, index: int, message: Message) -> bytes:
+        """The upstream's ``index``-th stream ``message`` (from 1), rendered by the codec and
+        framed by ``stream_format``."""
+
+        def render() -> bytes:
+            data = self.codec.encode_stream_message(self.request, message)
+            return stream_format.message(index, data)
+
+        return _guarded(self.codec, self.binding, "encode a stream message", render)
 
 
 async def build_call(
@@ -104,7 +119,7 @@ async def build_call(
     message = _decode(codec, request)
     deadline = request_deadline(http)
     metadata = outgoing_metadata(http, forwarded, request_id)
-    return Call(http, codec, request, message, deadline, metadata, request_id)
+    return Call(http, codec, request, message, deadline, metadata)
 
 
 def _decode(codec: Codec, request: CodecRequest) -> Message:

@@ -11,14 +11,19 @@ stream's body, and a drain's receive (``cli._Drain``).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from starlette.types import Receive
 
-__all__ = ["disconnected", "race"]
+__all__ = ["CLIENT_CLOSED", "disconnected", "race"]
 
 T = TypeVar("T")
+log = logging.getLogger("protoserve.gateway")
+
+#: HTTP status for a client that went away (nginx's convention, as grpc-gateway uses).
+CLIENT_CLOSED = 499
 
 
 async def disconnected(receive: Receive) -> None:
@@ -38,7 +43,8 @@ async def race(work: Awaitable[T], stop: Awaitable[object]) -> asyncio.Future[T]
         its error), or None when ``stop`` ended first: then ``work`` was cancelled.
 
     The loser is cancelled and awaited before this returns, so its ``finally``
-    blocks have run; when the caller itself is cancelled, both are.
+    blocks have run; when the caller itself is cancelled, both are. An error that
+    ``stop``, or the loser while it unwound, raised is logged, never lost.
     """
     task = asyncio.ensure_future(work)
     other = asyncio.ensure_future(stop)
@@ -52,4 +58,7 @@ async def race(work: Awaitable[T], stop: Awaitable[object]) -> asyncio.Future[T]
             loser.cancel()
         if losers:
             await asyncio.wait(losers)
+        for each in (other,) if won else (task, other):
+            if each.done() and not each.cancelled() and each.exception() is not None:
+                log.error("a raced task failed", exc_info=each.exception())
     return task if won else None

@@ -77,7 +77,8 @@ class CodecRequest:
 
 @dataclass(frozen=True)
 class CodecResponse:
-    """What a codec answers: the gateway adds ``X-Request-Id`` and the call's metadata headers.
+    """What a codec answers: the gateway adds the call's metadata headers, and
+    ``RequestIdMiddleware`` its ``X-Request-Id``.
 
     Attributes:
         body: the body's bytes.

@@ -16,6 +16,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from protoserve.common.logs import REQUEST_ID, request_id
+from protoserve.gateway._cancel import CLIENT_CLOSED
 
 __all__ = ["GRPC_METHOD", "RequestIdMiddleware", "current_request_id"]
 
@@ -24,8 +25,6 @@ __all__ = ["GRPC_METHOD", "RequestIdMiddleware", "current_request_id"]
 access_log = logging.getLogger("protoserve.gateway.access")
 #: Probes and scrapes: their access lines are DEBUG, not to drown the rest.
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-#: The status logged for a request that ended before any response (nginx's "client closed").
-_NO_RESPONSE = 499
 _HEADER = b"x-request-id"
 
 
@@ -82,7 +81,7 @@ class RequestIdMiddleware:
             status = status or 500  # what Starlette's ServerErrorMiddleware answers
             raise
         finally:
-            _log_access(scope, state, status or _NO_RESPONSE, started, rid)
+            _log_access(scope, state, status or CLIENT_CLOSED, started, rid)
             REQUEST_ID.reset(token)
 
 

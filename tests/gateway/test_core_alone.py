@@ -21,6 +21,7 @@ import httpx
 import pytest
 from google.protobuf.message import Message
 from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from protoserve.gateway import (
     Codec,
@@ -160,3 +161,40 @@ def test_a_codec_frames_a_stream_its_own_way(echo: tuple[str, bytes]) -> None:
             b'data: {"choices": [{"text": "ho"}]}\n\n'
             b"data: [DONE]\n\n"
         )
+
+
+class FailsOnSecond(Choices):
+    """A codec with a bug: it cannot render Chant's second message."""
+
+    def encode_stream_message(self, request: CodecRequest, message: Message) -> Any:
+        text: Any = message
+        if text.index == 1:
+            raise RuntimeError("a bug in the codec")
+        return super().encode_stream_message(request, message)
+
+
+def test_a_codec_that_fails_mid_stream_ends_it_with_an_error_event(
+    echo: tuple[str, bytes],
+) -> None:
+    # docs/architecture.md, rule 4: a codec's failure is a 500 INTERNAL, never a cut body.
+    target, data = echo
+    app = build_app(target, from_descriptor_set(data), codecs={f"{ECHO}.Chant": FailsOnSecond()})
+    with serve(app) as http:
+        response = http.get("/v1/chant/ho:chant", params={"times": 3})
+    assert response.status_code == 200
+    first, second = response.content.split(b"\n\n")[:2]
+    assert first == b'data: {"choices": [{"text": "ho"}]}'
+    error = json.loads(second.removeprefix(b"data: "))["error"]
+    assert error["code"] == 13  # INTERNAL
+    assert "codec failed to encode a stream message" in error["message"]
+    assert response.content.endswith(b"}\n\n")  # the error ends the stream; no [DONE]
+
+
+def test_the_pages_are_found_below_a_root_path(echo: tuple[str, bytes]) -> None:
+    # Behind a proxy that strips a prefix (uvicorn --root-path), or mounted in another
+    # app, the gateway's pages are where they were.
+    target, data = echo
+    app = build_app(target, from_descriptor_set(data))
+    with serve(Starlette(routes=[Mount("/gw", app)])) as http:
+        assert http.get("/gw/healthz").json() == {"status": "ok"}
+        assert http.get("/gw/openapi.json").status_code == 200
