@@ -141,10 +141,10 @@ class Metrics(Meter):
         self.rejections.labels(model).inc()
 
     def generation(self, model: str, submitted: float) -> GenerationMeter:
-        return _Generation(self, model, submitted)
+        return _GenerationSeries(self, model, submitted)
 
 
-class _Generation(GenerationMeter):
+class _GenerationSeries(GenerationMeter):
     """One generation's series: in flight until it ends, tokens, time to first token,
     inter-token latency, and a cancellation when it ended early."""
 

@@ -36,7 +36,7 @@ from protoserve.server.runtime.errors import (
     Unavailable,
 )
 from protoserve.server.runtime.generation import Chunk, FinishReason, Usage
-from protoserve.server.runtime.meter import Meter
+from protoserve.server.runtime.meter import GenerationMeter, Meter
 from protoserve.server.runtime.model import (
     BatchDecoder,
     Decoding,
@@ -359,8 +359,9 @@ class Runtime:
         self, name: str, task: Task, version: str = "", *, stream: bool = False
     ) -> Iterator[ModelEntry]:
         """The version a request gets, counted in flight (on the server and on the
-        version) until the block ends. Every refusal before the model's queue is here;
-        the queue's own bound is ``Scheduler._admit``.
+        version) until the block ends. Every refusal for want of room or readiness before
+        the model's queue is here (a request's own faults are checked inside the
+        block); the queue's own bound is ``Scheduler._admit``.
 
         Raises:
             ResourceExhausted: ``stream``, and ``max_streams`` streams are in flight.
@@ -463,9 +464,10 @@ class Runtime:
             params = validate_generation(entry.model, parameters)
             prompt_tokens = self._prompt_tokens(entry, text, "inputs")
             job = entry.scheduler.submit_generation(entry.model, text, params, prompt_tokens)
-            meter = self.metrics.generation(model, job.submitted)
+            meter: GenerationMeter | None = None
             finished = cancelled = False
             try:
+                meter = self.metrics.generation(model, job.submitted)
                 async for chunk in job:
                     if chunk.token_ids:
                         meter.tokens(len(chunk.token_ids))
@@ -479,8 +481,9 @@ class Runtime:
                 cancelled = cancelled or not finished
                 raise
             finally:
-                job.cancel()
-                meter.end(cancelled)
+                job.cancel()  # first: a failing meter must not keep the job's slot
+                if meter is not None:
+                    meter.end(cancelled)
 
     async def embed(
         self, model: str, texts: Sequence[str], *, normalize: bool = True, version: str = ""

@@ -66,6 +66,9 @@ class Job(Generic[T]):
         self._ended = False  # its last item was read
         #: Set by the server to end a generation early (it checks this between steps).
         self.stop = threading.Event()
+        #: A caller's request (False: the server's own work, such as loading, whose
+        #: queue time and refusals are no request's).
+        self.request = True
 
     def cancel(self) -> None:
         """Drop the job: out of the queue if waiting, out of the batch before its next step."""
@@ -101,7 +104,7 @@ class _StepJob(Job[T]):
     ) -> None:
         super().__init__(scheduler)
         self._factory = factory
-        self._request = request
+        self.request = request
         self._once = once
         self._iterator: Iterator[T] | None = None
 
@@ -114,7 +117,7 @@ class _StepJob(Job[T]):
         """
         try:
             if self._iterator is None:
-                if self._request:
+                if self.request:
                     self._scheduler._observe_queue(self)
                 self._iterator = iter(self._factory())
             item = next(self._iterator)
@@ -139,7 +142,7 @@ class _StepJob(Job[T]):
                 pass
 
 
-class _Generation(_StepJob[Chunk]):
+class _GenerationJob(_StepJob[Chunk]):
     """One generation through ``Model.generate``, stepped like any step job; its
     :attr:`~Job.stop` ends it at the next step."""
 
@@ -222,7 +225,7 @@ class Scheduler:
         self.max_batch_delay = max(0.0, max_batch_delay)
         #: Set (from the worker thread, after the model loaded) to decode generations together.
         self.decoder: BatchDecoder | None = None
-        self._metrics = metrics if metrics is not None else Meter()
+        self._meter = metrics if metrics is not None else Meter()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[Job[Any]] = deque()  # step jobs and sequences
@@ -246,8 +249,9 @@ class Scheduler:
     def submit(self, factory: Callable[[], Iterator[T]], *, request: bool = True) -> Job[T]:
         """Queue a step job; raises ResourceExhausted at once when the model is full.
 
-        ``request=False`` marks the server's own work (loading): its queue time
-        is not a request's.
+        ``request=False`` marks the server's own work: its queue time and refusal
+        are not a request's. (The runtime's calls go through :meth:`run`,
+        :meth:`run_batched` and :meth:`submit_generation`; this is the general form.)
         """
         return self._enqueue(_StepJob(self, factory, request))
 
@@ -260,7 +264,7 @@ class Scheduler:
         if self.decoder is not None:
             job = _Sequence(self, text, params, prompt_tokens)
         else:
-            job = _Generation(self, model, text, params, prompt_tokens)
+            job = _GenerationJob(self, model, text, params, prompt_tokens)
         return self._enqueue(job)
 
     def _enqueue(self, job: J) -> J:
@@ -301,6 +305,11 @@ class Scheduler:
         try:
             async for item in job:
                 return item
+        except ResourceExhausted:
+            # The model itself refused (it ran out of room): counted as one at capacity.
+            if job.request:
+                self._meter.rejected(self.name)
+            raise
         finally:
             job.cancel()
         raise AssertionError("a one-result job ended without a result")
@@ -314,7 +323,8 @@ class Scheduler:
         # between rounds, and capacity must not depend on that timing.
         held = self.depth + len(self._active)
         if held >= self.max_queue + self.max_active:
-            self._metrics.rejected(self.name)
+            if job.request:
+                self._meter.rejected(self.name)
             raise ResourceExhausted(
                 f"model {self.name!r} is at capacity: {len(self._active)} requests "
                 f"running and {self.depth} queued; retry later",
@@ -382,7 +392,7 @@ class Scheduler:
                     job.cancelled = True
 
     def _observe_queue(self, job: Job[Any]) -> None:
-        self._metrics.queued(self.name, time.perf_counter() - job.submitted)
+        self._meter.queued(self.name, time.perf_counter() - job.submitted)
 
     def _finish(self, jobs: list[Job[Any]]) -> None:
         with self._lock:
@@ -479,7 +489,7 @@ class Scheduler:
             return
         for item in live:
             self._observe_queue(item)
-        self._metrics.batched(self.name, live[0].kind, sum(item.weight for item in live))
+        self._meter.batched(self.name, live[0].kind, sum(item.weight for item in live))
         out: list[_Delivery] = []
         try:
             results = live[0].run_batch([item.payload for item in live])
@@ -542,7 +552,7 @@ class Scheduler:
                 stepping.append(job)
         if stepping:
             assert self.decoder is not None
-            self._metrics.batched(self.name, "generate", len(stepping))
+            self._meter.batched(self.name, "generate", len(stepping))
             try:
                 tokens = self.decoder.step([job.state for job in stepping])
                 if len(tokens) != len(stepping):
