@@ -13,6 +13,7 @@ import torch
 from protoserve.server import BatchDecoder, GenerationParams, Model, TensorInfo, Token
 from protoserve.server.models import bytelm
 from protoserve.server.models.builtin import ByteLMModel
+from protoserve.server.runtime.errors import ResourceExhausted
 
 
 class Doubler(Model):
@@ -93,6 +94,18 @@ class Exploding(Model):
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         raise RuntimeError("secret internal detail")
+
+
+class OutOfRoom(Model):
+    """Refuses every embedding itself, as a model out of memory would."""
+
+    name = "out-of-room"
+
+    def warmup(self) -> None:
+        pass  # it would refuse, and it should refuse per request, not at load
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        raise ResourceExhausted("no room for this batch; retry later", retry_after=1.0)
 
 
 class FailsToLoad(Model):

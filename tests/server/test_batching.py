@@ -29,6 +29,7 @@ from tests.server.models_for_tests import (
     BatchEmbedder,
     HeldEmbedder,
     LetterDecoder,
+    OutOfRoom,
     Scripted,
     WrongRows,
 )
@@ -345,6 +346,18 @@ def test_a_decoder_without_generate_still_serves_with_batching_off() -> None:
 
 
 # Limits.
+def test_a_model_that_refuses_for_want_of_room_counts_as_a_rejection() -> None:
+    # RESOURCE_EXHAUSTED from the model itself (out of memory, say) is the model at
+    # capacity too: the caller gets it as raised, and protoserve_rejections counts it.
+    async def main() -> None:
+        async with started(OutOfRoom(), metrics=Metrics()) as runtime:
+            with pytest.raises(ResourceExhausted, match="no room for this batch"):
+                await runtime.embed("out-of-room", ["a"])
+            assert counted(runtime, "protoserve_rejections_total", model="out-of-room") == 1
+
+    run(main())
+
+
 def test_streams_beyond_max_streams_are_refused_at_once() -> None:
     async def main() -> None:
         async with started(Scripted(), max_streams=1, metrics=Metrics()) as runtime:
