@@ -46,6 +46,7 @@ PACKAGES = {
     "server": "server",
     "gateway": "gateway",
     "clients": "clients",
+    "common": "common",
     "inference": "gen/protoserve/inference",
     "oip": "gen/protoserve/oip",
 }

@@ -7,9 +7,11 @@ and the mutant is moved with it.
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 
-from tests.mutants import CANARY, MUTANTS, ROOT, Mutant, check_mutant
+from tests.mutants import CANARY, MUTANTS, PACKAGES, ROOT, Mutant, check_mutant
 
 
 def test_names_are_unique() -> None:
@@ -20,3 +22,14 @@ def test_names_are_unique() -> None:
 @pytest.mark.parametrize("mutant", [CANARY, *MUTANTS], ids=lambda m: m.name)
 def test_each_mutant_plants_its_bug_once_in_code_that_compiles(mutant: Mutant) -> None:
     assert check_mutant(mutant, ROOT) is None
+
+
+def test_the_copy_links_every_package_of_the_distribution() -> None:
+    # A package missing here is imported from the checkout, not the mutated copy, and
+    # every mutant planted in it survives.
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    folders = config["tool"]["setuptools"]["package-dir"]
+    ours = {name.removeprefix("protoserve."): folder for name, folder in folders.items() if name}
+    generated = {p.name: f"gen/protoserve/{p.name}" for p in (ROOT / "gen/protoserve").iterdir()}
+    generated = {n: f for n, f in generated.items() if (ROOT / f / "__init__.py").exists()}
+    assert {**ours, **generated} == PACKAGES
