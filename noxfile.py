@@ -156,6 +156,26 @@ def mutants(session: nox.Session) -> None:
     session.run("python", "tests/mutants.py", *session.posargs)
 
 
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The gateway fuzzed from its own /openapi.json, longer than the suite's run.
+
+    tests/gateway/test_fuzz.py with 100 requests per operation and mode (the suite's
+    run sends 12, derandomized) and fresh randomness each run, against each descriptor
+    source. `nox -s fuzz -- N` sends N.
+    """
+    install_project(session, "test")
+    examples = session.posargs[0] if session.posargs else "100"
+    session.run(
+        "pytest",
+        "-s",  # each source's count of requests
+        "-p",
+        "no:cacheprovider",
+        "tests/gateway/test_fuzz.py",
+        env={"PROTOSERVE_FUZZ_EXAMPLES": examples, "PROTOSERVE_FUZZ_SEEDED": "0"},
+    )
+
+
 # The Triton client side of `nox -s compat`. tritonclient needs protobuf < 5 and
 # protoserve protobuf >= 7, so the clients run in this session's venv and the servers
 # from a Python with protoserve installed. 2.51.0 is the newest tritonclient whose

@@ -10,6 +10,10 @@ Sources, one result (:class:`Descriptors`):
 
 Descriptor sets built with ``--include_source_info`` also give the proto
 comments, which the OpenAPI document shows.
+
+Every source gives a pool that is complete once built: reflection fetches every file
+the services need at start-up, and its pool never goes back to the upstream, so the
+gateway serves (and renders errors) the same whichever source it was given.
 """
 
 from __future__ import annotations
@@ -137,22 +141,65 @@ def from_reflection(
         database = ProtoReflectionDescriptorDatabase(channel)
         try:
             names = services or database.get_services()
-            pool = descriptor_pool.DescriptorPool(database)
-            found = _services(pool, names, source)
+            # Fetches lazily, over the channel: used only to find the files needed.
+            fetching = descriptor_pool.DescriptorPool(database)
+            found = _services(fetching, names, source)
         except grpc.RpcError as exc:
             raise DescriptorSourceError(
                 f"{source}: {exc.code().name}: {exc.details()} (does the server enable reflection?)"
             ) from exc
-        # Touch every type now, while the channel is open: the pool fetches lazily.
-        for service in found:
-            for method in service.methods:
-                _ = (method.input_type.fields, method.output_type.fields)
-        # Files as the server sent them: the pool's own copies drop source_code_info.
+        # Files as the server sent them (the pool's own copies drop source_code_info),
+        # every one the services need, fetched now while the channel is open.
         files = [database.FindFileByName(name) for name in _file_names(found)]
         has_source_info = any(f.HasField("source_code_info") for f in files)
-        return Descriptors(pool, found, _comments(files) if has_source_info else {}, source)
     finally:
         channel.close()
+    # The database-backed pool would go back to the (closed) channel for any name it has
+    # not seen, from inside error rendering or JSON parsing: serve a pool of its own,
+    # complete from the start, as a descriptor-set file gives.
+    pool = _standalone_pool(files, source)
+    found = _services(pool, [service.full_name for service in found], source)
+    return Descriptors(pool, found, _comments(files) if has_source_info else {}, source)
+
+
+def _standalone_pool(
+    files: Sequence[descriptor_pb2.FileDescriptorProto], source: str
+) -> descriptor_pool.DescriptorPool:
+    """A pool of ``files`` (dependencies first) and google.rpc's detail types, which
+    needs nothing else after it is built."""
+    pool = descriptor_pool.DescriptorPool()
+    try:
+        for proto in files:
+            pool.Add(proto)
+    except (TypeError, KeyError) as exc:
+        raise DescriptorSourceError(f"{source}: {exc}") from exc
+    names = {proto.name for proto in files}
+    for extra in _error_detail_files():
+        if extra.name not in names:
+            try:
+                pool.Add(extra)
+            except (TypeError, KeyError):
+                # The upstream defines these names in a file of its own: its win.
+                break
+    return pool
+
+
+def _error_detail_files() -> list[descriptor_pb2.FileDescriptorProto]:
+    """google/rpc/error_details.proto and what it imports, dependencies first."""
+    from google.rpc import error_details_pb2
+
+    seen: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+
+    def visit(file: Any) -> None:
+        if file.name not in seen:
+            for dependency in file.dependencies:
+                visit(dependency)
+            proto = descriptor_pb2.FileDescriptorProto()
+            file.CopyToProto(proto)
+            seen[file.name] = proto
+
+    visit(error_details_pb2.DESCRIPTOR)
+    return list(seen.values())
 
 
 def _file_names(services: Sequence[ServiceDescriptor]) -> list[str]:

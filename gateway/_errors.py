@@ -187,19 +187,20 @@ def error_info(
     error: GatewayError | grpc.RpcError, pool: DescriptorPool | None = None
 ) -> tuple[ErrorInfo, dict[str, str]]:
     """Either kind of error as what the gateway answers: the :class:`ErrorInfo`, and the
-    headers that go with it (``Allow`` of a 405, ``Retry-After``).
+    headers that go with it (``Allow`` of a 405, ``Retry-After``, ``WWW-Authenticate``).
 
     An upstream error's details come from the ``grpc-status-details-bin`` trailer (a
     serialized ``google.rpc.Status``). The code and message are the call's own: if the
     trailer disagrees with them (a server bug), the details are still shown. A trailer
     that does not parse is ignored. When a RESOURCE_EXHAUSTED or UNAVAILABLE error
     carries a ``google.rpc.RetryInfo``, the headers hold ``Retry-After`` (whole seconds,
-    rounded up, at least 1). ``pool`` finds detail types other than google.rpc's.
+    rounded up, at least 1). A 401 (UNAUTHENTICATED) carries ``WWW-Authenticate: Bearer``.
+    ``pool`` finds detail types other than google.rpc's.
     """
     if isinstance(error, GatewayError):
         body = status_json(error.code, error.message, error.details, pool)
         info = ErrorInfo(error.http_status, error.code, error.message, error.details, body)
-        return info, dict(error.headers)
+        return info, _challenged(info, dict(error.headers))
     code, message, trailers = _call_status(error)
     details = list(_rich_status(trailers).details)
     headers: dict[str, str] = {}
@@ -208,7 +209,16 @@ def error_info(
         if delay is not None:
             headers["Retry-After"] = str(max(1, math.ceil(delay)))
     body = status_json(code, message, details, pool)
-    return ErrorInfo(HTTP_STATUS[code], code, message, tuple(details), body), headers
+    info = ErrorInfo(HTTP_STATUS[code], code, message, tuple(details), body)
+    return info, _challenged(info, headers)
+
+
+def _challenged(info: ErrorInfo, headers: dict[str, str]) -> dict[str, str]:
+    # A 401 must say how to authenticate (RFC 9110, 15.5.2); protoserve's servers take
+    # bearer tokens (RFC 6750), which the gateway forwards as the Authorization header.
+    if info.status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    return headers
 
 
 def _call_status(
@@ -291,6 +301,7 @@ def _find_type(name: str, pool: DescriptorPool | None) -> Descriptor | None:
     for candidate in pools:
         try:
             return candidate.FindMessageTypeByName(name)
-        except KeyError:
+        except Exception:  # KeyError; or whatever a pool backed by a database raises
+            # Rendering an error must never fail: an unknown type is kept as bytes.
             continue
     return None

@@ -11,6 +11,7 @@ import pytest
 
 from protoserve.gateway import build_gateway
 from tests._threads import LoopThread, UvicornThread, start_grpc_server, stop_grpc_server
+from tests.gateway._sources import SOURCES, descriptors_for
 
 MODELS = (
     "bytelm",
@@ -50,7 +51,48 @@ def stack() -> Iterator[Stack]:
     stop_grpc_server(thread, server)
 
 
+class Gateways:
+    """One gateway per descriptor source (tests/gateway/_sources.py), all in front of
+    the stack's upstream and built alike; each started when first asked for."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.served: dict[str, UvicornThread] = {"compiled": stack.gateway}
+
+    def url(self, source: str) -> str:
+        if source not in self.served:
+            descriptors = descriptors_for(source, self.stack.grpc_target)
+            self.served[source] = UvicornThread(
+                build_gateway(
+                    self.stack.grpc_target,
+                    descriptors=descriptors,
+                    keepalive=0.5,
+                    max_body_bytes=64 * 1024,
+                )
+            )
+        return self.served[source].url
+
+    def stop(self) -> None:
+        for source, gateway in self.served.items():
+            if source != "compiled":  # the stack's own, which it stops
+                gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def gateways(stack: Stack) -> Iterator[Gateways]:
+    gateways = Gateways(stack)
+    yield gateways
+    gateways.stop()
+
+
+@pytest.fixture(params=SOURCES)
+def source(request: pytest.FixtureRequest) -> str:
+    """Where the gateway behind ``http`` learnt the API: every test of ``http`` runs
+    against each source, which must answer alike (docs/architecture.md, rule 3)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def http(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.url, timeout=30) as client:
+def http(gateways: Gateways, source: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateways.url(source), timeout=30) as client:
         yield client

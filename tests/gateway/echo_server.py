@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
+from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection
 
 SERVICE = "protoserve.testing.echo.v1.EchoService"
@@ -43,6 +44,14 @@ def build_descriptor_set(out: Path) -> Path:
         check=True,
     )
     return out
+
+
+def failure_details(code: int) -> tuple[tuple[str, bytes], ...]:
+    """The ``grpc-status-details-bin`` trailer of Fail: one ``google.rpc.ErrorInfo``."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason="FAILING_AS_ASKED", domain="echo.testing"))
+    status = status_pb2.Status(code=code, message="failing as asked", details=[detail])
+    return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
 async def serve(descriptor_set: bytes, port_file: Path) -> None:
@@ -79,7 +88,10 @@ async def serve(descriptor_set: bytes, port_file: Path) -> None:
 
     async def fail(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         code = next(c for c in grpc.StatusCode if c.value[0] == request.code)
-        await context.abort(code, "failing as asked")
+        # With a google.rpc detail, as servers that follow AIP-193 send them.
+        await context.abort(
+            code, "failing as asked", trailing_metadata=failure_details(request.code)
+        )
 
     async def plain(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return types["Plain"][1](value=request.value)

@@ -14,6 +14,9 @@ import pytest
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 from starlette.responses import Response
 
 from protoserve.gateway._call import answer_error
@@ -387,3 +390,17 @@ def test_an_rpc_error_of_no_known_shape_says_nothing_of_itself() -> None:
     status, body, headers = from_grpc_error(grpc.RpcError("secret internals"), None)
     assert (status, headers) == (500, {})
     assert body == {"code": 2, "message": "the upstream call failed", "details": []}
+
+
+def test_a_pool_whose_lookups_fail_still_renders_every_detail(
+    errors: dict[str, grpc.RpcError],
+) -> None:
+    # The reflection-backed pool the gateway once kept asked its closed channel for every
+    # name it had not seen, and raised ValueError: the answer was a plain-text 500.
+    channel = grpc.insecure_channel("127.0.0.1:1")
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+    channel.close()
+    status, body, headers = from_grpc_error(errors["BadRequest"], pool)
+    assert (status, headers) == (400, {})
+    assert body["details"][:2] == [BAD_REQUEST_JSON, UNKNOWN_JSON]
+    assert body["details"][2]["@type"] == "type.googleapis.com/errors.test.v1.QuotaHint"

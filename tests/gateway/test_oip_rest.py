@@ -22,9 +22,11 @@ import pytest
 from google.protobuf import descriptor_pool
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
-from protoserve.gateway import Descriptors, build_gateway, from_reflection
+from protoserve.gateway import Descriptors, build_gateway, from_descriptor_set, from_reflection
+from protoserve.gateway.inference import OIP_SERVICE
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from tests._threads import LoopThread, UvicornThread
+from tests.gateway._sources import SOURCES, protoserve_descriptor_set
 from tests.gateway.oip_upstream import State, join_bytes, start
 
 LIMIT = 64 * 1024
@@ -79,11 +81,17 @@ def reflected(upstream: Upstream) -> Iterator[httpx.Client]:
     yield from _client(app)
 
 
-@pytest.fixture(params=["compiled", "reflection"])
+@pytest.fixture(scope="module")
+def from_file(upstream: Upstream) -> Iterator[httpx.Client]:
+    """A gateway given a descriptor-set file (``--descriptor-set``): a pool of its own."""
+    descriptors = from_descriptor_set(protoserve_descriptor_set(), services=[OIP_SERVICE])
+    yield from _client(build_gateway(upstream.target, descriptors=descriptors))
+
+
+@pytest.fixture(params=SOURCES)
 def http(request: pytest.FixtureRequest, state: State) -> httpx.Client:
-    client: httpx.Client = request.getfixturevalue(
-        "gateway" if request.param == "compiled" else "reflected"
-    )
+    fixture = {"compiled": "gateway", "descriptor-set": "from_file", "reflection": "reflected"}
+    client: httpx.Client = request.getfixturevalue(fixture[request.param])
     return client
 
 

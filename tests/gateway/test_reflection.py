@@ -1,4 +1,5 @@
-"""`protoserve gateway --from-reflection` in front of a service it was never given."""
+"""`protoserve gateway --from-reflection` (and `--descriptor-set`) in front of a service it
+was never given."""
 
 from __future__ import annotations
 
@@ -40,16 +41,26 @@ def stop(process: subprocess.Popen[bytes]) -> int:
     return process.wait()
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+# The echo service has no stubs to compile in: a gateway learns it from the upstream's
+# reflection or from a descriptor-set file, and must serve it the same either way.
+@pytest.fixture(scope="module", params=["reflection", "descriptor-set"])
+def gateway(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("reflection")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    descriptor_set = build_descriptor_set(tmp / "echo.binpb")
+    source = (
+        ["--from-reflection"]
+        if request.param == "reflection"
+        else ["--descriptor-set", str(descriptor_set)]
+    )
     echo = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "tests.gateway.echo_server",
-            str(build_descriptor_set(tmp / "echo.binpb")),
+            str(descriptor_set),
             str(tmp / "echo.port"),
         ],
         cwd=ROOT,
@@ -65,7 +76,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "gateway",
             "--upstream",
             upstream,
-            "--from-reflection",
+            *source,
             "--port",
             "0",
             "--port-file",
@@ -176,6 +187,21 @@ def test_error_table(http: httpx.Client, code: int, status: int) -> None:
     assert response.status_code == status
     body = response.json()
     assert body["code"] == code and body["message"] == "failing as asked"
+
+
+def test_error_details_are_typed_and_the_request_id_comes_back(http: httpx.Client) -> None:
+    response = http.delete("/v1/failures/5", headers={"X-Request-Id": "fail-1"})
+    assert response.status_code == 404
+    assert response.headers["x-request-id"] == "fail-1"
+    assert response.json()["details"] == [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "FAILING_AS_ASKED",
+            "domain": "echo.testing",
+        }
+    ]
+    # The connection stays usable: the next request on it is answered.
+    assert http.get("/v1/rooms/attic/messages/again").status_code == 200
 
 
 def test_bad_path_value_names_the_field(http: httpx.Client) -> None:
