@@ -34,6 +34,7 @@ __all__ = [
     "RequestIdFilter",
     "TextFormatter",
     "configure",
+    "escape_controls",
     "request_id",
 ]
 
@@ -66,17 +67,46 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# Control characters (C0, DEL, C1) and Unicode's line and paragraph separators: what
+# could end a text line early, or forge one (a path with %0A in an access line).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x01``,
+    ``\\u2028``): one line however it came, and never a forged one."""
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match[0]
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
 class TextFormatter(logging.Formatter):
-    """The plain format, with ``[request_id=...]`` after the message when there is one."""
+    """The plain format, with ``[request_id=...]`` after the message when there is one.
+
+    The message and the request id have their control characters escaped
+    (:func:`escape_controls`): a message is one line, whatever a client put in it;
+    only a traceback, after it, spans lines.
+    """
 
     def __init__(self) -> None:
         super().__init__(_TEXT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        line = super().formatMessage(record)
+        # The record is shared with every other handler: escape a copy of it.
+        shown = logging.makeLogRecord(record.__dict__)
+        shown.message = escape_controls(record.message)
+        shown.name = escape_controls(record.name)
+        line = super().formatMessage(shown)
         rid = getattr(record, "request_id", None)
         # Here rather than in format(): before a traceback, not after it.
-        return f"{line} [request_id={rid}]" if rid else line
+        return f"{line} [request_id={escape_controls(str(rid))}]" if rid else line
 
 
 class JsonFormatter(_BaseJsonFormatter):

@@ -65,7 +65,12 @@ def outgoing_metadata(
     request: Request, forwarded: frozenset[str], request_id: str
 ) -> list[tuple[str, str]]:
     """What goes upstream as metadata: the request id, ``Grpc-Metadata-*`` headers
-    (prefix stripped) and the ``forwarded`` headers, less gRPC's own and binary keys."""
+    (prefix stripped) and the ``forwarded`` headers, less gRPC's own and binary keys.
+
+    Raises:
+        GatewayError: INVALID_ARGUMENT, a header to send has a key or a value gRPC
+            cannot carry (a control character in ``Authorization``, say).
+    """
     metadata = [("x-request-id", request_id)]
     for key, value in request.headers.items():
         key = key.lower()
@@ -75,8 +80,36 @@ def outgoing_metadata(
             continue
         # Binary (-bin) metadata would need base64 rules of its own; it is not forwarded.
         if key and not key.endswith("-bin") and key not in _RESERVED_METADATA and value.isascii():
+            _check_metadata(key, value)
             metadata.append((key, value))
     return metadata
+
+
+# What gRPC takes in a metadata key, and in a text value (printable ASCII): anything
+# else makes grpc refuse the whole call, which must be the client's 400, not a 500.
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+_METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
+def _check_metadata(key: str, value: str) -> None:
+    """Raises INVALID_ARGUMENT unless gRPC can carry ``key: value`` as metadata."""
+    if not _METADATA_KEY.fullmatch(key):
+        raise GatewayError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"header {_shown(key)} cannot go upstream as gRPC metadata: "
+            "a key takes only a-z, 0-9, '-', '_' and '.'",
+        )
+    if not _METADATA_VALUE.fullmatch(value):
+        raise GatewayError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"header {_shown(key)} cannot go upstream as gRPC metadata: "
+            "its value holds a control character",
+        )
+
+
+def _shown(key: str) -> str:
+    # The key as the message names it: quoted, escaped, and bounded.
+    return repr(key if len(key) <= 64 else key[:64] + "…")
 
 
 def metadata_headers(metadata: Any, prefix: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ from protoserve.server.metrics import Metrics
 from protoserve.server.oip.infer import infer
 from protoserve.server.oip.signatures import model_config, model_metadata
 from protoserve.server.runtime.core import Runtime
-from protoserve.server.runtime.errors import InvalidArgument, NotFound
+from protoserve.server.runtime.errors import InvalidArgument, NotFound, bounded
 
 __all__ = ["EXTENSIONS", "SERVICE_NAME", "OpenInferenceServicer", "add_to_server"]
 
@@ -46,7 +46,7 @@ def _repository(name: str) -> None:
     """The server has one repository, named ""; any other name is NOT_FOUND."""
     if name:
         raise NotFound(
-            f'repository {name!r} not found; the server has one, named ""',
+            f'repository {bounded(name)!r} not found; the server has one, named ""',
             resource_type="repository",
             resource_name=name,
         )

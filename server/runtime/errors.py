@@ -6,6 +6,11 @@ fails by raising one of these from the runtime (or a servicer); the call's frame
 details (AIP-193, :func:`to_rpc_status`): a message for people, typed details for
 machines. Anything else raised while serving is an internal error: logged with its
 traceback on the server, sent to the client only as INTERNAL with the request id.
+
+What an error echoes of a request is bounded (:func:`bounded`, :data:`MAX_ECHO`),
+and so is the status as a whole: its message and details travel in the call's
+trailers, and trailers past a client's metadata limit (8 KiB in grpc's clients)
+would turn the answer into RESOURCE_EXHAUSTED, whatever it was.
 """
 
 from __future__ import annotations
@@ -24,14 +29,45 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "ProtoserveError",
     "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
+    "bounded",
     "to_rpc_status",
 ]
 
+#: The ``domain`` of the ``google.rpc.ErrorInfo`` details protoserve sends (AIP-193).
+ERROR_DOMAIN = "protoserve"
+
 FieldViolation = tuple[str, str]
 """A bad request field: (dotted field path, what is wrong with it)."""
+
+#: Characters of a client's text (a model name, a version) an error echoes at most.
+MAX_ECHO = 128
+#: UTF-8 bytes of an error's message at most. A message goes in the ``grpc-message``
+#: trailer (percent-encoded: up to 3 KiB) and again in ``grpc-status-details-bin``.
+MAX_MESSAGE_BYTES = 1024
+#: Bytes of the serialized ``google.rpc.Status`` at most (base64 in the trailer: 4 KiB);
+#: details that do not fit are left out, the last first.
+MAX_STATUS_BYTES = 3072
+#: Field violations one INVALID_ARGUMENT carries at most; their text is bounded too.
+MAX_VIOLATIONS = 8
+
+
+def bounded(text: str, limit: int = MAX_ECHO) -> str:
+    """``text``, cut to ``limit`` characters with an ellipsis when longer: how an error
+    echoes what a client sent."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _bounded_message(message: str) -> str:
+    data = message.encode("utf-8", "surrogatepass")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    # Cut on a character boundary, leaving room for the ellipsis (3 bytes).
+    return data[: MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore") + "…"
 
 
 class ProtoserveError(Exception):
@@ -46,6 +82,7 @@ class ProtoserveError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(self, message: str, *, details: Sequence[Message] = ()) -> None:
+        message = _bounded_message(message)
         super().__init__(message)
         self.message = message
         self.details: list[Message] = list(details)
@@ -63,8 +100,10 @@ class InvalidArgument(ProtoserveError):
             details.append(
                 error_details_pb2.BadRequest(
                     field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                        for f, d in self.violations
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=bounded(f), description=bounded(d, 2 * MAX_ECHO)
+                        )
+                        for f, d in self.violations[:MAX_VIOLATIONS]
                     ]
                 )
             )
@@ -86,7 +125,7 @@ class NotFound(ProtoserveError):
         if resource_name:
             details.append(
                 error_details_pb2.ResourceInfo(
-                    resource_type=resource_type, resource_name=resource_name
+                    resource_type=resource_type, resource_name=bounded(resource_name)
                 )
             )
         super().__init__(message, details=details)
@@ -117,6 +156,32 @@ class FailedPrecondition(ProtoserveError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unauthenticated(ProtoserveError):
+    """The call carries no credential the server accepts (a missing or wrong bearer
+    token); ``reason`` (an ``ErrorInfo``) says which, for machines."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message, details=[_error_info(reason)])
+
+
+class PermissionDenied(ProtoserveError):
+    """The caller is known but may not do this (an inference token asking to unload a
+    model); ``reason`` (an ``ErrorInfo``) says what it lacks."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message, details=[_error_info(reason)])
+
+
+def _error_info(reason: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+
+
 class Cancelled(ProtoserveError):
     """The work was cancelled before it finished."""
 
@@ -145,4 +210,7 @@ def to_rpc_status(error: ProtoserveError) -> status_pb2.Status:
         details.append(packed)
     code: int = error.code.value[0]
     assert code_pb2.Code.Name(code)  # the grpc and google.rpc enumerations agree
-    return status_pb2.Status(code=code, message=error.message, details=details)
+    status = status_pb2.Status(code=code, message=error.message, details=details)
+    while status.ByteSize() > MAX_STATUS_BYTES and status.details:
+        del status.details[-1]  # the message still says what went wrong
+    return status

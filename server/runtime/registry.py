@@ -35,6 +35,7 @@ from protoserve.server.runtime.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    bounded,
 )
 from protoserve.server.runtime.model import Decoding, Model
 from protoserve.server.runtime.repository import (
@@ -155,6 +156,16 @@ class ModelRegistry:
         self.repository = (
             None if repository is None else ModelRepository(repository, reserved=self._given)
         )
+        #: The repository's absolute paths, longest first (see _no_paths).
+        self._roots = (
+            ()
+            if self.repository is None
+            else sorted(
+                {str(self.repository.root.absolute()), str(self.repository.root.resolve())},
+                key=len,
+                reverse=True,
+            )
+        )
         self.model_control = model_control
         self.unload_grace = unload_grace
         self._new_entry, self._warm, self._on_change = new_entry, warm, on_change
@@ -207,7 +218,7 @@ class ModelRegistry:
                 message = f"model {name!r} is not loaded: {reason}"
             else:
                 known = ", ".join(sorted(self._entries)) or "none"
-                message = f"model {name!r} not found; models on this server: {known}"
+                message = f"model {bounded(name)!r} not found; models on this server: {known}"
             raise NotFound(message, resource_type="model", resource_name=name)
         if not version:
             return entries[-1]
@@ -215,7 +226,7 @@ class ModelRegistry:
             if entry.version == version:
                 return entry
         raise NotFound(
-            f"model {name!r} has no version {version!r}; versions: "
+            f"model {name!r} has no version {bounded(version)!r}; versions: "
             + ", ".join(e.version for e in entries),
             resource_type="model version",
             resource_name=f"{name}/{version}",
@@ -255,8 +266,10 @@ class ModelRegistry:
         self._require_repository()
         if not self.model_control:
             raise FailedPrecondition(
-                "model control is off on this server (--no-model-control): "
-                "models load at the start only"
+                "model control is off on this server (the default without "
+                "--admin-token-file, or --no-model-control): models load at the start only; "
+                "to load and unload while serving, start it with --admin-token-file (callers "
+                "then need an admin token), or --model-control for local use without tokens"
             )
         if name in self._given:
             raise FailedPrecondition(
@@ -296,6 +309,13 @@ class ModelRegistry:
         for task in self._tasks:
             task.cancel()
 
+    def _no_paths(self, text: str) -> str:
+        """``text`` as clients may see it: the repository's place on disk left out (a
+        model file's path, in a load's error), which only the server's log shows."""
+        for root in self._roots:
+            text = text.replace(root, "<model repository>")
+        return text
+
     def _require_repository(self) -> ModelRepository:
         if self.repository is None:
             raise FailedPrecondition("the server has no model repository (--model-repository)")
@@ -333,22 +353,23 @@ class ModelRegistry:
         try:
             folder = await asyncio.to_thread(repository.find, name)
         except RepositoryError as exc:
-            raise Unavailable(f"cannot read the model repository: {exc}") from exc
+            raise _unreadable(exc) from exc
         if folder is None:
             raise NotFound(
-                f"model {name!r} is not in the model repository",
+                f"model {bounded(name)!r} is not in the model repository",
                 resource_type="model",
                 resource_name=name,
             )
         if folder.config is None:
             self._malformed(name, folder.path, folder.error)
-            raise InvalidArgument(f"model {name!r}: folder {folder.path.name!r}: {folder.error}")
+            error = self._no_paths(folder.error)
+            raise InvalidArgument(f"model {name!r}: folder {folder.path.name!r}: {error}")
         return folder.config
 
     def _malformed(self, name: str, path: Path, reason: str) -> None:
         log.error("model repository: folder %r skipped: %s", path.name, reason)
         if name not in self._entries:
-            self._status[name] = {"": IndexEntry(name, "", UNAVAILABLE, reason)}
+            self._status[name] = {"": IndexEntry(name, "", UNAVAILABLE, self._no_paths(reason))}
         self._on_change()
 
     async def _load_versions(self, config: ModelConfig, *, initial: bool) -> None:
@@ -360,7 +381,10 @@ class ModelRegistry:
             models = await asyncio.to_thread(lambda: [config.build(v) for v in config.versions])
         except RepositoryError as exc:
             self._failed(config, numbers, str(exc), None)
-            raise InvalidArgument(f"model {name!r}: folder {config.folder.name!r}: {exc}") from exc
+            shown = self._no_paths(str(exc))
+            raise InvalidArgument(
+                f"model {name!r}: folder {config.folder.name!r}: {shown}"
+            ) from exc
         entries = [
             self._new_entry(name, model, v, config.batching)
             for v, model in zip(numbers, models, strict=True)
@@ -387,7 +411,7 @@ class ModelRegistry:
             reason = f"version {entry.version} failed to load: {type(error).__name__}: {error}"
             self._failed(config, numbers, reason, failures)
             await asyncio.to_thread(_close_all, entries)
-            raise Unavailable(f"model {name!r}: {reason}")
+            raise Unavailable(f"model {name!r}: {self._no_paths(reason)}")
         for entry in entries:
             entry.state, entry.state_message = ModelState.READY, "ready"
         replaced = [] if visible else self._entries.get(name, [])
@@ -426,7 +450,7 @@ class ModelRegistry:
                 )
         if name not in self._entries:
             self._status[name] = {
-                v: IndexEntry(name, v, UNAVAILABLE, r) for v, r in reasons.items()
+                v: IndexEntry(name, v, UNAVAILABLE, self._no_paths(r)) for v, r in reasons.items()
             }
         else:
             self._status.pop(name, None)  # the versions serving before serve on
@@ -438,10 +462,14 @@ class ModelRegistry:
             if entries is None:
                 repository = self._require_repository()
                 known = name in self._status
-                if known or await asyncio.to_thread(repository.find, name) is not None:
+                try:
+                    found = known or await asyncio.to_thread(repository.find, name) is not None
+                except RepositoryError as exc:
+                    raise _unreadable(exc) from exc
+                if found:
                     return  # not loaded: nothing to do
                 raise NotFound(
-                    f"model {name!r} is not in the model repository",
+                    f"model {bounded(name)!r} is not in the model repository",
                     resource_type="model",
                     resource_name=name,
                 )
@@ -474,6 +502,13 @@ class ModelRegistry:
             await asyncio.to_thread(_close_all, entries)
         finally:
             self._retiring = [e for e in self._retiring if e not in entries]
+
+
+def _unreadable(error: RepositoryError) -> Unavailable:
+    """The repository cannot be read (gone, or not a folder): logged with its path, said
+    to the client without it (clients never see server paths)."""
+    log.error("model repository: %s", error)
+    return Unavailable("cannot read the model repository; the server's log says why")
 
 
 def _version_key(version: str) -> tuple[int, int, str]:

@@ -268,21 +268,32 @@ class ModelRepository:
         call it from a worker thread where the repository may be slow storage.
 
         Raises:
-            RepositoryError: the repository itself is missing or not a folder.
+            RepositoryError: the repository itself is missing, not a folder, or
+                unreadable. A folder that cannot be read, or whose ``model.toml`` is
+                not UTF-8 or not TOML, is one broken model, not an error.
         """
-        if not self.root.is_dir():
-            raise RepositoryError(f"model repository {str(self.root)!r} is not a folder")
+        try:
+            paths = sorted(self.root.iterdir())
+        except OSError as exc:  # gone (NotADirectoryError too), or not readable
+            what = (
+                "is not a folder" if not self.root.is_dir() else f"cannot be read: {exc.strerror}"
+            )
+            raise RepositoryError(f"model repository {str(self.root)!r} {what}") from exc
         found: list[Folder] = []
-        for path in sorted(self.root.iterdir()):
+        for path in paths:
             if not path.is_dir() or path.name.startswith(".") or path.name in _NOT_MODELS:
                 continue
-            if not (path / CONFIG_FILE).is_file():
-                found.append(Folder(path.name, path, None, f"{CONFIG_FILE} is missing"))
-                continue
+            # A folder's name that is not UTF-8 is shown escaped: the index carries it.
+            name = _printable(path.name)
             try:
+                if not (path / CONFIG_FILE).is_file():
+                    found.append(Folder(name, path, None, f"{CONFIG_FILE} is missing"))
+                    continue
                 config = read_config(path, reserved=self.reserved)
             except RepositoryError as exc:
-                found.append(Folder(path.name, path, None, str(exc)))
+                found.append(Folder(name, path, None, str(exc)))
+            except OSError as exc:  # an unreadable folder is one broken model (no path said)
+                found.append(Folder(name, path, None, f"cannot read the folder: {exc.strerror}"))
             else:
                 found.append(Folder(config.name, path, config))
         return _flag_duplicates(found)
@@ -304,6 +315,11 @@ def read_config(folder: Path, *, reserved: frozenset[str] = frozenset()) -> Mode
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise RepositoryError(f"{CONFIG_FILE} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; a file saved as Latin-1 is not
+        raise RepositoryError(
+            f"{CONFIG_FILE} is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+            f"at offset {exc.start})"
+        ) from exc
     except OSError as exc:
         raise RepositoryError(f"cannot read {CONFIG_FILE}: {exc.strerror or exc}") from exc
     _known_keys(raw, _TOP_KEYS, "")
@@ -505,6 +521,12 @@ def _warmup_tensor(name: str, raw: object) -> WarmupTensor:
     return WarmupTensor(
         name, str(dtype), tuple(shape), None if data is None else tuple(float(v) for v in data)
     )
+
+
+def _printable(name: str) -> str:
+    """A file name as text that protobuf and logs can carry: bytes that were not UTF-8
+    (``os.fsdecode``'s surrogates) as ``\\xNN`` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _flag_duplicates(found: list[Folder]) -> list[Folder]:

@@ -1,0 +1,43 @@
+"""The server's Health service: grpcio-health-checking's, with ``List`` answered.
+
+grpc.health.v1 added ``List`` (every service's status in one call); grpcio's
+asyncio servicer (1.85) leaves it to the generated base class, which answers
+UNIMPLEMENTED "Unexpected <class 'NotImplementedError'>". The gateway's OpenAPI
+document lists every method of the services it serves, ``List`` included, so it
+is answered here, from the statuses ``Check`` and ``Watch`` read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+__all__ = ["MAX_LISTED", "HealthServicer"]
+
+#: Services ``List`` answers at most; past it, RESOURCE_EXHAUSTED, as health.proto says.
+#: The server has one per model plus three: a repository of thousands of models would
+#: make an answer no prober wants.
+MAX_LISTED = 4096
+
+
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
+    """grpcio's asyncio Health servicer, plus ``List``."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        """Every service's status: ``""`` (the server), each service, ``models/NAME``."""
+        statuses: dict[str, int] = dict(self._server_status)
+        if len(statuses) > MAX_LISTED:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(statuses)} services; List answers at most {MAX_LISTED}: ask Check for one",
+            )
+        return health_pb2.HealthListResponse(
+            statuses={
+                service: health_pb2.HealthCheckResponse(status=status)
+                for service, status in statuses.items()
+            }
+        )
