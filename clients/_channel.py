@@ -100,16 +100,23 @@ class ChannelSettings:
         token: str | None,
         metadata: Metadata,
         options: Sequence[tuple[str, Any]],
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be 0 or more")
         self.target, balance = _target(target)
         self.timeout = timeout
-        self.tls = tls or root_certificates is not None
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("certificate_chain and private_key go together")
+        self.tls = tls or root_certificates is not None or certificate_chain is not None
         self.metadata: tuple[tuple[str, str], ...] = tuple(metadata)
         self.credentials: grpc.ChannelCredentials | None = None
         if self.tls:
-            self.credentials = grpc.ssl_channel_credentials(root_certificates)
+            # With a client certificate: mTLS, for a server that requires one.
+            self.credentials = grpc.ssl_channel_credentials(
+                root_certificates, private_key=private_key, certificate_chain=certificate_chain
+            )
             if token is not None:
                 # Call credentials are only ever sent over TLS: gRPC's guard
                 # against leaking a token in clear text.
@@ -168,6 +175,8 @@ class GrpcClientBase(BaseClient):
         token: str | None = None,
         metadata: Metadata = (),
         options: Sequence[tuple[str, Any]] = (),
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
     ) -> None:
         settings = ChannelSettings(
             target,
@@ -178,6 +187,8 @@ class GrpcClientBase(BaseClient):
             token=token,
             metadata=metadata,
             options=options,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
         )
         super().__init__(self._transport_type(settings), model)
 

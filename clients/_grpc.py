@@ -81,6 +81,8 @@ class Client(GrpcClientBase, ClientAPI[TextStream]):
         token: a bearer token sent with every call.
         metadata: gRPC metadata sent with every call.
         options: gRPC channel options; they override the client's own.
+        certificate_chain, private_key: PEM client certificate and its key, for a
+            server that requires one (mTLS; ``serve --client-ca``); implies TLS.
 
     ``close()`` (or leaving a ``with`` block) closes the channel; calls and
     streams still running are cancelled.
