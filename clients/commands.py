@@ -32,17 +32,81 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--model", default=None, help="model name (default: the server's only model)"
     )
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("PROTOSERVE_TOKEN") or None,
+        help="bearer token sent with every call, for a server started with --auth-token-file "
+        "(env PROTOSERVE_TOKEN, which other users' `ps` does not show)",
+    )
+    _tls_flags(parser)
     return parser
+
+
+def _tls_flags(parser: argparse.ArgumentParser) -> None:
+    """TLS to the server, as curl and grpcurl name it: --cacert, --cert, --key."""
+    parser.add_argument(
+        "--cacert",
+        metavar="PEM",
+        default=os.environ.get("PROTOSERVE_CACERT") or None,
+        help="trust these CA certificates for the server's (gRPC: implies TLS; "
+        "env PROTOSERVE_CACERT)",
+    )
+    parser.add_argument(
+        "--cert",
+        metavar="PEM",
+        default=os.environ.get("PROTOSERVE_CERT") or None,
+        help="client certificate chain, for a server that requires one (mTLS; needs --key; "
+        "env PROTOSERVE_CERT)",
+    )
+    parser.add_argument(
+        "--key",
+        metavar="PEM",
+        default=os.environ.get("PROTOSERVE_KEY") or None,
+        help="the private key of --cert (unencrypted PEM; env PROTOSERVE_KEY)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="gRPC over TLS, trusting the system's CA certificates (implied by --cacert)",
+    )
+
+
+def _grpc_tls(args: argparse.Namespace) -> dict[str, Any]:
+    """The gRPC client's TLS arguments from --tls, --cacert, --cert and --key.
+
+    Raises:
+        ValueError: a file cannot be used, or --cert without --key (or the reverse).
+    """
+    from protoserve.common.tls import read_ca, read_pair
+
+    if (args.cert is None) != (args.key is None):
+        raise ValueError("--cert and --key go together")
+    options: dict[str, Any] = {"tls": args.tls}
+    if args.cacert:
+        options["root_certificates"] = read_ca(args.cacert, "--cacert")
+    if args.cert and args.key:
+        chain, key = read_pair(args.cert, args.key, cert_flag="--cert", key_flag="--key")
+        options.update(certificate_chain=chain, private_key=key)
+    return options
 
 
 def _client(args: argparse.Namespace) -> Any:
     if args.server.startswith(("http://", "https://")):
         from protoserve.clients._http import HttpClient
 
-        return HttpClient(args.server, model=args.model, timeout=args.timeout)
+        # --cacert trusts the gateway's HTTPS certificate; client certificates are gRPC's.
+        return HttpClient(
+            args.server,
+            model=args.model,
+            timeout=args.timeout,
+            token=args.token,
+            verify=args.cacert or True,
+        )
     from protoserve.clients._grpc import Client
 
-    return Client(args.server, model=args.model, timeout=args.timeout)
+    return Client(
+        args.server, model=args.model, timeout=args.timeout, token=args.token, **_grpc_tls(args)
+    )
 
 
 def _value(text: str) -> Any:

@@ -11,7 +11,8 @@ call runs; its errors as statuses with ``google.rpc`` details (docs/architecture
 rule 4), an unexpected exception logged with its traceback while the client gets
 INTERNAL with the request id only; its metrics; and one access line
 (``protoserve.server.access``) when it ends, for a stream when the stream does
-(rule 6).
+(rule 6). A call refused before any servicer sees it (a missing token:
+:mod:`protoserve.server.auth`) is answered by :func:`refusal` in the same frame.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from protoserve.server.runtime.errors import (
     to_rpc_status,
 )
 
-__all__ = ["add_service", "streaming", "unary"]
+__all__ = ["add_service", "refusal", "streaming", "unary"]
 
 log = logging.getLogger("protoserve.server")
 #: One line per finished call: method, code, duration_ms, request_id, peer (and error).
@@ -178,6 +179,39 @@ def add_service(servicer: object, server: grpc.aio.Server, service: ServiceDescr
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
+
+
+def refusal(
+    like: grpc.RpcMethodHandler[Any, Any] | None,
+    method: str,
+    error: ProtoserveError,
+    metrics: Metrics | None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler that answers a call with ``error``, in its call's frame (request id,
+    access line, ``metrics`` when given), without reading or parsing its request.
+
+    Args:
+        like: the method's own handler, whose kind (unary or streaming, each way)
+            the refusal takes; None (an unknown method): unary.
+        method: the name on the access line and the metrics' method label.
+        error: what the caller gets.
+        metrics: the server's metrics, or None not to count the call (a method the
+            server does not have: its name is the caller's to choose).
+    """
+
+    async def answer(request: object, context: Context) -> None:
+        async with _call(context, method, metrics):
+            raise error
+
+    kind = (like.request_streaming, like.response_streaming) if like is not None else (False, False)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[kind]
+    # No deserializer: the refused request stays bytes, never parsed.
+    return make(answer)
 
 
 def unary(

@@ -70,6 +70,8 @@ def server(
         # The texts of one request decode together and test_text.py compares them
         # with each decoded alone: bit for bit only with batch invariance.
         "--batch-invariant",
+        # tritonclient loads and unloads models (test_unload_and_load), without a token.
+        "--model-control",
     )
     try:
         client = grpcclient.InferenceServerClient(started.address)

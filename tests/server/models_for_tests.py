@@ -352,3 +352,23 @@ class NoEotByteLM(bytelm.ByteLM):
         logits = logits.clone()
         logits[..., self.config.eot_id] = float("-inf")
         return logits, hidden
+
+
+class Counted(Model):
+    """Predict: y = x + 1; generate: ``ok``. Counts the calls that reach it (``calls``),
+    so a test can tell that a refused request never got to the model."""
+
+    name = "counted"
+    inputs = (TensorInfo("x", "float32", (-1,)),)
+    outputs = (TensorInfo("y", "float32", (-1,)),)
+    calls: ClassVar[int] = 0
+
+    def predict(
+        self, inputs: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]
+    ) -> Mapping[str, torch.Tensor]:
+        type(self).calls += 1
+        return {"y": inputs["x"] + 1}
+
+    def generate(self, text: str, params: GenerationParams) -> Iterator[Token]:
+        type(self).calls += 1
+        yield from (Token(byte, bytes((byte,))) for byte in b"ok")

@@ -929,7 +929,8 @@ def test_repository_versions_load_and_unload_through_the_protocol(tmp_path) -> N
     (folder / "model.toml").write_text(
         'source = "tests.server.models_for_tests:Rows"\nversions = "all"\n'
     )
-    thread, server = start_grpc_server((), model_repository=str(tmp_path))
+    # --model-control: load and unload without tokens, as on a developer's machine.
+    thread, server = start_grpc_server((), model_repository=str(tmp_path), model_control=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     x = [tensor("x", "FP32", [1, 4], fp32_contents=[1, 2, 3, 4])]

@@ -174,6 +174,9 @@ class Server:
 @contextlib.contextmanager
 def serving(root: Path, *specs: str, **config: Any) -> Iterator[Server]:
     config.setdefault("shutdown_grace", 5)
+    # Load and unload without tokens, as on a developer's machine (tests/server/test_auth.py
+    # has them with tokens, and refused by default).
+    config.setdefault("model_control", True)
     thread, server = start_grpc_server(specs, model_repository=str(root), **config)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -705,10 +708,10 @@ def test_a_repository_alone_serves_no_builtin_model_and_is_set_by_flag_or_enviro
         return from_arguments(parser.parse_args(argv), env)
 
     config = parse(["--model-repository", str(tmp_path)], {})
-    assert (config.model_repository, config.models, config.model_control) == (
+    assert (config.model_repository, config.models, config.model_control_on) == (
         str(tmp_path),
         (),
-        True,
+        False,  # without --admin-token-file, unless --model-control (test_auth.py)
     )
     env = {"PROTOSERVE_MODEL_REPOSITORY": "/models", "PROTOSERVE_MODEL_CONTROL": "off"}
     config = parse(["--model", "bytelm"], env)
