@@ -9,6 +9,7 @@ SIGTERM/SIGINT to both. If either exits, the other is stopped too.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -59,8 +60,96 @@ def _parser() -> argparse.ArgumentParser:
         help="serve every model folder of DIR, as for `protoserve serve` (then no "
         "built-in model unless --model bytelm)",
     )
+    _tls_arguments(parser)
     parser.add_argument("serve_args", nargs="*", help=argparse.SUPPRESS)
     return parser
+
+
+def _tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """TLS on the gRPC port, and the gateway's side of it. Each flag defaults to the
+    variable ``serve`` or ``gateway`` would read anyway (both inherit ``up``'s)."""
+    env = os.environ.get
+    parser.add_argument(
+        "--certfile",
+        metavar="PEM",
+        default=env("PROTOSERVE_CERTFILE") or None,
+        help="serve gRPC over TLS with this certificate chain (needs --keyfile); the gateway "
+        "then calls it over TLS [env PROTOSERVE_CERTFILE]",
+    )
+    parser.add_argument(
+        "--keyfile",
+        metavar="PEM",
+        default=env("PROTOSERVE_KEYFILE") or None,
+        help="the private key of --certfile [env PROTOSERVE_KEYFILE]",
+    )
+    parser.add_argument(
+        "--client-ca",
+        metavar="PEM",
+        default=env("PROTOSERVE_CLIENT_CA") or None,
+        help="mTLS: the gRPC port requires client certificates signed by these CAs; the "
+        "gateway presents --upstream-certfile [env PROTOSERVE_CLIENT_CA]",
+    )
+    parser.add_argument(
+        "--upstream-ca",
+        metavar="PEM",
+        default=env("PROTOSERVE_GATEWAY_UPSTREAM_CA") or None,
+        help="what the gateway trusts for the server's certificate (default: --certfile "
+        "itself, right for a self-signed certificate or a file holding the whole chain)",
+    )
+    parser.add_argument(
+        "--upstream-certfile",
+        metavar="PEM",
+        default=env("PROTOSERVE_GATEWAY_UPSTREAM_CERTFILE") or None,
+        help="the gateway's client certificate, signed by a CA of --client-ca",
+    )
+    parser.add_argument(
+        "--upstream-keyfile",
+        metavar="PEM",
+        default=env("PROTOSERVE_GATEWAY_UPSTREAM_KEYFILE") or None,
+        help="the private key of --upstream-certfile",
+    )
+
+
+def _check_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse TLS flags that cannot work together, before anything starts."""
+    if (args.certfile is None) != (args.keyfile is None):
+        parser.error("--certfile and --keyfile go together")
+    if (args.upstream_certfile is None) != (args.upstream_keyfile is None):
+        parser.error("--upstream-certfile and --upstream-keyfile go together")
+    if args.client_ca and not args.certfile:
+        parser.error("--client-ca needs --certfile and --keyfile (mTLS is TLS)")
+    if args.client_ca and not args.upstream_certfile:
+        parser.error(
+            "--client-ca refuses clients without a certificate, the gateway too: "
+            "give it one with --upstream-certfile and --upstream-keyfile"
+        )
+
+
+def _serve_tls(args: argparse.Namespace) -> list[str]:
+    files = (("--certfile", args.certfile), ("--keyfile", args.keyfile))
+    return [f"{flag}={path}" for flag, path in (*files, ("--client-ca", args.client_ca)) if path]
+
+
+def _gateway_tls(args: argparse.Namespace) -> list[str]:
+    if not args.certfile:
+        return []
+    flags = [f"--upstream-ca={args.upstream_ca or args.certfile}"]
+    if args.upstream_certfile:
+        flags += [
+            f"--upstream-certfile={args.upstream_certfile}",
+            f"--upstream-keyfile={args.upstream_keyfile}",
+        ]
+    return flags
+
+
+def _dial_host(host: str) -> str:
+    """Where the gateway reaches a server listening on ``host``: a wildcard address
+    (every interface) is dialled on loopback, which a certificate can name."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return host
 
 
 def _command(name: str, *args: str) -> list[str]:
@@ -74,6 +163,7 @@ def _serve(args: argparse.Namespace, port_file: Path) -> list[str]:
         *("--host", args.host, "--port", str(args.grpc_port), "--port-file", str(port_file)),
         *(f"--model={m}" for m in args.model),
         *([f"--model-repository={args.model_repository}"] if args.model_repository else []),
+        *_serve_tls(args),
         *args.serve_args,
     )
 
@@ -81,14 +171,17 @@ def _serve(args: argparse.Namespace, port_file: Path) -> list[str]:
 def _gateway(args: argparse.Namespace, grpc_port: int, port_file: Path) -> list[str]:
     return _command(
         "gateway",
-        *("--upstream", f"{args.host}:{grpc_port}", "--host", args.host),
+        *("--upstream", f"{_dial_host(args.host)}:{grpc_port}", "--host", args.host),
+        *_gateway_tls(args),
         *("--port", str(args.http_port), "--port-file", str(port_file)),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both until a signal, or until one of them exits; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_tls(parser, args)
     with tempfile.TemporaryDirectory(prefix="protoserve-up-") as scratch:
         grpc_file, http_file = Path(scratch) / "grpc", Path(scratch) / "http"
         server = subprocess.Popen(_serve(args, grpc_file))

@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -39,6 +40,7 @@ from protoserve.gateway._cancel import CLIENT_CLOSED, disconnected, race
 from protoserve.gateway._codecs import Codec, ProtobufCodec, resolve_codecs
 from protoserve.gateway._descriptors import Descriptors
 from protoserve.gateway._errors import GatewayError, error_info
+from protoserve.gateway._fallback import starlette_error
 from protoserve.gateway._metrics import UNMATCHED, GatewayMetrics
 from protoserve.gateway._openapi import build_openapi
 from protoserve.gateway._page import docs_html
@@ -74,8 +76,11 @@ class _Gateway:
         forwarded: Sequence[str],
         use_proto_names: bool,
         channel_options: Sequence[tuple[str, Any]],
+        channel_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.upstream = upstream
+        #: TLS (and mTLS) to the upstream when the gateway opens the channel; None: plaintext.
+        self.channel_credentials = channel_credentials
         self.descriptors = descriptors
         self.pool = descriptors.pool
         self.bindings = [b for s in descriptors.services for b in bindings_for(s)]
@@ -102,7 +107,13 @@ class _Gateway:
         """Starlette's lifespan: a grpc.aio channel belongs to the loop it is made in."""
         if self.channel is None:
             assert isinstance(self.upstream, str)
-            self.channel = grpc.aio.insecure_channel(self.upstream, options=self.channel_options)
+            self.channel = (
+                grpc.aio.insecure_channel(self.upstream, options=self.channel_options)
+                if self.channel_credentials is None
+                else grpc.aio.secure_channel(
+                    self.upstream, self.channel_credentials, options=self.channel_options
+                )
+            )
         log.info(
             "gateway serving %d routes from %s, upstream %s",
             len(self.bindings),
@@ -319,6 +330,9 @@ class AppOptions(TypedDict, total=False):
     use_proto_names: bool
     max_message_bytes: int
     title: str
+    channel_credentials: grpc.ChannelCredentials | None
+    docs: bool
+    metrics: bool
 
 
 def build_app(
@@ -334,6 +348,9 @@ def build_app(
     title: str = DEFAULT_TITLE,
     codecs: Mapping[str, Codec | None] | None = None,
     pages: Mapping[str, Endpoint] | None = None,
+    channel_credentials: grpc.ChannelCredentials | None = None,
+    docs: bool = True,
+    metrics: bool = True,
 ) -> Starlette:
     """The gateway core: every method of ``descriptors`` over HTTP, calling ``upstream``.
 
@@ -356,6 +373,12 @@ def build_app(
         codecs: full method or service name -> the :class:`Codec` of its HTTP format, or
             None for protobuf's JSON mapping (see ``docs/gateway-codecs.md``).
         pages: path -> an endpoint answering GET there, beside the gateway's own.
+        channel_credentials: TLS (and mTLS) for the channel the gateway opens to a
+            ``host:port`` upstream (``grpc.ssl_channel_credentials``); None, the
+            default, is plaintext. Not used with an open channel.
+        docs: serve ``/openapi.json`` and the ``/docs`` page; False: both answer 404.
+        metrics: serve the gateway's Prometheus ``/metrics``; False: it answers 404
+            (the gateway still counts).
 
     Raises:
         ValueError: a method's ``google.api.http`` rule is invalid, a codec is
@@ -375,6 +398,7 @@ def build_app(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
+        channel_credentials=channel_credentials,
     )
     document = build_openapi(
         gateway.bindings,
@@ -385,16 +409,23 @@ def build_app(
         codecs=method_codecs,
     )
     gateway.pages = _own_pages(gateway, document, title)
+    _turn_off(gateway.pages, docs=docs, metrics=metrics)
     for path, page in (pages or {}).items():
         if path in gateway.pages:
             raise ValueError(f"the page {path} is the gateway's own")
         gateway.pages[path] = page
     verbs = sorted({*_METHODS, *(b.verb for b in gateway.bindings)})
+    route = Route("/{path:path}", gateway.endpoint, methods=verbs)
     app = Starlette(
-        routes=[Route("/{path:path}", gateway.endpoint, methods=verbs)],
+        routes=[route],
         middleware=_middleware(cors_origins, verbs),
         lifespan=gateway.lifespan,
+        # What Starlette answers by itself (a verb not listed: 405) as Status JSON.
+        exception_handlers={HTTPException: starlette_error},
     )
+    # A path the route's convertor does not match (one holding %0A) is answered by the
+    # one route like any other, not by Starlette's plain-text 404 (gateway/_fallback.py).
+    app.router.default = route.app
     app.state.gateway = gateway
     return app
 
@@ -415,6 +446,13 @@ def _own_pages(gateway: _Gateway, document: dict[str, Any], title: str) -> dict[
         "/docs": docs_page,
         "/metrics": gateway.metrics.endpoint,
     }
+
+
+def _turn_off(pages: dict[str, Endpoint], *, docs: bool, metrics: bool) -> None:
+    """Drop the own pages turned off (exposure is a choice, docs/security.md)."""
+    off = [*(() if docs else ("/openapi.json", "/docs")), *(() if metrics else ("/metrics",))]
+    for path in off:
+        del pages[path]
 
 
 def _middleware(cors_origins: Sequence[str], verbs: Sequence[str]) -> list[Middleware]:

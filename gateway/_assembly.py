@@ -46,8 +46,10 @@ def build_gateway(
             Inference Protocol's codec is registered for ``inference.GRPCInferenceService``
             unless this names that service.
         options: ``cors_origins``, ``max_body_bytes``, ``keepalive``,
-            ``forwarded_headers``, ``use_proto_names``, ``max_message_bytes``, ``title``:
-            as ``build_app`` (``gateway/_app.py``) documents them.
+            ``forwarded_headers``, ``use_proto_names``, ``max_message_bytes``, ``title``,
+            ``channel_credentials`` (TLS to the upstream): as ``build_app``
+            (``gateway/_app.py``) documents them.
+            ``docs`` and ``metrics`` (False turns those pages off) too.
 
     Raises:
         ValueError: a method's ``google.api.http`` rule is invalid; a codec is

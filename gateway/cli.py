@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         "at /docs. Flags also read PROTOSERVE_GATEWAY_<FLAG> environment variables.",
     )
     _upstream_flags(parser)
+    _upstream_tls_flags(parser)
     _http_flags(parser)
     _behaviour_flags(parser)
+    _exposure_flags(parser)
     return parser
 
 
@@ -105,6 +107,37 @@ def _upstream_flags(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="serve only this service (repeatable; default: all)",
+    )
+
+
+def _upstream_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """TLS to the upstream gRPC server (gateway/_tls.py); plaintext without any of them."""
+    parser.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        default=_switch("--upstream-tls"),
+        help="call the upstream over TLS, trusting the system's CA certificates (implied by "
+        "the flags below)",
+    )
+    parser.add_argument(
+        "--upstream-ca",
+        metavar="PEM",
+        default=_maybe("--upstream-ca"),
+        help="call the upstream over TLS, trusting these CA certificates (PEM) for its "
+        "certificate, which must name the host of --upstream",
+    )
+    parser.add_argument(
+        "--upstream-certfile",
+        metavar="PEM",
+        default=_maybe("--upstream-certfile"),
+        help="mTLS: the gateway's client certificate chain for the upstream (needs "
+        "--upstream-keyfile)",
+    )
+    parser.add_argument(
+        "--upstream-keyfile",
+        metavar="PEM",
+        default=_maybe("--upstream-keyfile"),
+        help="the private key of --upstream-certfile (unencrypted PEM)",
     )
 
 
@@ -162,6 +195,37 @@ def _http_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _on_unless_off(flag: str) -> bool:
+    """A page's default: on, unless its variable is 0, false, no or off."""
+    return _flag(flag, "").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _exposure_flags(parser: argparse.ArgumentParser) -> None:
+    """Which of the gateway's own pages it serves (docs/security.md, what is exposed)."""
+    parser.add_argument(
+        "--docs",
+        action=argparse.BooleanOptionalAction,
+        default=_on_unless_off("--docs"),
+        help="serve the OpenAPI document at /openapi.json and the docs page at /docs "
+        "(default: on; --no-docs: both answer 404)",
+    )
+    playground = _flag("--playground", "").strip().lower()
+    parser.add_argument(
+        "--playground",
+        action=argparse.BooleanOptionalAction,
+        default=None if not playground else playground in ("1", "true", "yes", "on"),
+        help="serve the text-generation playground page at / (default: when "
+        "protoserve.inference.v1.InferenceService is served; --no-playground: / answers 404)",
+    )
+    parser.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=_on_unless_off("--metrics"),
+        help="serve the gateway's Prometheus metrics at /metrics (default: on; "
+        "--no-metrics: it answers 404)",
+    )
+
+
 def _behaviour_flags(parser: argparse.ArgumentParser) -> None:
     """How it answers, stops and logs."""
     parser.add_argument(
@@ -213,11 +277,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from_descriptor_set,
         from_reflection,
     )
+    from protoserve.gateway._tls import upstream_credentials
     from protoserve.gateway.inference import from_compiled
 
     try:
+        # A bad TLS file is a TLSFileError (a ValueError): one line, exit 2.
+        credentials = upstream_credentials(
+            tls=args.upstream_tls,
+            ca=args.upstream_ca,
+            certfile=args.upstream_certfile,
+            keyfile=args.upstream_keyfile,
+        )
         if args.from_reflection:
-            descriptors = from_reflection(args.upstream, services=args.service)
+            descriptors = from_reflection(
+                args.upstream, services=args.service, credentials=credentials
+            )
         elif args.descriptor_set:
             path = Path(args.descriptor_set)
             descriptors = from_descriptor_set(
@@ -228,11 +302,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         codecs = dict(parse_codec_option(option) for option in args.codec)
         app = build_gateway(
             args.upstream,
+            channel_credentials=credentials,
             descriptors=descriptors,
             cors_origins=args.cors_origin,
             max_body_bytes=args.max_body_bytes,
             use_proto_names=not args.camel_case,
             codecs=codecs,
+            docs=args.docs,
+            playground=args.playground,
+            metrics=args.metrics,
         )
         if args.certfile:
             # Load the pair now so that a bad file is a one-line error (exit 2), not a

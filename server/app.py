@@ -24,7 +24,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
+from protoserve.server.auth import Auth, AuthInterceptor, warn_if_exposed
 from protoserve.server.config import ServerConfig
+from protoserve.server.health import HealthServicer
 from protoserve.server.metrics import Metrics, MetricsEndpoint
 from protoserve.server.oip import SERVICE_NAME as OIP_SERVICE
 from protoserve.server.oip import OpenInferenceServicer
@@ -33,6 +35,8 @@ from protoserve.server.reflection import enable_reflection
 from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import Model
 from protoserve.server.servicer import InferenceServicer, add_to_server
+from protoserve.server.tls import server_credentials
+from protoserve.server.transport import WholeRequest, transport_options
 
 __all__ = ["InferenceServer", "model_health_name"]
 
@@ -58,14 +62,23 @@ class InferenceServer:
     likewise for the ``/metrics`` endpoint once started (None when it is off).
     """
 
-    def __init__(self, config: ServerConfig, models: Sequence[tuple[str, Model]]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        models: Sequence[tuple[str, Model]],
+        *,
+        auth: Auth | None = None,
+    ) -> None:
         self.config = config
+        #: Who may call what: ``auth``, or what the config's token files say (read
+        #: here: :class:`~protoserve.server.auth.TokenFileError` if they cannot be used).
+        self.auth = Auth.from_config(config) if auth is None else auth
         if config.torch_threads is not None:
             import torch  # the runtime imports it anyway
 
             torch.set_num_threads(max(1, config.torch_threads))
-        # grpc-stubs does not know the asyncio health servicer.
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        # grpcio's asyncio health servicer, with List answered (server/health.py).
+        self.health = HealthServicer()
         # Counted always (cheap); exposed over HTTP only with ``metrics_port``.
         self.metrics = Metrics()
         self._metrics_endpoint: MetricsEndpoint | None = None
@@ -84,7 +97,7 @@ class InferenceServer:
             on_change=self._update_health,
             metrics=self.metrics,
             repository=config.model_repository,
-            model_control=config.model_control,
+            model_control=config.model_control_on,
             # An unloaded model's calls in flight get the grace a shutdown gives them.
             unload_grace=config.shutdown_grace,
         )
@@ -93,18 +106,34 @@ class InferenceServer:
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+                # Streams per connection, keepalive (server/transport.py, docs/adr/0017).
+                *transport_options(config),
+            ],
+            interceptors=[
+                # First, so that every handler below it, a refusal too, reads its request
+                # whole or answers: grpcio's own reading leaves such calls open (ADR 17).
+                WholeRequest(config.request_read_timeout, self.metrics),
+                # One check for every call of every service (docs/adr/0016).
+                *([AuthInterceptor(self.auth, self.metrics)] if self.auth.enabled else []),
+            ],
         )
         add_to_server(InferenceServicer(self.runtime, metrics=self.metrics), self.server)
         add_oip_to_server(OpenInferenceServicer(self.runtime, metrics=self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        enable_reflection(
-            self.server,
-            (INFERENCE_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-        )
+        if config.reflection:  # --no-reflection: the schema is not served
+            enable_reflection(
+                self.server,
+                (INFERENCE_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            )
         address = f"{config.host}:{config.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            # TLS files are checked here (TLSFileError), before anything listens.
+            credentials = server_credentials(config)
+            self.port = (
+                self.server.add_insecure_port(address)
+                if credentials is None
+                else self.server.add_secure_port(address, credentials)
+            )
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             raise OSError(f"cannot listen on {address} (in use, or not an address here)") from exc
         if self.port == 0:
@@ -135,7 +164,17 @@ class InferenceServer:
         (models of the repository that fail to load do not count: see Runtime)."""
         self._update_health()
         await self.server.start()
-        log.info("serving gRPC on %s:%d", self.config.host, self.port)
+        log.info(
+            "serving gRPC%s on %s:%d",
+            " over mTLS" if self.config.client_ca else " over TLS" if self.config.certfile else "",
+            self.config.host,
+            self.port,
+        )
+        warn_if_exposed(
+            self.config.host,
+            self.auth,
+            model_control=self.config.model_control_on and bool(self.config.model_repository),
+        )
         if self.config.metrics_port is not None:
             host = self.config.host.strip("[]")  # "[::]" is gRPC's spelling
             self._metrics_endpoint = MetricsEndpoint(

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from protoserve.common.logs import configure as configure_logging
 from protoserve.server.app import InferenceServer
+from protoserve.server.auth import Auth, TokenFileError
 from protoserve.server.config import add_arguments, from_arguments
 from protoserve.server.runtime.loader import ModelSpecError, load_model_spec
+from protoserve.server.tls import TLSFileError, server_credentials
 
 __all__ = ["build_parser", "main"]
 
@@ -35,6 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = from_arguments(args)
     configure_logging(config.log_level, config.log_format)
     try:
+        # A bad TLS or token file: one line before any model loads.
+        server_credentials(config)
+        auth = Auth.from_config(config)
+    except (TLSFileError, TokenFileError) as exc:
+        _fail(config.log_format, exc)
+        return 2
+    try:
         models = [load_model_spec(spec) for spec in config.models]
     except ModelSpecError as exc:
         _fail(config.log_format, exc)
@@ -47,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def serve() -> None:
         # Built inside the running loop: a grpc.aio server belongs to the loop it is made in.
-        await InferenceServer(config, models).serve_until_signal()
+        await InferenceServer(config, models, auth=auth).serve_until_signal()
 
     try:
         asyncio.run(serve())

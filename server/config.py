@@ -23,6 +23,14 @@ class ServerConfig:
     host: str = "127.0.0.1"
     #: Port to listen on; 0 picks a free one (see ``port_file``).
     port: int = 50051
+    #: TLS: the server's certificate chain (PEM); with ``keyfile``, gRPC is served
+    #: over TLS only. None: plaintext.
+    certfile: str | None = None
+    #: TLS: the private key of ``certfile`` (unencrypted PEM).
+    keyfile: str | None = None
+    #: mTLS: CA certificates (PEM) that client certificates must be signed by; a
+    #: client without one is refused in the handshake. Needs ``certfile``.
+    client_ca: str | None = None
     #: Model specs (see ``protoserve.server.runtime.loader``); none by default when
     #: a model repository is given.
     models: tuple[str, ...] = ("bytelm",)
@@ -30,12 +38,44 @@ class ServerConfig:
     #: (``docs/model-repository.md``); None: no repository.
     model_repository: str | None = None
     #: Let clients load and unload models of the repository while the server runs
-    #: (RepositoryModelLoad/Unload); off: they answer FAILED_PRECONDITION.
-    model_control: bool = True
+    #: (RepositoryModelLoad/Unload). None (the default): only callers with an admin
+    #: token may, so without ``admin_token_file`` nobody; True: also without an
+    #: admin token configured (for local use: then any caller the server accepts
+    #: may); False: nobody. Refused calls answer FAILED_PRECONDITION.
+    model_control: bool | None = None
+    #: A file of bearer tokens, one a line, that every call needs (but health, and
+    #: reflection when public); None: calls need no token (docs/security.md).
+    auth_token_file: str | None = None
+    #: A file of admin bearer tokens, one a line: the only tokens that may load and
+    #: unload models; they may make every other call too. None: no admin tokens.
+    admin_token_file: str | None = None
+    #: Health (grpc.health.v1's Check and Watch, and the Open Inference Protocol's
+    #: ServerLive and ServerReady) answers without a token, for probes and load balancers.
+    public_health: bool = True
+    #: Server reflection answers without a token (it tells the schema, not the models).
+    public_reflection: bool = False
     #: Largest request message accepted, in bytes.
     max_receive_message_bytes: int = 16 * MiB
     #: Largest response message sent, in bytes.
     max_send_message_bytes: int = 16 * MiB
+    # gRPC transport limits (server/transport.py, docs/adr/0017).
+    #: Seconds a unary-request call gets to send its one message and end its stream;
+    #: past it, DEADLINE_EXCEEDED. No message or a second one: INVALID_ARGUMENT.
+    request_read_timeout: float = 30.0
+    #: Concurrent HTTP/2 streams (calls) on one connection; more are refused
+    #: (REFUSED_STREAM). The gateway multiplexes every call over one connection:
+    #: keep this above ``max_streams`` plus the unary calls it has in flight.
+    max_streams_per_connection: int = 512
+    #: Seconds a connection may be quiet before the server pings it.
+    keepalive_time: float = 300.0
+    #: Seconds the server waits for its ping's ack before closing the connection.
+    keepalive_timeout: float = 20.0
+    #: Seconds a client's pings must be apart while no data flows; closer is a strike.
+    keepalive_min_ping_interval: float = 300.0
+    #: Strikes a connection may have; one more and it gets GOAWAY ENHANCE_YOUR_CALM.
+    keepalive_max_ping_strikes: int = 2
+    #: Accept client pings on a connection with no calls (off: each is a strike).
+    keepalive_permit_without_calls: bool = False
     #: Seconds that calls in flight get to finish after SIGTERM/SIGINT.
     shutdown_grace: float = 10.0
     #: Per model, most requests waiting to run; more get RESOURCE_EXHAUSTED.
@@ -69,18 +109,59 @@ class ServerConfig:
     #: Port of the Prometheus ``/metrics`` HTTP endpoint (on ``host``); 0 picks a
     #: free one; None (the default) serves no metrics.
     metrics_port: int | None = None
+    #: Serve gRPC server reflection (grpcurl, buf curl, the gateway's
+    #: ``--from-reflection``); off: the schema is not served (docs/security.md).
+    reflection: bool = True
+
+    @property
+    def model_control_on(self) -> bool:
+        """Whether models may be loaded and unloaded at all (who may is the token
+        check's business, :mod:`protoserve.server.auth`): ``model_control`` when
+        given, else whether there are admin tokens."""
+        if self.model_control is None:
+            return self.admin_token_file is not None
+        return self.model_control
 
 
 _HELP = {
     "host": "address to listen on (default %(default)s)",
     "port": "port to listen on; 0 picks a free port (default %(default)s)",
+    "certfile": "serve gRPC over TLS with this certificate chain (PEM; needs --keyfile) "
+    "(default: plaintext)",
+    "keyfile": "the private key of --certfile (unencrypted PEM)",
+    "client_ca": "mTLS: require client certificates signed by these CA certificates (PEM; "
+    "needs --certfile)",
     "models": "model to serve, repeatable: bytelm, package.module:Class, or a .pt/.pt2 "
     "file, optionally as NAME=SPEC (default: bytelm)",
     "model_repository": "serve every model folder of this folder (model.toml and numbered "
     "version folders); works beside --model (default: none)",
-    "model_control": "let clients load and unload repository models while serving (default: on)",
+    "model_control": "let clients load and unload repository models while serving; "
+    "default: callers with an admin token only (--admin-token-file), nobody without one; "
+    "--model-control: any caller, also without admin tokens (for local use)",
+    "auth_token_file": "require a bearer token on every call but health: FILE holds the "
+    "accepted tokens, one a line (default: no token needed)",
+    "admin_token_file": "admin bearer tokens, one a line: the only ones that may load and "
+    "unload models (default: none)",
+    "public_health": "health checks answer without a token (default: on)",
+    "public_reflection": "server reflection answers without a token (default: off: it "
+    "needs one when --auth-token-file is given)",
     "max_receive_message_bytes": "largest request message in bytes (default %(default)s)",
     "max_send_message_bytes": "largest response message in bytes (default %(default)s)",
+    "request_read_timeout": "seconds a unary call gets to send its one request message and "
+    "end its stream, else DEADLINE_EXCEEDED (default %(default)s)",
+    "max_streams_per_connection": "concurrent HTTP/2 streams (calls) on one connection; more "
+    "are refused; keep it above --max-streams when a gateway fronts the server "
+    "(default %(default)s)",
+    "keepalive_time": "seconds a connection may be quiet before the server pings it "
+    "(default %(default)s)",
+    "keepalive_timeout": "seconds the server waits for a ping's ack before closing the "
+    "connection (default %(default)s)",
+    "keepalive_min_ping_interval": "seconds a client's pings must be apart while no data "
+    "flows; closer ones are strikes (default %(default)s)",
+    "keepalive_max_ping_strikes": "strikes a connection may have before it gets GOAWAY "
+    "ENHANCE_YOUR_CALM (too_many_pings) (default %(default)s)",
+    "keepalive_permit_without_calls": "accept client pings on a connection with no calls "
+    "(default: off: each one is a strike)",
     "shutdown_grace": "seconds calls in flight get to finish on SIGTERM/SIGINT "
     "(default %(default)s)",
     "max_queue": "per model, most requests waiting before RESOURCE_EXHAUSTED (default %(default)s)",
@@ -102,17 +183,39 @@ _HELP = {
     "log_format": "text, or json for one JSON object per line (default %(default)s)",
     "metrics_port": "serve Prometheus metrics over HTTP at /metrics on this port; "
     "0 picks a free port (default: off)",
+    "reflection": "serve gRPC server reflection, for grpcurl, buf curl and the gateway's "
+    "--from-reflection (default: on; --no-reflection turns it off)",
 }
 #: Settings that are None by default and a number when given.
 _OPTIONAL: dict[str, type] = {
+    "certfile": str,
+    "keyfile": str,
+    "client_ca": str,
     "model_repository": str,
+    "auth_token_file": str,
+    "admin_token_file": str,
     "metrics_port": int,
     "max_batch_size": int,
     "max_batch_delay_ms": float,
     "torch_threads": int,
 }
 _CHOICES = {"log_format": ("text", "json")}
-_METAVARS = {"model_repository": "DIR"}
+_METAVARS = {
+    "model_repository": "DIR",
+    "certfile": "PEM",
+    "keyfile": "PEM",
+    "client_ca": "PEM",
+    "auth_token_file": "FILE",
+    "admin_token_file": "FILE",
+    # gRPC transport limits
+    "request_read_timeout": "SECONDS",
+    "max_streams_per_connection": "STREAMS",
+    "keepalive_time": "SECONDS",
+    "keepalive_timeout": "SECONDS",
+    "keepalive_min_ping_interval": "SECONDS",
+}
+#: Switches that are None unless given: something else decides (see ServerConfig).
+_UNDECIDED = frozenset({"model_control"})
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -141,7 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                 default=None,
             )
             continue
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.name in _UNDECIDED:
             if raw is not None:
                 if raw.strip().lower() not in _TRUE + _FALSE:
                     bad.append(
@@ -195,6 +298,9 @@ def from_arguments(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     models: Sequence[str] | None = args.models
     if not models and env.get(env_name("models")):
         models = [m.strip() for m in env[env_name("models")].split(",") if m.strip()]
-    values["model_repository"] = values["model_repository"] or None  # "" in the environment
+    for name in ("model_repository", "auth_token_file", "admin_token_file"):
+        values[name] = values[name] or None  # "" in the environment
+    for name in ("certfile", "keyfile", "client_ca"):  # TLS files: "" is none, too
+        values[name] = values[name] or None
     default = () if values["model_repository"] else ServerConfig.models
     return ServerConfig(models=tuple(models or default), **values)

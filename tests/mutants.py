@@ -275,6 +275,23 @@ MUTANTS = (
         ("tests/gateway/test_http.py",),
         "the gateway answers a new X-Request-Id instead of the caller's",
     ),
+    # gRPC transport limits (server/transport.py).
+    Mutant(
+        "unary-second-message-ignored",
+        "server/transport.py",
+        "if await context.read() is not EOF:",
+        "if False:",
+        ("tests/server/test_transport.py::test_one_message_is_answered_and_a_second_is_refused",),
+        "a unary call that sends two messages is answered as if it sent one",
+    ),
+    Mutant(
+        "stream-limit-unset",
+        "server/transport.py",
+        '("grpc.max_concurrent_streams", config.max_streams_per_connection),',
+        '("grpc.max_concurrent_streams", 1 << 30),',
+        ("tests/server/test_transport.py::test_streams_past_the_limit_are_refused",),
+        "one connection opens as many streams as it likes",
+    ),
 )
 
 
