@@ -172,7 +172,11 @@ def fuzz(session: nox.Session) -> None:
         "-p",
         "no:cacheprovider",
         "tests/gateway/test_fuzz.py",
-        env={"PROTOSERVE_FUZZ_EXAMPLES": examples, "PROTOSERVE_FUZZ_SEEDED": "0"},
+        env={
+            "PROTOSERVE_FUZZ_EXAMPLES": examples,
+            "PROTOSERVE_FUZZ_SEEDED": "0",
+            "PROTOSERVE_FUZZ_SECONDS": "1800",  # the count bounds the long run, not the clock
+        },
     )
 
 
