@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 import uvicorn
 
+from protoserve.common.hosts import is_loopback
 from protoserve.common.logs import FORMATS
 from protoserve.common.logs import configure as configure_logging
 from protoserve.gateway._cancel import race
@@ -331,9 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     port_file = Path(args.port_file) if args.port_file else None
     scheme = "HTTPS" if args.certfile else "HTTP"
     protocols = "HTTP/2 and HTTP/1.1" if args.http2 else "HTTP/1.1"
-    logging.getLogger("protoserve.gateway").info(
-        "serving %s (%s) on %s:%d", scheme, protocols, args.host, port
-    )
+    log = logging.getLogger("protoserve.gateway")
+    log.info("serving %s (%s) on %s:%d", scheme, protocols, args.host, port)
+    if not is_loopback(args.host):
+        # It checks no credential itself: it passes Authorization on (docs/security.md).
+        log.warning(
+            "serving on %s with no authentication of its own: every call is the "
+            "upstream's to authenticate (serve --auth-token-file)",
+            args.host,
+        )
     if args.http2:
         return _serve_hypercorn(app, sock, args, port_file)
     return _serve_uvicorn(app, sock, args, port_file)

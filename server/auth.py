@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import enum
 import hmac
-import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health
 
+from protoserve.common.hosts import is_loopback
 from protoserve.server.calls import refusal
 from protoserve.server.config import ServerConfig
 from protoserve.server.metrics import Metrics
@@ -268,18 +268,6 @@ class AuthInterceptor(_ServerInterceptor):
         # whose name (the caller's to choose) is not a metrics label.
         name = bounded(method.rpartition("/")[2])
         return refusal(handler, name, error, self.metrics if handler is not None else None)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether listening on ``host`` (``127.0.0.1``, ``[::1]``, ``localhost``) reaches
-    this machine only; a host name other than localhost counts as reaching further."""
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def warn_if_exposed(host: str, auth: Auth, *, model_control: bool) -> None:

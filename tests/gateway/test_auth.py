@@ -10,8 +10,11 @@ real port.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,6 +23,7 @@ import pytest
 
 from protoserve.gateway import GatewayError, build_gateway
 from protoserve.gateway._errors import error_info
+from tests._observe import WITHIN, wait_until
 from tests._sse import events
 from tests._threads import UvicornThread, start_grpc_server, stop_grpc_server
 from tests.server.models_for_tests import Counted
@@ -160,3 +164,33 @@ def test_only_a_401_carries_the_challenge(code: grpc.StatusCode, challenge: str 
     info, headers = error_info(GatewayError(code, "no"))
     assert info.status == {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}.get(code.name, 400)
     assert headers.get("WWW-Authenticate") == challenge
+
+
+def _gateway_log(host: str, tmp: Path) -> str:
+    """What ``protoserve gateway --host HOST`` logs by the time it has its port."""
+    port_file = tmp / f"port-{host}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "protoserve.clients.cli", "gateway", "--host", host, "--port", "0",
+         "--port-file", str(port_file), "--upstream", "127.0.0.1:1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: port_file.exists() or process.poll() is not None, "the gateway up")
+    finally:
+        process.terminate()
+        _, log = process.communicate(timeout=WITHIN)
+    assert "serving HTTP" in log, log
+    return log
+
+
+def test_a_gateway_beyond_loopback_says_it_has_no_authentication_of_its_own(
+    tmp_path: Path,
+) -> None:
+    warning = (
+        "serving on 0.0.0.0 with no authentication of its own: every call is the "
+        "upstream's to authenticate (serve --auth-token-file)"
+    )
+    assert warning in _gateway_log("0.0.0.0", tmp_path)
+    assert "no authentication" not in _gateway_log("127.0.0.1", tmp_path)

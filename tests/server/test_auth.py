@@ -30,7 +30,8 @@ from protoserve.inference.v1 import inference_service_pb2 as v1
 from protoserve.inference.v1 import inference_service_pb2_grpc as v1_grpc
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.oip.v2 import grpc_service_pb2_grpc as pb_grpc
-from protoserve.server.auth import Access, Auth, TokenFileError, is_loopback, read_tokens
+from protoserve.common.hosts import is_loopback
+from protoserve.server.auth import Access, Auth, TokenFileError, read_tokens
 from protoserve.server.config import ServerConfig, add_arguments, from_arguments
 from tests._observe import counted, wait_until
 from tests._threads import LoopThread, start_grpc_server, stop_grpc_server
