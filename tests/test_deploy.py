@@ -644,6 +644,30 @@ def _check_gateway(container: Mapping[str, Any], args: Any, grace_period: int) -
     assert args.host == "0.0.0.0"
 
 
+#: The Secret the server's bearer tokens come from: created by the user, never in deploy/.
+TOKENS_SECRET = "protoserve-tokens"
+
+
+def _check_tokens(container: Mapping[str, Any], volumes: list[dict[str, Any]], config: Any) -> None:
+    """The server asks for tokens, read from files of the tokens Secret mounted read-only."""
+    assert config.auth_token_file is not None and config.admin_token_file is not None
+    assert config.auth_token_file != config.admin_token_file
+    # The kubelet's probes and the gateway's /readyz carry no token.
+    assert config.public_health is True
+    by_name = {v["name"]: v for v in volumes}
+    for path in (config.auth_token_file, config.admin_token_file):
+        folder, _, key = path.rpartition("/")
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == folder]
+        assert mount["readOnly"] is True, path
+        assert "subPath" not in mount, path  # a subPath mount would never see a new Secret
+        secret = by_name[mount["name"]]["secret"]
+        # Every key of the Secret is a file (no items); a missing Secret stops the pod.
+        assert "items" not in secret and secret["optional"] is False, path
+        assert secret["secretName"] == TOKENS_SECRET, path
+        assert secret["defaultMode"] & 0o007 == 0, path  # not readable by others
+        assert key in {"inference", "admin"}, path
+
+
 def _pod(deployment: Mapping[str, Any]) -> dict[str, Any]:
     spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
     return spec
@@ -670,6 +694,7 @@ def test_server_deployment_agrees_with_its_flags() -> None:
     assert mounts["models"]["readOnly"] is True
     assert config.torch_threads is not None
     assert config.torch_threads <= _cpu(container["resources"]["requests"]["cpu"])
+    _check_tokens(container, pod["volumes"], config)
 
 
 def test_configmap_is_a_model_repository_the_server_accepts(tmp_path: Path) -> None:
@@ -795,6 +820,7 @@ def test_kserve_runtime_agrees_with_its_flags(monkeypatch: pytest.MonkeyPatch) -
     config = _server_config(server, predictor["model"].get("args"))
     assert config.model_repository == "/mnt/models"
     _check_server(server, config, predictor["terminationGracePeriodSeconds"])
+    _check_tokens(server, runtime["volumes"], config)
     args = _gateway_args(gateway, monkeypatch)
     _check_gateway(gateway, args, predictor["terminationGracePeriodSeconds"])
     assert args.upstream == f"127.0.0.1:{config.port}"
