@@ -26,11 +26,11 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from protoserve.common.hosts import is_loopback
 from protoserve.inference.v1 import inference_service_pb2 as v1
 from protoserve.inference.v1 import inference_service_pb2_grpc as v1_grpc
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.oip.v2 import grpc_service_pb2_grpc as pb_grpc
-from protoserve.common.hosts import is_loopback
 from protoserve.server.auth import Access, Auth, TokenFileError, read_tokens
 from protoserve.server.config import ServerConfig, add_arguments, from_arguments
 from tests._observe import counted, wait_until
