@@ -36,27 +36,32 @@ class ServerProcess:
     def output(self) -> str:
         return self.log.read_text()
 
+    def stop(self) -> int:
+        """SIGTERM by PID (then SIGKILL if it will not go); the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
 
-def start_server(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+
+def start_process(
+    tmp_path: Path,
+    command: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
 ) -> ServerProcess:
-    """Start ``protoserve serve --port 0`` and wait until health says SERVING."""
-    port_file = tmp_path / "port"
-    log = tmp_path / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "protoserve.clients.cli",
-        "serve",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        *args,
-    ]
+    """Start ``protoserve COMMAND --port 0 --port-file F ARGS`` and wait for its port (the
+    server writes it once its models are loaded, the gateway once it accepts)."""
+    port_file = tmp_path / f"{command}.port"
+    log = tmp_path / f"{command}.log"
+    argv = [sys.executable, "-m", "protoserve.clients.cli", command, "--port", "0"]
     with log.open("w") as out:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
-            command,
+            [*argv, "--port-file", str(port_file), *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
@@ -65,12 +70,20 @@ def start_server(
     deadline = time.monotonic() + timeout
     while not port_file.exists() or not port_file.read_text().strip():
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"{command} exited with {process.returncode}:\n{log.read_text()}")
         if time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"server did not start in {timeout}s:\n{log.read_text()}")
+            process.wait()
+            raise RuntimeError(f"{command} did not start in {timeout}s:\n{log.read_text()}")
         time.sleep(0.05)
-    server = ServerProcess(process, int(port_file.read_text()), log)
+    return ServerProcess(process, int(port_file.read_text()), log)
+
+
+def start_server(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> ServerProcess:
+    """Start ``protoserve serve --port 0`` and wait until health says SERVING."""
+    server = start_process(tmp_path, "serve", *args, env=env, timeout=timeout)
     with grpc.insecure_channel(server.target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=10
@@ -81,13 +94,7 @@ def start_server(
 
 def stop_server(server: ServerProcess) -> None:
     """Stop by PID: SIGTERM, then SIGKILL if it will not go."""
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(20)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import pytest
 
 from protoserve.clients import AsyncClient, Client, Unavailable
 from tests._tls import PKI, make_pki
+from tests.e2e.conftest import ServerProcess, start_process
 
 pytestmark = pytest.mark.e2e
 
@@ -34,56 +34,14 @@ ROOT = Path(__file__).resolve().parents[2]
 GENERATE = {"inputs": "def ", "parameters": {"max_new_tokens": 3}}
 
 
-@dataclass
-class Process:
-    """A protoserve process, the port it reported, and its output."""
-
-    process: subprocess.Popen[str]
-    port: int
-    log: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> int:
-        """SIGTERM by PID (then SIGKILL if it will not go); the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
-
-
 def _protoserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "protoserve.clients.cli", *args]
 
 
-def _start(folder: Path, command: str, *args: str, timeout: float = 120) -> Process:
-    """``protoserve COMMAND --port 0 --port-file F ARGS``, once it has written its port
-    (the server writes it once its models are loaded, the gateway once it accepts)."""
+def _start(folder: Path, command: str, *args: str, timeout: float = 120) -> ServerProcess:
+    """``protoserve COMMAND ... ARGS`` in ``folder``, once it has written its port."""
     folder.mkdir(parents=True, exist_ok=True)
-    port_file, log = folder / f"{command}.port", folder / f"{command}.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            _protoserve(command, "--port", "0", "--port-file", str(port_file), *args),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=ROOT,
-        )
-    deadline = time.monotonic() + timeout
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if process.poll() is not None:
-            raise AssertionError(f"{command} exited {process.returncode}:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise AssertionError(f"{command} did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    return Process(process, int(port_file.read_text()), log)
+    return start_process(folder, command, *args, timeout=timeout)
 
 
 def _server_tls(pki: PKI) -> list[str]:
@@ -96,7 +54,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 
 
 @pytest.fixture(scope="module")
-def tls_server(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+def tls_server(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """``serve --certfile --keyfile``: TLS, no client certificate asked."""
     server = _start(tmp_path_factory.mktemp("tls"), "serve", *_server_tls(pki))
     yield server
@@ -104,7 +62,7 @@ def tls_server(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 
 
 @pytest.fixture(scope="module")
-def mtls_server(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+def mtls_server(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """``serve --certfile --keyfile --client-ca``: client certificates of ``pki.ca`` only."""
     server = _start(
         tmp_path_factory.mktemp("mtls"), "serve", *_server_tls(pki), f"--client-ca={pki.ca}"
@@ -116,12 +74,14 @@ def mtls_server(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 # The server's TLS, and the Python clients against it
 
 
-def test_a_tls_server_says_so_in_its_log(tls_server: Process, mtls_server: Process) -> None:
+def test_a_tls_server_says_so_in_its_log(
+    tls_server: ServerProcess, mtls_server: ServerProcess
+) -> None:
     assert f"serving gRPC over TLS on 127.0.0.1:{tls_server.port}" in tls_server.log.read_text()
     assert f"serving gRPC over mTLS on 127.0.0.1:{mtls_server.port}" in mtls_server.log.read_text()
 
 
-def test_a_client_trusting_the_ca_generates_over_tls(tls_server: Process, pki: PKI) -> None:
+def test_a_client_trusting_the_ca_generates_over_tls(tls_server: ServerProcess, pki: PKI) -> None:
     with Client(tls_server.target, root_certificates=pki.read("ca"), timeout=30) as client:
         text = client.generate("def ", max_new_tokens=3)
         assert text.model == "bytelm"  # model=None: found with ListModels over TLS
@@ -138,7 +98,7 @@ def test_a_client_trusting_the_ca_generates_over_tls(tls_server: Process, pki: P
 
 @pytest.mark.parametrize("roots", ["none", "system", "other-ca"])
 def test_a_tls_server_refuses_clients_that_do_not_trust_it(
-    tls_server: Process, pki: PKI, roots: str
+    tls_server: ServerProcess, pki: PKI, roots: str
 ) -> None:
     """Plaintext, the system's roots, another CA: each fails its handshake, UNAVAILABLE."""
     options: dict[str, Any] = {
@@ -152,7 +112,7 @@ def test_a_tls_server_refuses_clients_that_do_not_trust_it(
 
 
 def test_mtls_a_client_with_a_certificate_of_the_ca_generates(
-    mtls_server: Process, pki: PKI
+    mtls_server: ServerProcess, pki: PKI
 ) -> None:
     with Client(
         mtls_server.target,
@@ -167,7 +127,7 @@ def test_mtls_a_client_with_a_certificate_of_the_ca_generates(
 
 @pytest.mark.parametrize("certificate", ["none", "other-ca"])
 def test_mtls_a_client_without_a_certificate_of_the_ca_is_refused(
-    mtls_server: Process, pki: PKI, certificate: str
+    mtls_server: ServerProcess, pki: PKI, certificate: str
 ) -> None:
     client_cert: dict[str, Any] = {
         "none": {},
@@ -197,7 +157,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_over_mtls(mtls_server: Process, pki: PKI) -> None:
+def test_cli_over_mtls(mtls_server: ServerProcess, pki: PKI) -> None:
     tls = ["--server", mtls_server.target, f"--cacert={pki.ca}"]
     done = _cli("models", *tls, f"--cert={pki.client_cert}", f"--key={pki.client_key}")
     assert done.returncode == 0, done.stderr
@@ -285,7 +245,7 @@ def _upstream_mtls(pki: PKI) -> list[str]:
 
 @pytest.mark.parametrize("source", [[], ["--from-reflection"]], ids=["compiled", "reflection"])
 def test_the_gateway_reaches_an_mtls_server(
-    mtls_server: Process, pki: PKI, tmp_path: Path, source: Sequence[str]
+    mtls_server: ServerProcess, pki: PKI, tmp_path: Path, source: Sequence[str]
 ) -> None:
     gateway = _start(
         tmp_path, "gateway", "--upstream", mtls_server.target, *_upstream_mtls(pki), *source
@@ -300,7 +260,9 @@ def test_the_gateway_reaches_an_mtls_server(
         assert gateway.stop() == 0, gateway.log.read_text()
 
 
-def test_a_gateway_without_upstream_tls_is_not_ready(tls_server: Process, tmp_path: Path) -> None:
+def test_a_gateway_without_upstream_tls_is_not_ready(
+    tls_server: ServerProcess, tmp_path: Path
+) -> None:
     gateway = _start(tmp_path, "gateway", "--upstream", tls_server.target)
     try:
         with httpx.Client(base_url=f"http://{gateway.target}", timeout=30) as http:
