@@ -7,10 +7,13 @@ message classes come from the descriptor set at run time; there are no stubs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +128,44 @@ async def serve(descriptor_set: bytes, port_file: Path) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await server.stop(0)
+
+
+def wait_port(process: subprocess.Popen[bytes], port_file: Path, timeout: float = 60) -> int:
+    """The port a process wrote to ``port_file``, once it has."""
+    deadline = time.monotonic() + timeout
+    while not (port_file.exists() and port_file.read_text().strip()):
+        assert process.poll() is None, f"exited with {process.returncode}"
+        assert time.monotonic() < deadline, "did not start"
+        time.sleep(0.05)
+    return int(port_file.read_text())
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM by PID (then SIGKILL if it will not go); the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
+@contextlib.contextmanager
+def running(folder: Path) -> Iterator[tuple[str, Path]]:
+    """This server in a process of its own: its target, and its descriptor set."""
+    descriptor_set = build_descriptor_set(folder / "echo.binpb")
+    root = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.gateway.echo_server", str(descriptor_set),
+         str(folder / "echo.port")],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    try:
+        yield f"127.0.0.1:{wait_port(process, folder / 'echo.port')}", descriptor_set
+    finally:
+        stop(process)
 
 
 if __name__ == "__main__":

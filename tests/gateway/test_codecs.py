@@ -39,8 +39,7 @@ from protoserve.gateway._assembly import parse_codec_option
 from protoserve.gateway.inference._oip import OipCodec
 from tests import _sse
 from tests._threads import UvicornThread
-from tests.gateway.echo_server import build_descriptor_set
-from tests.gateway.test_reflection import stop, wait_port
+from tests.gateway.echo_server import running, stop, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ECHO = "protoserve.testing.echo.v1.EchoService"
@@ -142,17 +141,8 @@ class Echo:
 
 @pytest.fixture(scope="module")
 def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Echo]:
-    tmp = tmp_path_factory.mktemp("codecs")
-    descriptor_set = build_descriptor_set(tmp / "echo.binpb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.gateway.echo_server", str(descriptor_set), str(tmp / "port")],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        yield Echo(f"127.0.0.1:{wait_port(process, tmp / 'port')}", descriptor_set)
-    finally:
-        stop(process)
+    with running(tmp_path_factory.mktemp("codecs")) as (target, descriptor_set):
+        yield Echo(target, descriptor_set)
 
 
 @contextmanager

@@ -9,9 +9,6 @@ process; the gateway core runs on uvicorn in front of it.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,8 +30,7 @@ from protoserve.gateway import (
 )
 from protoserve.gateway._app import build_app
 from tests._threads import UvicornThread
-from tests.gateway.echo_server import build_descriptor_set
-from tests.gateway.test_reflection import stop, wait_port
+from tests.gateway.echo_server import running
 
 ROOT = Path(__file__).resolve().parents[2]
 ECHO = "protoserve.testing.echo.v1.EchoService"
@@ -45,17 +41,8 @@ CORE_PAGES = {"/healthz", "/readyz", "/openapi.json", "/docs", "/metrics"}
 @pytest.fixture(scope="module")
 def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, bytes]]:
     """The echo server's target and its descriptor set."""
-    tmp = tmp_path_factory.mktemp("core")
-    built = build_descriptor_set(tmp / "echo.binpb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.gateway.echo_server", str(built), str(tmp / "port")],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        yield f"127.0.0.1:{wait_port(process, tmp / 'port')}", built.read_bytes()
-    finally:
-        stop(process)
+    with running(tmp_path_factory.mktemp("core")) as (target, descriptor_set):
+        yield target, descriptor_set.read_bytes()
 
 
 @contextmanager

@@ -4,11 +4,8 @@ was never given."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,29 +13,10 @@ import httpx
 import pytest
 
 from tests import _sse
-from tests.gateway.echo_server import build_descriptor_set
+from tests.gateway.echo_server import running, stop, wait_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_port(process: subprocess.Popen[bytes], port_file: Path, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while not (port_file.exists() and port_file.read_text().strip()):
-        assert process.poll() is None, f"exited with {process.returncode}"
-        assert time.monotonic() < deadline, "did not start"
-        time.sleep(0.05)
-    return int(port_file.read_text())
-
-
-def stop(process: subprocess.Popen[bytes]) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    return process.wait()
 
 
 # The echo service has no stubs to compile in: a gateway learns it from the upstream's
@@ -48,27 +26,12 @@ def gateway(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("reflection")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    descriptor_set = build_descriptor_set(tmp / "echo.binpb")
-    source = (
-        ["--from-reflection"]
-        if request.param == "reflection"
-        else ["--descriptor-set", str(descriptor_set)]
-    )
-    echo = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.gateway.echo_server",
-            str(descriptor_set),
-            str(tmp / "echo.port"),
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-    gateway = None
-    try:
-        upstream = f"127.0.0.1:{wait_port(echo, tmp / 'echo.port')}"
+    with running(tmp) as (upstream, descriptor_set):
+        source = (
+            ["--from-reflection"]
+            if request.param == "reflection"
+            else ["--descriptor-set", str(descriptor_set)]
+        )
         command = [
             sys.executable,
             "-m",
@@ -84,11 +47,10 @@ def gateway(
         ]
         with (tmp / "gateway.log").open("wb") as log:
             gateway = subprocess.Popen(command, cwd=tmp, stderr=log)
-        yield f"http://127.0.0.1:{wait_port(gateway, tmp / 'gateway.port')}"
-    finally:
-        if gateway is not None:
+        try:
+            yield f"http://127.0.0.1:{wait_port(gateway, tmp / 'gateway.port')}"
+        finally:
             assert stop(gateway) == 0, (tmp / "gateway.log").read_text()
-        stop(echo)
 
 
 @pytest.fixture
