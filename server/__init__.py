@@ -22,6 +22,8 @@ from protoserve.server.runtime.errors import (
 )
 from protoserve.server.runtime.model import (
     BatchDecoder,
+    ChatMessage,
+    ChatTemplate,
     Decoding,
     GenerationParams,
     Model,
@@ -29,11 +31,14 @@ from protoserve.server.runtime.model import (
     Task,
     TensorInfo,
     Token,
+    TokenChoice,
 )
 
 __all__ = [
     "BatchDecoder",
     "Cancelled",
+    "ChatMessage",
+    "ChatTemplate",
     "Decoding",
     "GenerationParams",
     "InferenceServer",
@@ -49,5 +54,6 @@ __all__ = [
     "Task",
     "TensorInfo",
     "Token",
+    "TokenChoice",
     "Unavailable",
 ]

@@ -18,6 +18,7 @@ from protoserve.server.runtime.model import (
     GenerationParams,
     Model,
     Token,
+    TokenChoice,
 )
 
 __all__ = ["EMBED_TOKENS_PER_PASS", "ByteLMModel"]
@@ -39,6 +40,7 @@ class ByteLMModel(Model):
     max_new_tokens_limit = 2048
     max_input_tokens = 8192
     max_batch_texts = 256
+    supports_logprobs = True
 
     def __init__(self, weights: str | None = None) -> None:
         self._weights = weights
@@ -61,7 +63,7 @@ class ByteLMModel(Model):
         return len(bytelm.encode(text))
 
     def generate(self, text: str, params: GenerationParams) -> Iterator[Token]:
-        for token_id in bytelm.generate_tokens(
+        for token_id, scored in bytelm.generate_scored(
             self.model,
             bytelm.encode(text),
             max_new_tokens=params.max_new_tokens,
@@ -69,8 +71,9 @@ class ByteLMModel(Model):
             top_k=params.top_k,
             top_p=params.top_p,
             seed=params.seed,
+            logprobs=params.logprobs,
         ):
-            yield Token(token_id, bytes((token_id,)))
+            yield _token(token_id, scored)
 
     def batch_decoder(self, max_sequences: int) -> BatchDecoder:
         # Continuous batching with the tokens generate() gives each request: to float
@@ -135,16 +138,33 @@ class _ByteLMDecoder(BatchDecoder):
             top_k=params.top_k,
             top_p=params.top_p,
             seed=params.seed,
+            logprobs=params.logprobs,
         )
-        return handle, _token(token_id)
+        return handle, self._token(handle, token_id)
 
     def step(self, states: Sequence[Any]) -> list[Token | None]:
-        return [_token(token_id) for token_id in self._batch.step(states)]
+        ids = self._batch.step(states)
+        return [self._token(state, i) for state, i in zip(states, ids, strict=True)]
 
     def release(self, state: Any) -> None:
         self._batch.remove(state)
 
+    def _token(self, handle: int, token_id: int | None) -> Token | None:
+        """The token a sequence just got, with its log probabilities when it asked;
+        None stays None (end of text)."""
+        if token_id is None:
+            return None
+        return _token(token_id, self._batch.logprobs(handle))
 
-def _token(token_id: int | None) -> Token | None:
-    """The token for a byte id; None stays None (end of text)."""
-    return None if token_id is None else Token(token_id, bytes((token_id,)))
+
+def _token(token_id: int, scored: bytelm.TokenLogprobs | None) -> Token:
+    """The token for a byte id, with its log probabilities when there are some."""
+    if scored is None:
+        return Token(token_id, bytes((token_id,)))
+    top = tuple(TokenChoice(i, _data(i), logprob) for i, logprob in scored.top)
+    return Token(token_id, bytes((token_id,)), scored.logprob, top)
+
+
+def _data(token_id: int) -> bytes:
+    """The bytes of an id: a byte, or none for end of text (an alternative, never chosen)."""
+    return bytes((token_id,)) if token_id < 256 else b""

@@ -13,6 +13,8 @@ Public surface:
 * :class:`KVCache` -- per-layer key/value storage for incremental decoding.
 * :func:`sample_next` / :func:`generate_tokens` -- sampling and streaming
   generation, one decode step per ``next()``.
+* :func:`token_logprobs` / :func:`generate_scored` -- a sampled token's log
+  probability and the most likely alternatives, from the raw logits.
 * :class:`BatchedDecoding` -- continuous batching: many sequences decoding
   together, one forward pass per step, each with the tokens
   :func:`generate_tokens` gives it alone: to float rounding, or exactly.
@@ -30,7 +32,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,16 +48,19 @@ __all__ = [
     "ByteLM",
     "ByteLMConfig",
     "KVCache",
+    "TokenLogprobs",
     "decode_bytes",
     "default_weights_dir",
     "embed",
     "encode",
+    "generate_scored",
     "generate_tokens",
     "load_pretrained",
     "read_metadata",
     "rounding_difference",
     "sample_next",
     "save_pretrained",
+    "token_logprobs",
 ]
 
 #: Id of the end-of-text token (also used as beginning-of-text).
@@ -433,6 +438,40 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
+class TokenLogprobs(NamedTuple):
+    """A sampled token's log probability and the most likely tokens at its position.
+
+    Attributes:
+        logprob: The token's ``log_softmax`` of the raw logits.
+        top: ``(id, logprob)`` of the most likely ids, most likely first.
+    """
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: Tensor, token: int, top: int) -> TokenLogprobs:
+    """The log probabilities of ``token`` and of the ``top`` most likely ids.
+
+    They are the model's own: ``log_softmax`` of the raw float32 logits, before
+    temperature, top-k or top-p reshape them for sampling. Ids of equal log
+    probability come lowest id first (a stable sort), so the order does not
+    depend on the kernels of the machine.
+
+    Args:
+        logits: ``Tensor[V]``, the logits ``token`` was sampled from.
+        token: The sampled id.
+        top: How many alternatives, ``>= 0``.
+    """
+    logprobs = torch.log_softmax(logits.detach().to(torch.float32).reshape(-1), dim=-1)
+    chosen = float(logprobs[token])
+    if top <= 0:
+        return TokenLogprobs(chosen, ())
+    values, ids = torch.sort(logprobs, descending=True, stable=True)
+    pairs = zip(ids[:top].tolist(), values[:top].tolist(), strict=True)
+    return TokenLogprobs(chosen, tuple((int(i), float(v)) for i, v in pairs))
+
+
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     param = next(model.parameters())
     return param.device, param.dtype
@@ -482,6 +521,41 @@ def generate_tokens(
     Raises:
         ValueError: On an out-of-range prompt id or sampling parameter.
     """
+    for token, _ in generate_scored(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+    ):
+        yield token
+
+
+def generate_scored(
+    model: ByteLM,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    logprobs: int | None = None,
+) -> Iterator[tuple[int, TokenLogprobs | None]]:
+    """:func:`generate_tokens`, each id with its log probabilities when asked.
+
+    The other arguments are :func:`generate_tokens`'s, and so are the ids.
+
+    Args:
+        logprobs: None: none (and no ``log_softmax`` is computed); ``k >= 0``:
+            :func:`token_logprobs` of each id, with ``k`` alternatives.
+
+    Yields:
+        ``(id, logprobs)``: each new token id as soon as it is sampled, and its
+        :class:`TokenLogprobs` (None when not asked).
+    """
     config = model.config
     history = _prompt_history(config, prompt_ids)
     if max_new_tokens <= 0:
@@ -510,9 +584,10 @@ def generate_tokens(
                 top_p=top_p,
                 generator=generator,
             )
-        if token == config.eot_id:
-            return
-        yield token
+            if token == config.eot_id:
+                return
+            scored = None if logprobs is None else token_logprobs(logits[0, -1], token, logprobs)
+        yield token, scored
 
 
 def _prompt_history(config: ByteLMConfig, prompt_ids: list[int]) -> list[int]:
@@ -604,10 +679,22 @@ class _Sequence:
 
     ``history``, ``cache.length`` and ``token`` follow the bookkeeping of
     :func:`generate_tokens` exactly: ``token`` is the last sampled id, not yet
-    in ``history`` or the cache.
+    in ``history`` or the cache. ``scored`` holds its log probabilities when
+    ``logprobs`` asks for them (:func:`generate_scored`).
     """
 
-    __slots__ = ("cache", "done", "generator", "history", "temperature", "token", "top_k", "top_p")
+    __slots__ = (
+        "cache",
+        "done",
+        "generator",
+        "history",
+        "logprobs",
+        "scored",
+        "temperature",
+        "token",
+        "top_k",
+        "top_p",
+    )
 
     def __init__(
         self,
@@ -618,6 +705,7 @@ class _Sequence:
         temperature: float,
         top_k: int,
         top_p: float,
+        logprobs: int | None,
     ) -> None:
         self.cache = cache
         self.history = history
@@ -625,7 +713,9 @@ class _Sequence:
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
+        self.logprobs = logprobs
         self.token = -1
+        self.scored: TokenLogprobs | None = None
         self.done = False
 
 
@@ -791,6 +881,7 @@ class BatchedDecoding:
         top_k: int,
         top_p: float,
         seed: int,
+        logprobs: int | None = None,
     ) -> tuple[int, int | None]:
         """Starts a sequence: prefills its prompt alone and samples its first token.
 
@@ -801,6 +892,9 @@ class BatchedDecoding:
             top_p: See :func:`sample_next`.
             seed: Seed of the sequence's own generator, as in
                 :func:`generate_tokens`.
+            logprobs: None, or ``k >= 0``: each token's log probabilities,
+                with ``k`` alternatives, as :func:`generate_scored` gives them;
+                read them with :meth:`logprobs` after each token.
 
         Returns:
             ``(handle, token)``: the handle for :meth:`step` and
@@ -836,6 +930,7 @@ class BatchedDecoding:
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            logprobs=logprobs,
         )
         try:
             with torch.inference_mode():
@@ -900,11 +995,21 @@ class BatchedDecoding:
                     # maximal index sample_next's argmax returns.
                     picks = logits[greedy].argmax(dim=-1).tolist()
                     for j, token in zip(greedy, picks, strict=True):
-                        results[rows[j]] = self._accept(seqs[rows[j]], token)
+                        results[rows[j]] = self._accept(seqs[rows[j]], token, logits[j])
                 for j, i in enumerate(rows):
                     if seqs[i].temperature != 0:
                         results[i] = self._sample(seqs[i], logits[j])
         return results
+
+    def logprobs(self, handle: int) -> TokenLogprobs | None:
+        """The log probabilities of the last token :meth:`add` or :meth:`step` gave
+        ``handle``; None when the sequence did not ask for them (or has ended).
+
+        Raises:
+            KeyError: On an unknown (or removed) handle.
+        """
+        seq = self._sequence(handle)
+        return None if seq.done else seq.scored
 
     def remove(self, handle: int) -> None:
         """Ends a sequence and frees its slot (whether or not it has ended).
@@ -938,13 +1043,16 @@ class BatchedDecoding:
             top_p=seq.top_p,
             generator=seq.generator,
         )
-        return self._accept(seq, token)
+        return self._accept(seq, token, logits)
 
-    def _accept(self, seq: _Sequence, token: int) -> int | None:
+    def _accept(self, seq: _Sequence, token: int, logits: Tensor) -> int | None:
+        """Records ``token``, sampled from ``logits``; None when it ends the text."""
         if token == self._config.eot_id:
             seq.done = True
             return None
         seq.token = token
+        if seq.logprobs is not None:
+            seq.scored = token_logprobs(logits, token, seq.logprobs)
         return token
 
     def _forward(self, tokens: list[int], caches: list[_SlotCache]) -> Tensor:

@@ -12,16 +12,21 @@ from protoserve.server.runtime.generation import Chunk, FinishReason, Usage
 from protoserve.server.runtime.meter import GenerationMeter, Meter
 from protoserve.server.runtime.model import (
     BatchDecoder,
+    ChatMessage,
+    ChatTemplate,
     GenerationParams,
     Model,
     Parameter,
     Task,
     TensorInfo,
     Token,
+    TokenChoice,
 )
 
 __all__ = [
     "BatchDecoder",
+    "ChatMessage",
+    "ChatTemplate",
     "Chunk",
     "FinishReason",
     "GenerateResult",
@@ -36,5 +41,6 @@ __all__ = [
     "Task",
     "TensorInfo",
     "Token",
+    "TokenChoice",
     "Usage",
 ]

@@ -21,7 +21,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,12 +39,15 @@ from protoserve.server.runtime.generation import Chunk, FinishReason, Usage
 from protoserve.server.runtime.meter import GenerationMeter, Meter
 from protoserve.server.runtime.model import (
     BatchDecoder,
+    ChatMessage,
     Decoding,
     GenerationParams,
     Model,
     Task,
+    Token,
+    check_messages,
 )
-from protoserve.server.runtime.params import validate_generation
+from protoserve.server.runtime.params import check_logprobs, validate_generation
 from protoserve.server.runtime.registry import IndexEntry, ModelEntry, ModelRegistry, ModelState
 from protoserve.server.runtime.repository import Batching, Warmup
 from protoserve.server.runtime.scheduler import Scheduler
@@ -65,12 +68,14 @@ _TASK_NAMES = {
 
 @dataclass
 class GenerateResult:
-    """A whole generation."""
+    """A whole generation; ``logprobs`` holds its tokens with their log probabilities,
+    in ``token_ids`` order, when the request asked for them."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.LENGTH
     usage: Usage = field(default_factory=lambda: Usage(0, 0))
+    logprobs: list[Token] = field(default_factory=list)
 
 
 class Runtime:
@@ -212,7 +217,7 @@ class Runtime:
             log.exception("model %s failed to load", entry.name)
             entry.state, entry.state_message = ModelState.FAILED, f"failed to load: {exc}"
         else:
-            entry.state, entry.state_message = ModelState.READY, "ready"
+            entry.mark_ready()
             log.info("model %s ready in %.2fs", entry.name, time.perf_counter() - started)
         self._on_change()
 
@@ -422,27 +427,50 @@ class Runtime:
 
     # The tasks.
     def generate_stream(
-        self, model: str, text: str, parameters: Mapping[str, Any], *, version: str = ""
+        self,
+        model: str,
+        prompt: str | Sequence[ChatMessage],
+        parameters: Mapping[str, Any],
+        *,
+        version: str = "",
+        logprobs: int | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """Chunks of a generation as they are produced; the last has finish reason and usage.
+
+        ``prompt`` is a text to continue, or a conversation to answer: the model's
+        :meth:`~Model.chat_prompt` renders it, and its template's stop sequences are
+        added to the request's. ``logprobs`` (0 to :data:`MAX_TOP_LOGPROBS`) asks for
+        each token's log probability and that many alternatives (:attr:`Chunk.logprobs`).
 
         Counts toward ``max_streams``. Nothing happens until the first chunk is asked
         for; leaving the iteration early (``aclose``) cancels the generation before
         its next step.
+
+        Raises:
+            InvalidArgument: naming ``inputs`` (a text prompt) or ``messages`` (a
+                conversation, ``messages[i].role``), ``parameters.<name>``, or
+                ``logprobs`` (out of range, or the model does not return them).
         """
-        return self._generation(model, text, parameters, version, stream=True)
+        return self._generation(model, prompt, parameters, version, logprobs, stream=True)
 
     async def generate(
-        self, model: str, text: str, parameters: Mapping[str, Any], *, version: str = ""
+        self,
+        model: str,
+        prompt: str | Sequence[ChatMessage],
+        parameters: Mapping[str, Any],
+        *,
+        version: str = "",
+        logprobs: int | None = None,
     ) -> GenerateResult:
-        """A whole generation at once."""
+        """A whole generation at once; the arguments and errors are :meth:`generate_stream`'s."""
         result = GenerateResult("")
         parts: list[str] = []
-        generation = self._generation(model, text, parameters, version)
+        generation = self._generation(model, prompt, parameters, version, logprobs)
         async with contextlib.aclosing(generation) as chunks:
             async for chunk in chunks:
                 parts.append(chunk.text)
                 result.token_ids.extend(chunk.token_ids)
+                result.logprobs.extend(chunk.logprobs)
                 if chunk.finish_reason is not None and chunk.usage is not None:
                     result.finish_reason, result.usage = chunk.finish_reason, chunk.usage
         result.text = "".join(parts)
@@ -451,9 +479,10 @@ class Runtime:
     async def _generation(
         self,
         model: str,
-        text: str,
+        prompt: str | Sequence[ChatMessage],
         parameters: Mapping[str, Any],
         version: str,
+        logprobs: int | None,
         *,
         stream: bool = False,
     ) -> AsyncGenerator[Chunk, None]:
@@ -461,8 +490,9 @@ class Runtime:
         the model's scheduler, and its job's chunks counted as they pass. Closing it (the
         caller left) cancels the job, which leaves the batch before its next step."""
         with self._admitted(model, Task.TEXT_GENERATION, version, stream=stream) as entry:
-            params = validate_generation(entry.model, parameters)
-            prompt_tokens = self._prompt_tokens(entry, text, "inputs")
+            text, params, prompt_tokens = self._generation_request(
+                entry, prompt, parameters, logprobs
+            )
             job = entry.scheduler.submit_generation(entry.model, text, params, prompt_tokens)
             meter: GenerationMeter | None = None
             finished = cancelled = False
@@ -484,6 +514,29 @@ class Runtime:
                 job.cancel()  # first: a failing meter must not keep the job's slot
                 if meter is not None:
                     meter.end(cancelled)
+
+    def _generation_request(
+        self,
+        entry: ModelEntry,
+        prompt: str | Sequence[ChatMessage],
+        parameters: Mapping[str, Any],
+        logprobs: int | None,
+    ) -> tuple[str, GenerationParams, int]:
+        """A generation request checked: the prompt's text, the parameters (a chat's
+        stop sequences added, ``logprobs`` set) and the prompt's token count."""
+        model = entry.model
+        params = validate_generation(model, parameters)
+        if logprobs is not None:
+            check_logprobs(entry.name, model, logprobs)
+            params = replace(params, logprobs=logprobs)
+        if isinstance(prompt, str):
+            return prompt, params, self._prompt_tokens(entry, prompt, "inputs")
+        check_messages(prompt)
+        text = model.chat_prompt(prompt)
+        # The request's stops first, then the template's; each once.
+        stops = tuple(dict.fromkeys((*params.stop_sequences, *model.chat_template.stop)))
+        params = replace(params, stop_sequences=stops)
+        return text, params, self._prompt_tokens(entry, text, "messages")
 
     async def embed(
         self, model: str, texts: Sequence[str], *, normalize: bool = True, version: str = ""

@@ -42,12 +42,17 @@ class Usage:
 
 @dataclass
 class Chunk:
-    """New text and token ids since the previous chunk; the last one has a finish reason."""
+    """New text and token ids since the previous chunk; the last one has a finish reason.
+
+    ``logprobs`` holds this chunk's tokens with their log probabilities, in
+    ``token_ids`` order, when the request asked for them; otherwise it is empty.
+    """
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: list[Token] = field(default_factory=list)
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -76,12 +81,19 @@ class TextAssembly:
     text, a stop sequence, or ``max_new_tokens``. Both ways of generating use
     it: :func:`run_generation` pulling from :meth:`Model.generate`, and the
     scheduler's continuous batching pushing from a batch decoder.
+
+    When the request asked for log probabilities, each chunk's ``logprobs`` holds
+    the tokens of its ``token_ids``. A chunk carries a token's id (and its log
+    probabilities) as soon as the token is pushed, though its text may be held back
+    (a partial character, the start of a stop sequence); so the token that
+    completes a stop sequence is reported, and a stop sequence cuts only text.
     """
 
     def __init__(self, params: GenerationParams, prompt_tokens: int) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = tuple(s for s in params.stop_sequences if s)
         self._limit = params.max_new_tokens
+        self._logprobs = params.logprobs is not None
         self._prompt_tokens = prompt_tokens
         self._pending = ""  # decoded, not yet emitted
         self.generated = 0
@@ -93,29 +105,34 @@ class TextAssembly:
         if token is None:
             return self._finish([], FinishReason.END_OF_TEXT)
         self.generated += 1
-        ids = [token.id]
+        tokens = [token]
         self._pending += self._decoder.decode(token.data)
         hit = _first_stop(self._pending, self._stops)
         if hit is not None:
             self._pending = self._pending[:hit]
-            return self._finish(ids, FinishReason.STOP_SEQUENCE)
+            return self._finish(tokens, FinishReason.STOP_SEQUENCE)
         if self.generated >= self._limit:
-            return self._finish(ids, FinishReason.LENGTH)
+            return self._finish(tokens, FinishReason.LENGTH)
         keep = _held_back(self._pending, self._stops)
         cut = len(self._pending) - keep
         ready, self._pending = self._pending[:cut], self._pending[cut:]
-        return Chunk(ready, ids)
+        return self._chunk(ready, tokens)
 
     def cancel(self) -> Chunk:
         """The last chunk of a generation ended early (FinishReason.CANCELLED)."""
         return self._finish([], FinishReason.CANCELLED)
 
-    def _finish(self, ids: list[int], reason: FinishReason) -> Chunk:
+    def _finish(self, tokens: list[Token], reason: FinishReason) -> Chunk:
         self.done = True
         if reason is not FinishReason.STOP_SEQUENCE:
             # A token cut off mid-character at the end shows as U+FFFD, never as an error.
             self._pending += self._decoder.decode(b"", final=True)
-        return Chunk(self._pending, ids, reason, Usage(self._prompt_tokens, self.generated))
+        chunk = self._chunk(self._pending, tokens)
+        chunk.finish_reason, chunk.usage = reason, Usage(self._prompt_tokens, self.generated)
+        return chunk
+
+    def _chunk(self, text: str, tokens: list[Token]) -> Chunk:
+        return Chunk(text, [t.id for t in tokens], logprobs=tokens if self._logprobs else [])
 
 
 def run_generation(

@@ -8,7 +8,7 @@ locking and its work never blocks the event loop (docs/architecture.md, rule 5).
 The methods that describe it (``tasks``, ``parameters``, ``count_tokens``,
 ``describe_inputs``, ``describe_outputs``) are also called on the event loop, to
 check and describe requests: they must be quick, and must not change anything
-the work uses.
+the work uses; so is ``chat_prompt``, which renders a conversation as a prompt.
 
 Example::
 
@@ -25,15 +25,23 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 
+from protoserve.server.runtime.errors import InvalidArgument, bounded
+
 __all__ = [
+    "CHAT_ROLES",
+    "DEFAULT_CHAT_TEMPLATE",
     "MAX_STOP_SEQUENCE_CHARS",
+    "MAX_TOP_LOGPROBS",
     "BatchDecoder",
+    "ChatMessage",
+    "ChatTemplate",
     "Decoding",
     "GenerationParams",
     "Model",
@@ -41,12 +49,20 @@ __all__ = [
     "Task",
     "TensorInfo",
     "Token",
+    "TokenChoice",
+    "check_messages",
     "warm_up_text",
 ]
 
 #: Longest stop sequence accepted, in characters; longer ones only cost holdback
 #: (text held back in case it is the start of one) and are never useful.
 MAX_STOP_SEQUENCE_CHARS = 256
+#: Most alternatives a request may ask for at each position (``logprobs``); OpenAI's
+#: ``top_logprobs`` allows 0 to 20.
+MAX_TOP_LOGPROBS = 20
+#: The roles a chat message may have. "developer" (OpenAI's newer name for the
+#: instructions) is rendered as "system" is.
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 class Task(enum.Enum):
@@ -113,14 +129,143 @@ class GenerationParams:
     top_p: float
     seed: int
     stop_sequences: tuple[str, ...] = ()
+    #: None: no log probabilities. ``k >= 0``: each token's log probability and its
+    #: ``k`` most likely alternatives (:attr:`Token.logprob`, :attr:`Token.top_logprobs`).
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """One of the most likely tokens at a position, with its log probability."""
+
+    id: int
+    data: bytes
+    logprob: float
 
 
 @dataclass(frozen=True)
 class Token:
-    """One generated token: its id and the bytes it stands for (UTF-8 text, possibly partial)."""
+    """One generated token: its id and the bytes it stands for (UTF-8 text, possibly partial).
+
+    When the request asked for log probabilities (:attr:`GenerationParams.logprobs`)
+    and the model :attr:`~Model.supports_logprobs`, ``logprob`` is the token's
+    ``log_softmax`` of the model's raw logits (before temperature, top-k and top-p:
+    what the model thinks, not how it was sampled), and ``top_logprobs`` the
+    ``logprobs`` most likely tokens there, most likely first, ties by lower id.
+    """
 
     id: int
     data: bytes
+    logprob: float | None = None
+    top_logprobs: tuple[TokenChoice, ...] = ()
+
+
+_PLACEHOLDER = re.compile(r"\{(content|name)\}")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a conversation: who says it (:data:`CHAT_ROLES`) and what.
+
+    ``name`` tells apart participants of one role; a template shows it only where
+    its format says ``{name}``.
+    """
+
+    role: str
+    content: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a conversation becomes one prompt, for models that only continue text.
+
+    Each message is its role's format with ``{content}`` replaced by the message's
+    text (and ``{name}`` by its name), in order; "developer" messages use
+    ``system``. Then ``generation_prompt`` marks where the answer begins. Every
+    chat generation also stops at each of ``stop``: the marker of the turn after
+    the answer, which a model that learned the format writes when it is done. Only
+    ``{content}`` and ``{name}`` are placeholders; other braces are text.
+
+    The default (:data:`DEFAULT_CHAT_TEMPLATE`) is plain text a byte-level model
+    reads as it reads any document: a Markdown-like header line per turn and a
+    blank line between turns::
+
+        ### System
+        You answer in Python.
+
+        ### User
+        Sort a list.
+
+        ### Assistant
+
+    and it stops at ``"\\n### "``, the next header. A model repository sets its own
+    with a ``[chat_template]`` table (docs/model-repository.md).
+
+    Raises:
+        ValueError: a format lacks ``{content}``, or a stop sequence is empty or
+            longer than :data:`MAX_STOP_SEQUENCE_CHARS` (the message names the field).
+    """
+
+    system: str = "### System\n{content}\n\n"
+    user: str = "### User\n{content}\n\n"
+    assistant: str = "### Assistant\n{content}\n\n"
+    generation_prompt: str = "### Assistant\n"
+    stop: tuple[str, ...] = ("\n### ",)
+
+    def __post_init__(self) -> None:
+        for field in ("system", "user", "assistant"):
+            if "{content}" not in getattr(self, field):
+                raise ValueError(f"{field}: must contain {{content}}, where the message goes")
+        for i, stop in enumerate(self.stop):
+            if not 1 <= len(stop) <= MAX_STOP_SEQUENCE_CHARS:
+                raise ValueError(
+                    f"stop: item {i} must be 1 to {MAX_STOP_SEQUENCE_CHARS} characters"
+                )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The fields a ``[chat_template]`` table may set, in declaration order."""
+        return tuple(f.name for f in fields(cls))
+
+    def render(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt for ``messages``: each message in its role's format, then
+        ``generation_prompt``.
+
+        Raises:
+            InvalidArgument: no messages (field ``messages``), or a role not in
+                :data:`CHAT_ROLES` (field ``messages[i].role``).
+        """
+        check_messages(messages)
+        parts = []
+        for message in messages:
+            role = "system" if message.role == "developer" else message.role
+            parts.append(_fill(getattr(self, role), message))
+        parts.append(self.generation_prompt)
+        return "".join(parts)
+
+
+def _fill(form: str, message: ChatMessage) -> str:
+    """``form`` with its placeholders replaced in one pass, so that a message's text
+    holding ``{name}`` stays as it is."""
+    values = {"content": message.content, "name": message.name}
+    return _PLACEHOLDER.sub(lambda m: values[m[1]], form)
+
+
+#: The template of every model that sets none: see :class:`ChatTemplate`.
+DEFAULT_CHAT_TEMPLATE = ChatTemplate()
+
+
+def check_messages(messages: Sequence[ChatMessage]) -> None:
+    """Raise InvalidArgument for an empty conversation or a role not in :data:`CHAT_ROLES`."""
+    if not messages:
+        raise InvalidArgument.field("messages", "must hold at least one message")
+    for i, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise InvalidArgument.field(
+                f"messages[{i}].role",
+                f"must be one of {', '.join(CHAT_ROLES)}, not {bounded(message.role)!r}",
+            )
 
 
 class BatchDecoder:
@@ -212,6 +357,15 @@ class Model:
     #: model's ``[batching] batch_invariant``). A decoder that cannot promise that
     #: (its ``decoding`` is BATCHED) is not used; generations then take turns.
     batch_invariant: bool = False
+
+    #: How :meth:`chat_prompt` turns a conversation into a prompt, and the stop
+    #: sequences every chat generation gets. A model repository's ``[chat_template]``
+    #: sets it on the instance.
+    chat_template: ChatTemplate = DEFAULT_CHAT_TEMPLATE
+    #: True when :meth:`generate` and the batch decoder fill :attr:`Token.logprob` and
+    #: :attr:`Token.top_logprobs` for requests that ask (:attr:`GenerationParams.logprobs`);
+    #: the runtime refuses the request otherwise.
+    supports_logprobs: ClassVar[bool] = False
 
     def load(self) -> None:
         """Load weights and get ready. Called once, before anything else."""
@@ -307,6 +461,20 @@ class Model:
                 f"each is 1 to {MAX_STOP_SEQUENCE_CHARS} characters.",
             ),
         ]
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt that continues the conversation ``messages`` with the answer.
+
+        Called on the event loop, like :meth:`count_tokens`: it must be quick. The
+        default renders :attr:`chat_template`; a model with a format of its own
+        overrides this (and sets ``chat_template.stop`` to its turn marker). The
+        runtime has checked the roles (:func:`check_messages`) before calling it.
+
+        Raises:
+            InvalidArgument: naming the field (``messages[i].content`` ...) of a
+                conversation the model cannot take.
+        """
+        return self.chat_template.render(messages)
 
     def count_tokens(self, text: str) -> int:
         """The number of tokens ``text`` encodes to; the default counts UTF-8 bytes."""

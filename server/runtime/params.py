@@ -14,13 +14,14 @@ from typing import Any
 from protoserve.server.runtime.errors import FieldViolation, InvalidArgument
 from protoserve.server.runtime.model import (
     MAX_STOP_SEQUENCE_CHARS,
+    MAX_TOP_LOGPROBS,
     GenerationParams,
     Model,
     Parameter,
     Task,
 )
 
-__all__ = ["validate_generation"]
+__all__ = ["check_logprobs", "validate_generation"]
 
 
 def _check(spec: Parameter, value: Any, field: str) -> str | None:
@@ -97,3 +98,18 @@ def validate_generation(model: Model, given: Mapping[str, Any]) -> GenerationPar
         seed=secrets.randbits(63) if seed is None else int(seed),
         stop_sequences=tuple(values.get("stop_sequences") or ()),
     )
+
+
+def check_logprobs(name: str, model: Model, logprobs: int) -> None:
+    """Check a request's ``logprobs``: 0 to :data:`MAX_TOP_LOGPROBS` alternatives, of a
+    model that :attr:`~Model.supports_logprobs` (``name`` is the model's served name).
+
+    Raises:
+        InvalidArgument: naming field ``logprobs``.
+    """
+    if not model.supports_logprobs:
+        raise InvalidArgument.field("logprobs", f"model {name!r} does not return log probabilities")
+    if isinstance(logprobs, bool) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument.field(
+            "logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}"
+        )

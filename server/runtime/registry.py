@@ -92,12 +92,19 @@ class ModelEntry:
     batch_invariant: bool = False
     #: How its generations decode, once loaded (None: it does not generate text).
     decoding: Decoding | None = None
+    #: When it became READY, in Unix seconds (None before); OpenAI's model ``created``.
+    ready_at: int | None = field(default=None, init=False)
     #: Requests using this version now; it is unloaded once none is left.
     in_flight: int = field(default=0, init=False)
     idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    def mark_ready(self) -> None:
+        """The version loaded and warmed: READY from now on."""
+        self.state, self.state_message = ModelState.READY, "ready"
+        self.ready_at = int(time.time())
 
 
 @dataclass(frozen=True)
@@ -413,7 +420,7 @@ class ModelRegistry:
             await asyncio.to_thread(_close_all, entries)
             raise Unavailable(f"model {name!r}: {self._no_paths(reason)}")
         for entry in entries:
-            entry.state, entry.state_message = ModelState.READY, "ready"
+            entry.mark_ready()
         replaced = [] if visible else self._entries.get(name, [])
         self._entries[name] = entries
         self._status.pop(name, None)

@@ -39,12 +39,20 @@
     shape = [2, 3]
     data = [1, 2, 3, 4, 5, 6] # optional; zeros when left out
 
+    [chat_template]           # optional; how a conversation becomes this model's prompt
+    system = "### System\\n{content}\\n\\n"   # one format per role, each with {content}
+    user = "### User\\n{content}\\n\\n"       # ("developer" messages use system's)
+    assistant = "### Assistant\\n{content}\\n\\n"
+    generation_prompt = "### Assistant\\n"     # where the answer begins
+    stop = ["\\n### "]                         # every chat generation stops at these
+
 Every key is checked: an unknown key, a wrong type or a missing file makes the
 folder malformed (:class:`RepositoryError`, naming the folder and the key), and
 never stops the server; the runtime reports the model UNAVAILABLE with the reason.
 
-Declared tensors and ``predict_batches`` are set on each model built
-(:meth:`ModelConfig.build`), over its class's own: they give a file model, which
+Declared tensors, ``predict_batches`` and the chat template are set on each model
+built (:meth:`ModelConfig.build`), over its class's own (a ``[chat_template]`` key
+left out keeps the model's own value): they give a file model, which
 cannot say what it takes, a signature (v1 GetModel, the Open Inference Protocol's
 ModelMetadata and ModelConfig) and request validation, and let its requests be
 joined into batches. ``predict_batches = true`` needs declared inputs and outputs
@@ -58,7 +66,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +79,14 @@ from protoserve.server.runtime.loader import (
     is_named_source,
     model_from_source,
 )
-from protoserve.server.runtime.model import Model, Task, TensorInfo, warm_up_text
+from protoserve.server.runtime.model import (
+    DEFAULT_CHAT_TEMPLATE,
+    ChatTemplate,
+    Model,
+    Task,
+    TensorInfo,
+    warm_up_text,
+)
 from protoserve.server.runtime.tensors import DTYPES
 
 __all__ = [
@@ -88,7 +103,16 @@ __all__ = [
 #: The file that makes a folder a model.
 CONFIG_FILE = "model.toml"
 
-_TOP_KEYS = {"name", "source", "versions", "batching", "warmup", "inputs", "outputs"}
+_TOP_KEYS = {
+    "name",
+    "source",
+    "versions",
+    "batching",
+    "warmup",
+    "inputs",
+    "outputs",
+    "chat_template",
+}
 _BATCHING_KEYS = {
     "enabled",
     "max_batch_size",
@@ -178,6 +202,9 @@ class ModelConfig:
     #: Predict's declared inputs and outputs, in file order; empty keeps the model's own.
     inputs: tuple[TensorInfo, ...] = ()
     outputs: tuple[TensorInfo, ...] = ()
+    #: The ``[chat_template]`` keys set, as ``(field, value)`` pairs: they replace
+    #: those of the model's own :attr:`Model.chat_template`.
+    chat_template: tuple[tuple[str, Any], ...] = ()
 
     def version_folder(self, version: int) -> Path:
         return _version_folders(self.folder)[version]
@@ -192,7 +219,8 @@ class ModelConfig:
             RepositoryError: the module or class is missing, is not a Model, or
                 failed to import or to build (the user's code raised); or tensors
                 are declared for a model that does not predict, or the model then
-                batches rows its tensors do not have.
+                batches rows its tensors do not have; or a chat template is set
+                for a model that does not generate text.
         """
         try:
             model = model_from_source(self.source, folder=self.version_folder(version))
@@ -203,7 +231,22 @@ class ModelConfig:
                 f"source: building {self.source!r} failed: {type(exc).__name__}: {exc}"
             ) from exc
         self._declare(model)
+        self._chat(model)
         return model
+
+    def _chat(self, model: Model) -> None:
+        """Set the ``[chat_template]`` keys over the model's own template."""
+        if not self.chat_template:
+            return
+        if Task.TEXT_GENERATION not in model.tasks():
+            raise RepositoryError(f"chat_template: {type(model).__name__} does not generate text")
+        template = _chat_template_over(model.chat_template, self.chat_template)
+        try:
+            model.chat_template = template
+        except AttributeError as exc:  # a property or __slots__ in the user's class
+            raise RepositoryError(
+                f"chat_template: {type(model).__name__} does not let it be set: {exc}"
+            ) from exc
 
     def _declare(self, model: Model) -> None:
         """Set the declared tensors and ``predict_batches`` on ``model`` (instance
@@ -354,6 +397,7 @@ def read_config(folder: Path, *, reserved: frozenset[str] = frozenset()) -> Mode
     warmup = _warmup(raw["warmup"]) if "warmup" in raw else None
     if warmup is not None and inputs:
         _check_warmup_inputs(warmup, inputs)
+    chat_template = _chat_template(raw["chat_template"]) if "chat_template" in raw else ()
     return ModelConfig(
         name=name,
         folder=folder,
@@ -363,6 +407,7 @@ def read_config(folder: Path, *, reserved: frozenset[str] = frozenset()) -> Mode
         warmup=warmup,
         inputs=inputs,
         outputs=outputs,
+        chat_template=chat_template,
     )
 
 
@@ -521,6 +566,33 @@ def _warmup_tensor(name: str, raw: object) -> WarmupTensor:
     return WarmupTensor(
         name, str(dtype), tuple(shape), None if data is None else tuple(float(v) for v in data)
     )
+
+
+def _chat_template(raw: object) -> tuple[tuple[str, Any], ...]:
+    """A ``[chat_template]`` table's keys, checked: strings, and ``stop`` a list of them;
+    and the template they make over the default must be valid (the model's own is
+    checked again when the model is built)."""
+    table = _table(raw, "chat_template")
+    _known_keys(table, set(ChatTemplate.field_names()), "chat_template.")
+    pairs: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        if key == "stop":
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise RepositoryError("chat_template.stop: must be a list of strings")
+            value = tuple(value)
+        elif not isinstance(value, str):
+            raise RepositoryError(f"chat_template.{key}: must be a string")
+        pairs.append((key, value))
+    _chat_template_over(DEFAULT_CHAT_TEMPLATE, tuple(pairs))
+    return tuple(pairs)
+
+
+def _chat_template_over(base: ChatTemplate, pairs: tuple[tuple[str, Any], ...]) -> ChatTemplate:
+    """``base`` with the keys of ``pairs`` replaced. Raises RepositoryError naming the key."""
+    try:
+        return replace(base, **dict(pairs))
+    except ValueError as exc:  # ChatTemplate's own check names the field
+        raise RepositoryError(f"chat_template.{exc}") from exc
 
 
 def _printable(name: str) -> str:
