@@ -591,6 +591,7 @@ def typecheck_tree() -> Path:
         ("inference", "gen/protoserve/inference"),
         ("oip", "gen/protoserve/oip"),
     ):
+        ("openai", "gen/protoserve/openai"),
         link = tree / name
         if not link.is_symlink():
             link.symlink_to(ROOT / folder, target_is_directory=True)

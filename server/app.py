@@ -31,6 +31,9 @@ from protoserve.server.metrics import Metrics, MetricsEndpoint
 from protoserve.server.oip import SERVICE_NAME as OIP_SERVICE
 from protoserve.server.oip import OpenInferenceServicer
 from protoserve.server.oip import add_to_server as add_oip_to_server
+from protoserve.server.openai import SERVICE_NAME as OPENAI_SERVICE
+from protoserve.server.openai import OpenAIServicer
+from protoserve.server.openai import add_to_server as add_openai_to_server
 from protoserve.server.reflection import enable_reflection
 from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import Model
@@ -119,11 +122,18 @@ class InferenceServer:
         )
         add_to_server(InferenceServicer(self.runtime, metrics=self.metrics), self.server)
         add_oip_to_server(OpenInferenceServicer(self.runtime, metrics=self.metrics), self.server)
+        add_openai_to_server(OpenAIServicer(self.runtime, metrics=self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:  # --no-reflection: the schema is not served
             enable_reflection(
                 self.server,
-                (INFERENCE_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                (
+                    INFERENCE_SERVICE,
+                    OIP_SERVICE,
+                    OPENAI_SERVICE,
+                    health.SERVICE_NAME,
+                    reflection.SERVICE_NAME,
+                ),
             )
         address = f"{config.host}:{config.port}"
         try:
@@ -142,7 +152,10 @@ class InferenceServer:
 
     def _update_health(self) -> None:
         """Health per model (``models/NAME``) and for the whole server ("" and the service)."""
-        statuses = {service: self.runtime.ready for service in ("", INFERENCE_SERVICE, OIP_SERVICE)}
+        statuses = {
+            service: self.runtime.ready
+            for service in ("", INFERENCE_SERVICE, OIP_SERVICE, OPENAI_SERVICE)
+        }
         # Every model ever known, so that one unloaded (or failed in the repository)
         # turns NOT_SERVING rather than keeping its last status.
         for name in self.runtime.known_models():

@@ -41,7 +41,7 @@ import grpc
 from grpc_health.v1 import health
 
 from protoserve.common.hosts import is_loopback
-from protoserve.server.calls import refusal
+from protoserve.server.calls import method_label, refusal
 from protoserve.server.config import ServerConfig
 from protoserve.server.metrics import Metrics
 from protoserve.server.oip import SERVICE_NAME as OIP_SERVICE
@@ -216,7 +216,7 @@ class Auth:
         given = self.access(token)
         if given >= needed:
             return None
-        name = bounded(method.rpartition("/")[2])  # the caller's to choose
+        name = bounded(method_label(method))  # the caller's to choose
         if given is Access.INFERENCE:
             return PermissionDenied(
                 f"{name} needs an admin token (the server's --admin-token-file); "
@@ -266,7 +266,7 @@ class AuthInterceptor(_ServerInterceptor):
             return handler
         # The refusal takes the method's kind; None: a method the server does not have,
         # whose name (the caller's to choose) is not a metrics label.
-        name = bounded(method.rpartition("/")[2])
+        name = bounded(method_label(method))
         return refusal(handler, name, error, self.metrics if handler is not None else None)
 
 

@@ -18,6 +18,7 @@ INTERNAL with the request id only; its metrics; and one access line
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -39,7 +40,15 @@ from protoserve.server.runtime.errors import (
     to_rpc_status,
 )
 
-__all__ = ["add_service", "refusal", "streaming", "unary"]
+__all__ = [
+    "LABEL_PREFIXES",
+    "add_service",
+    "method_label",
+    "note_access",
+    "refusal",
+    "streaming",
+    "unary",
+]
 
 log = logging.getLogger("protoserve.server")
 #: One line per finished call: method, code, duration_ms, request_id, peer (and error).
@@ -49,6 +58,30 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Item = TypeVar("Item")
 Context = grpc.aio.ServicerContext[Any, Any]
+#: Services whose method names repeat another served service's (OpenAI's ListModels
+#: beside v1's): their methods' label is this prefix and the name (``openai.ListModels``).
+#: A servicer of one of them sets ``label_prefix`` from here.
+LABEL_PREFIXES = {"protoserve.openai.v1.OpenAIService": "openai."}
+#: What the call being served adds to its access line (:func:`note_access`).
+_NOTED: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "protoserve_access_noted", default=None
+)
+
+
+def method_label(full_method: str) -> str:
+    """The metrics' and access line's method label of ``/package.Service/Method``: the
+    method's name, after its service's :data:`LABEL_PREFIXES` entry if it has one."""
+    service, _, name = full_method.rpartition("/")
+    return LABEL_PREFIXES.get(service.lstrip("/"), "") + name
+
+
+def note_access(**fields: str) -> None:
+    """Add ``fields`` to the access line of the call being served (nothing outside a
+    call): what a request says of itself that its operator should see, such as
+    OpenAI's ``user``. The caller bounds them; the log's formatter escapes them."""
+    noted = _NOTED.get()
+    if noted is not None:
+        noted.update(fields)
 
 
 def _request_id(context: Context) -> str:
@@ -78,6 +111,8 @@ async def _call(context: Context, method: str, metrics: Metrics | None) -> Async
     # Asked now: once a call is over, grpc may have freed what peer() reads (a crash).
     peer = context.peer()
     token = REQUEST_ID.set(rid)
+    noted: dict[str, str] = {}
+    noted_token = _NOTED.set(noted)
     try:
         await context.send_initial_metadata((("x-request-id", rid),))
         try:
@@ -97,9 +132,10 @@ async def _call(context: Context, method: str, metrics: Metrics | None) -> Async
         if metrics is not None:
             metrics.requests.labels(method, code.name).inc()
             metrics.request_seconds.labels(method).observe(seconds)
-        _log_access(method, code, seconds, rid, peer, error_message)
+        _log_access(method, code, seconds, rid, peer, error_message, noted)
         try:
             REQUEST_ID.reset(token)
+            _NOTED.reset(noted_token)
         except ValueError:
             # A stream's generator closed late, from another context: that one never had it.
             pass
@@ -112,10 +148,13 @@ def _log_access(
     rid: str,
     peer: str,
     error_message: str | None,
+    noted: dict[str, str],
 ) -> None:
-    """The call's one access line (``protoserve.server.access``, INFO)."""
+    """The call's one access line (``protoserve.server.access``, INFO); ``noted`` are
+    the fields its method added (:func:`note_access`)."""
     duration_ms = round(seconds * 1000, 3)
     fields: dict[str, Any] = {
+        **noted,
         "method": method,
         "code": code.name,
         "duration_ms": duration_ms,
@@ -218,13 +257,15 @@ def unary(
     fn: Callable[[Any, Req], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
     """A unary method in its call's frame: ``fn(self, request)`` gets a parsed request,
-    and its errors become statuses. The method's name is the metrics' and access
+    and its errors become statuses. The method's name, after the servicer's
+    ``label_prefix`` if it has one (:data:`LABEL_PREFIXES`), is the metrics' and access
     line's method label; ``self.metrics`` (or None) counts the call."""
 
     async def handler(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
-        async with _call(context, fn.__name__, self.metrics):
+        label = getattr(self, "label_prefix", "") + fn.__name__
+        async with _call(context, label, self.metrics):
             return await fn(self, _parsed(request))
         raise AssertionError("unreachable: _call aborts on every error")
 
@@ -250,7 +291,8 @@ def streaming(
         async def handler(
             self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
         ) -> AsyncIterator[Resp]:
-            async with _call(context, fn.__name__, self.metrics):
+            label = getattr(self, "label_prefix", "") + fn.__name__
+            async with _call(context, label, self.metrics):
                 async with contextlib.aclosing(fn(self, _parsed(request))) as items:
                     async for item in items:
                         yield message(item)

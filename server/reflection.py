@@ -67,9 +67,16 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
     )
 
 
+#: The packages that ship a ``descriptor_set.binpb`` of their own proto file.
+_SHIPPED_PACKAGES = ("protoserve.inference.v1", "protoserve.openai.v1")
+
+
 def _read_descriptor_set() -> bytes:
-    """The serialized ``FileDescriptorSet`` shipped in ``protoserve.inference.v1``."""
-    return (files("protoserve.inference.v1") / "descriptor_set.binpb").read_bytes()
+    """The ``FileDescriptorSet`` shipped in each of :data:`_SHIPPED_PACKAGES`, as one:
+    serialized messages joined parse as one message, their repeated ``file`` joined."""
+    return b"".join(
+        (files(package) / "descriptor_set.binpb").read_bytes() for package in _SHIPPED_PACKAGES
+    )
 
 
 def _shipped_files() -> dict[str, descriptor_pb2.FileDescriptorProto]:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-from protoserve.server.calls import refusal
+from protoserve.server.calls import method_label, refusal
 from protoserve.server.config import ServerConfig
 from protoserve.server.metrics import Metrics
 from protoserve.server.runtime.errors import InvalidArgument, ProtoserveError
@@ -133,7 +133,7 @@ class WholeRequest(_ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
-        name = handler_call_details.method.rpartition("/")[2]
+        name = method_label(handler_call_details.method)
         if handler.response_streaming:
             return self._streaming(handler, name)
         return self._unary(handler, name)

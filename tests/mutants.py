@@ -49,6 +49,7 @@ PACKAGES = {
     "common": "common",
     "inference": "gen/protoserve/inference",
     "oip": "gen/protoserve/oip",
+    "openai": "gen/protoserve/openai",
 }
 #: Seconds one mutant's tests may run. A mutant that makes them hang counts as killed:
 #: a user notices a hang.
@@ -137,15 +138,15 @@ MUTANTS = (
         "        hit = _first_stop(self._pending, self._stops)\n"
         "        if hit is not None:\n"
         "            self._pending = self._pending[:hit]\n"
-        "            return self._finish(ids, FinishReason.STOP_SEQUENCE)\n"
+        "            return self._finish(tokens, FinishReason.STOP_SEQUENCE)\n"
         "        if self.generated >= self._limit:\n"
-        "            return self._finish(ids, FinishReason.LENGTH)\n",
+        "            return self._finish(tokens, FinishReason.LENGTH)\n",
         "        if self.generated >= self._limit:\n"
-        "            return self._finish(ids, FinishReason.LENGTH)\n"
+        "            return self._finish(tokens, FinishReason.LENGTH)\n"
         "        hit = _first_stop(self._pending, self._stops)\n"
         "        if hit is not None:\n"
         "            self._pending = self._pending[:hit]\n"
-        "            return self._finish(ids, FinishReason.STOP_SEQUENCE)\n",
+        "            return self._finish(tokens, FinishReason.STOP_SEQUENCE)\n",
         ("tests/server/test_generation.py", "tests/test_bounds.py"),
         "a stop sequence completed by the last allowed token is returned, finish LENGTH",
     ),
@@ -291,6 +292,23 @@ MUTANTS = (
         '("grpc.max_concurrent_streams", 1 << 30),',
         ("tests/server/test_transport.py::test_streams_past_the_limit_are_refused",),
         "one connection opens as many streams as it likes",
+    ),
+    # The OpenAI API (server/openai/, server/runtime/params.py).
+    Mutant(
+        "openai-choices-bound",
+        "server/openai/_requests.py",
+        "if not 1 <= request.n <= MAX_CHOICES:",
+        "if not 1 <= request.n < MAX_CHOICES:",
+        ("tests/server/test_openai_service.py::test_n_and_choices_in_all_are_bounded_at_16",),
+        "a request for n=16 choices (the limit) is refused",
+    ),
+    Mutant(
+        "top-logprobs-unbounded",
+        "server/runtime/params.py",
+        "not 0 <= logprobs <= MAX_TOP_LOGPROBS:",
+        "not 0 <= logprobs:",
+        ("tests/server/test_logprobs.py",),
+        "logprobs=1000 is accepted and every token carries a thousand alternatives",
     ),
 )
 

@@ -164,6 +164,7 @@ def test_list_services_extensions_and_not_found(target: str) -> None:
         [
             SERVICE,
             "inference.GRPCInferenceService",
+            "protoserve.openai.v1.OpenAIService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
         ]
