@@ -14,7 +14,8 @@ Example::
 
 Methods whose protocol has a JSON of its own get a :class:`Codec` (``codecs=``): the
 Open Inference Protocol's REST format is built in, for
-``inference.GRPCInferenceService`` (see ``docs/gateway-codecs.md``). It and the
+``inference.GRPCInferenceService``, and OpenAI's, for
+``protoserve.openai.v1.OpenAIService`` (see ``docs/gateway-codecs.md``). It and the
 playground are protoserve's own pieces (``gateway/inference/``), which
 :func:`build_gateway` registers on the generic core (``gateway/_app.py``).
 """

@@ -37,7 +37,12 @@ from starlette.routing import Route
 from protoserve.gateway._call import Call, answer_error, build_call, grpc_path
 from protoserve.gateway._callmeta import metadata_headers
 from protoserve.gateway._cancel import CLIENT_CLOSED, disconnected, race
-from protoserve.gateway._codecs import Codec, ProtobufCodec, resolve_codecs
+from protoserve.gateway._codecs import (
+    Codec,
+    ProtobufCodec,
+    check_shared_routes,
+    resolve_codecs,
+)
 from protoserve.gateway._descriptors import Descriptors
 from protoserve.gateway._errors import GatewayError, error_info
 from protoserve.gateway._fallback import starlette_error
@@ -164,17 +169,20 @@ class _Gateway:
             return response
         binding = match.binding
         setattr(request.state, GRPC_METHOD, grpc_path(binding.method))  # for the access line
+        # One codec for all the methods of a shared route (check_shared_routes).
         codec = self.codecs.get(binding.method.full_name, self.protobuf)
         try:
             call = await build_call(
                 request,
-                binding,
+                match.bindings or (binding,),
                 match.path_params,
                 codec,
                 max_body_bytes=self.max_body_bytes,
                 forwarded=self.forwarded,
                 request_id=current_request_id(),
             )
+            binding = call.binding  # the codec's choice, on a route methods share
+            setattr(request.state, GRPC_METHOD, grpc_path(binding.method))
             make = self._stream if binding.method.server_streaming else self._unary
             response = await make(call)
         except GatewayError as error:
@@ -382,8 +390,10 @@ def build_app(
 
     Raises:
         ValueError: a method's ``google.api.http`` rule is invalid, a codec is
-            registered for a name not served or for a method it cannot frame, or a
-            page takes the path of one of the gateway's own.
+            registered for a name not served or for a method it cannot frame, methods
+            share a route without one codec that chooses between them
+            (``Codec.choose_binding``), or a page takes the path of one of the
+            gateway's own.
     """
     method_codecs = resolve_codecs(descriptors.services, codecs or {})
     gateway = _Gateway(
@@ -400,6 +410,7 @@ def build_app(
         ],
         channel_credentials=channel_credentials,
     )
+    check_shared_routes(gateway.router.shared_routes(), method_codecs)
     document = build_openapi(
         gateway.bindings,
         title=title,

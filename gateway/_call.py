@@ -13,8 +13,9 @@ more than a 500 INTERNAL (docs/architecture.md, rule 4).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -99,7 +100,7 @@ class Call:
 
 async def build_call(
     http: Request,
-    binding: Binding,
+    bindings: Sequence[Binding],
     path_params: Mapping[str, str],
     codec: Codec,
     *,
@@ -107,7 +108,11 @@ async def build_call(
     forwarded: frozenset[str],
     request_id: str,
 ) -> Call:
-    """The call of ``http``, which matched ``binding``: body, message, deadline, metadata.
+    """The call of ``http``, which matched the route of ``bindings``: binding, body,
+    message, deadline, metadata.
+
+    ``bindings`` holds one binding, or several where methods share the route; then
+    the codec chooses one (``Codec.choose_binding``) once the body is read.
 
     Raises:
         GatewayError: the body is too large or not inflatable, the codec refused
@@ -115,11 +120,24 @@ async def build_call(
     """
     body = await read_body(http, max_body_bytes)
     query = http.query_params.multi_items()
-    request = CodecRequest(binding, path_params, query, http.headers, body)
+    request = CodecRequest(bindings[0], path_params, query, http.headers, body)
+    if len(bindings) > 1:
+        request = dataclasses.replace(request, binding=_choose(codec, request, bindings))
     message = _decode(codec, request)
     deadline = request_deadline(http)
     metadata = outgoing_metadata(http, forwarded, request_id)
     return Call(http, codec, request, message, deadline, metadata)
+
+
+def _choose(codec: Codec, request: CodecRequest, bindings: Sequence[Binding]) -> Binding:
+    what = "choose a method"
+    chosen = _guarded(codec, request.binding, what, codec.choose_binding, request, bindings)
+    if not any(chosen is binding for binding in bindings):
+        log.error("codec %s chose a binding not among the route's", codec.name)
+        raise GatewayError(
+            grpc.StatusCode.INTERNAL, f"the gateway's {codec.name} codec failed to {what}"
+        )
+    return chosen
 
 
 def _decode(codec: Codec, request: CodecRequest) -> Message:

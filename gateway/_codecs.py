@@ -14,6 +14,9 @@ The base class is protobuf's JSON mapping, and :class:`ProtobufCodec`, one of it
 the codec of every method that has none registered: every call goes through a
 codec. A codec that sets ``serves_streams`` owns its server streams' wire format
 too (:meth:`Codec.stream_format`); any other is refused for streaming methods.
+Methods whose HTTP rules share one route (HTTP method and path template) are
+served only by one codec that chooses among them per request
+(:meth:`Codec.choose_binding`, :func:`check_shared_routes`).
 The gateway core knows no codec by name but ``protobuf``; the public assembly
 names more (``load_codec``'s ``named``).
 """
@@ -42,6 +45,7 @@ __all__ = [
     "ErrorInfo",
     "NamedCodecs",
     "ProtobufCodec",
+    "check_shared_routes",
     "load_codec",
     "parse_codec_option",
     "resolve_codecs",
@@ -125,6 +129,23 @@ class Codec:
 
     def check(self, method: MethodDescriptor) -> None:
         """Called once per method at build time; raise ValueError if it cannot serve ``method``."""
+
+    def choose_binding(self, request: CodecRequest, bindings: Sequence[Binding]) -> Binding:
+        """The binding, one of ``bindings``, that serves ``request`` on a route several
+        methods share (the same HTTP method and path template, all with this codec).
+
+        Called after the body is read and before :meth:`decode_request`, which then
+        gets a request whose ``binding`` is the one chosen, and the chosen method's
+        input type; ``request.state`` carries over, so what the choice parsed need not
+        be parsed again. ``request.binding`` is the first of ``bindings`` here.
+
+        The base class chooses nothing: methods that share a route without a codec that
+        overrides this are refused when the app is built (:func:`check_shared_routes`).
+
+        Raises:
+            GatewayError: the request fits none of the methods (400 with a message).
+        """
+        raise NotImplementedError(f"codec {self.name} does not choose between methods")
 
     def decode_request(self, request: CodecRequest, message_class: type[Message]) -> Message:
         """The request message for ``request``; ``message_class`` is the method's input type.
@@ -239,6 +260,37 @@ def resolve_codecs(
             raise ValueError(f"codec {codec.name} cannot serve {full_name}: {exc}") from exc
         resolved[full_name] = codec
     return resolved
+
+
+def check_shared_routes(shared: Iterable[Sequence[Binding]], codecs: Mapping[str, Codec]) -> None:
+    """Refuse a route shared by several methods unless one codec chooses among them.
+
+    Args:
+        shared: each shared route's bindings, one per method (``Router.shared_routes``).
+        codecs: method full name -> its codec (:func:`resolve_codecs`); a method not
+            here has protobuf's JSON mapping, which does not choose.
+
+    Raises:
+        ValueError: the methods of a shared route have different codecs (or none), or
+            their codec does not override :meth:`Codec.choose_binding`; the message names
+            the route and the methods.
+    """
+    for bindings in shared:
+        first = bindings[0]
+        names = " and ".join(b.method.full_name for b in bindings)
+        route = f"{first.verb} {first.template.pattern}"
+        found = {
+            id(codecs.get(b.method.full_name)): codecs.get(b.method.full_name) for b in bindings
+        }
+        codec = next(iter(found.values())) if len(found) == 1 else None
+        if codec is None or type(codec).choose_binding is Codec.choose_binding:
+            kinds = ", ".join(
+                sorted({c.name if c is not None else "protobuf" for c in found.values()})
+            )
+            raise ValueError(
+                f"{names} share the route {route} (codec: {kinds}); methods may share a "
+                "route only under one codec that chooses between them (Codec.choose_binding)"
+            )
 
 
 def _frames(codec: Codec, method: MethodDescriptor) -> bool:

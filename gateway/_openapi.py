@@ -27,6 +27,7 @@ from google.protobuf.descriptor import (
     FieldDescriptor,
 )
 
+from protoserve.gateway._call import grpc_path
 from protoserve.gateway._codecs import Codec
 from protoserve.gateway._comments import comments_from_descriptor_set
 from protoserve.gateway._errors import HTTP_STATUS
@@ -98,7 +99,9 @@ def build_openapi(
 
     Args:
         bindings: the HTTP bindings, in the order the gateway matches them; a later
-            binding with the same verb and OpenAPI path as an earlier one is left out.
+            binding with the same verb and OpenAPI path as an earlier one is left out
+            (where it is another method on the same template, a route methods share,
+            the operation lists both in ``x-grpc-methods``).
         title: ``info.title``.
         version: ``info.version``.
         comments: full proto name -> comment, for summaries and descriptions
@@ -118,6 +121,8 @@ def build_openapi(
     paths: dict[str, dict[str, Any]] = {}
     tags: dict[str, Schema] = {}
     operation_ids: set[str] = set()
+    #: (OpenAPI path, verb) -> the binding its operation describes.
+    described: dict[tuple[str, str], Binding] = {}
     for binding in bindings:
         method = binding.method
         verb = binding.verb.lower()
@@ -127,7 +132,14 @@ def build_openapi(
             continue
         item = paths.setdefault(binding.template.openapi_path(), {})
         if verb in item:
+            earlier = described[binding.template.openapi_path(), verb]
+            if earlier.template == binding.template and earlier.method is not method:
+                # A route methods share (their codec chooses per request): one operation,
+                # which names every method.
+                shared = item[verb].setdefault("x-grpc-methods", [item[verb]["x-grpc-method"]])
+                shared.append(grpc_path(method))
             continue
+        described[binding.template.openapi_path(), verb] = binding
         service = method.containing_service
         tag = services[service.full_name]
         if tag not in tags:
@@ -335,7 +347,7 @@ def _operation_head(binding: Binding, operation_id: str, tag: str, schemas: _Sch
         operation["description"] = "\n\n".join(filter(None, [comment, note]))
     if method.GetOptions().deprecated:
         operation["deprecated"] = True
-    operation["x-grpc-method"] = f"/{method.containing_service.full_name}/{method.name}"
+    operation["x-grpc-method"] = grpc_path(method)
     return operation
 
 

@@ -21,6 +21,13 @@ Which binding wins, when several templates match a path:
    is a ``*``): ``/v1/a/*/*`` beats ``/v1/a/**``, as the one that says more
    about the path; then declaration order (the order of the bindings given to
    the Router).
+
+Bindings of different methods under one HTTP method and one path template
+(``PathTemplate`` equality: the same pattern) are one route shared by those
+methods: the match carries all of them (``RouteMatch.bindings``), and the
+methods' codec chooses among them from the request (``Codec.choose_binding``).
+``build_app`` refuses a shared route whose methods have no codec that chooses, so
+no such tie is ever settled silently by declaration order.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from urllib.parse import unquote
 import grpc
 
 from protoserve.gateway._rules import Binding
-from protoserve.gateway._template import split_path
+from protoserve.gateway._template import PathTemplate, split_path
 
 __all__ = ["MethodNotAllowed", "RouteMatch", "RouteNotFound", "Router", "RoutingError"]
 
@@ -91,10 +98,13 @@ class RouteMatch:
         binding: the winning binding.
         path_params: dotted field path -> percent-decoded value (see
             `PathTemplate.match`).
+        bindings: every method's binding on this route (the same HTTP method and
+            template), ``binding`` first: more than one where methods share the route.
     """
 
     binding: Binding
     path_params: dict[str, str]
+    bindings: tuple[Binding, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +169,23 @@ class Router:
                 node = node.child(literal)
             (node.rest if template.open_ended else node.ends).append(_Route(binding, rank))
         self._verbs = frozenset(verb for verb in self._roots if verb is not None)
+        # (HTTP method, template) -> the first binding of each method bound there.
+        routes: dict[tuple[str, PathTemplate], dict[str, Binding]] = {}
+        for binding in self._bindings:
+            methods = routes.setdefault((binding.verb, binding.template), {})
+            methods.setdefault(binding.method.full_name, binding)
+        self._routes = {key: tuple(found.values()) for key, found in routes.items()}
 
     @property
     def bindings(self) -> tuple[Binding, ...]:
         """The bindings, in the order given."""
         return self._bindings
+
+    def shared_routes(self) -> list[tuple[Binding, ...]]:
+        """The routes that several methods share: each route's bindings (one per
+        method, in declaration order), for every HTTP method and template bound by
+        more than one method."""
+        return [bindings for bindings in self._routes.values() if len(bindings) > 1]
 
     def match(self, http_method: str, path: str) -> RouteMatch:
         """The binding that serves ``http_method`` on ``path``, by the module's rules.
@@ -201,7 +223,10 @@ class Router:
         if best is None:
             allowed = tuple(sorted({route.binding.verb for route, _ in matches}))
             raise MethodNotAllowed(path, allowed)
-        return RouteMatch(best[0].binding, best[1])
+        binding = best[0].binding
+        shared = self._routes[binding.verb, binding.template]
+        others = tuple(b for b in shared if b.method is not binding.method)
+        return RouteMatch(binding, best[1], (binding, *others))
 
     def _matches(
         self, verb: str | None, segments: list[str]

@@ -15,7 +15,12 @@ import tempfile
 from pathlib import Path
 
 from protoserve.gateway import Descriptors, from_descriptor_set, from_reflection
-from protoserve.gateway.inference import INFERENCE_SERVICE, OIP_SERVICE, from_compiled
+from protoserve.gateway.inference import (
+    INFERENCE_SERVICE,
+    OIP_SERVICE,
+    OPENAI_SERVICE,
+    from_compiled,
+)
 
 #: Each source a gateway's descriptors can come from, as the test ids name them.
 SOURCES = ("compiled", "descriptor-set", "reflection")
@@ -44,9 +49,10 @@ def protoserve_descriptor_set() -> bytes:
 
 
 def descriptors_for(source: str, target: str) -> Descriptors:
-    """protoserve's two services (the task API and the Open Inference Protocol) from
-    ``source``, one of :data:`SOURCES`; ``target`` is the upstream, for reflection."""
-    services = (INFERENCE_SERVICE, OIP_SERVICE)
+    """protoserve's three services (the task API, the Open Inference Protocol and
+    OpenAI's API) from ``source``, one of :data:`SOURCES`; ``target`` is the upstream,
+    for reflection."""
+    services = (INFERENCE_SERVICE, OIP_SERVICE, OPENAI_SERVICE)
     if source == "compiled":
         return from_compiled()
     if source == "descriptor-set":

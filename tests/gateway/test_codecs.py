@@ -351,7 +351,7 @@ def test_load_codec_names() -> None:
     ("option", "error"),
     [
         ("oip", "is not NAME=CODEC"),
-        ("a.B=json", "is not 'protobuf', 'oip' or 'package.module:attribute'"),
+        ("a.B=json", "is not 'protobuf', 'oip', 'openai' or 'package.module:attribute'"),
         ("a.B=no_such_module_here:x", "cannot import no_such_module_here"),
         ("a.B=tests.gateway.test_codecs:Missing", "has no attribute 'Missing'"),
         ("a.B=builtins:object", "is a object, not a protoserve.gateway.Codec"),
