@@ -590,8 +590,8 @@ def typecheck_tree() -> Path:
         ("common", "common"),
         ("inference", "gen/protoserve/inference"),
         ("oip", "gen/protoserve/oip"),
-    ):
         ("openai", "gen/protoserve/openai"),
+    ):
         link = tree / name
         if not link.is_symlink():
             link.symlink_to(ROOT / folder, target_is_directory=True)
