@@ -1,4 +1,4 @@
-"""A browser playground for text generation: one self-contained HTML page.
+"""A browser playground for text generation and chat: one self-contained HTML page.
 
 The public ``build_gateway`` serves it at ``/`` when its descriptors include
 ``protoserve.inference.v1.InferenceService`` (the gateway core stays generic,
@@ -15,10 +15,21 @@ Stop closes the EventSource; closing the connection makes the gateway cancel the
 gRPC call. URLs are relative to the page, so it also works behind a proxy that
 serves the gateway under a path prefix.
 
+Its chat mode keeps a conversation: each message is sent with the ones before it
+(and the answers) to OpenAI's chat route, ``POST openai/v1/chat/completions`` with
+``"stream": true`` (served when ``protoserve.openai.v1.OpenAIService`` is), read
+with ``fetch`` and a ``ReadableStream`` (an EventSource cannot POST): ``data:``
+chunks until ``data: [DONE]``, or a ``data: {"error": ...}``. The three numbers
+go as ``max_tokens``, ``temperature`` and ``seed``. Stop aborts the fetch, which
+cancels the call as above; a stopped answer stays in the conversation. "New chat"
+forgets it.
+
 Query parameters prefill the form, for links and for tests that drive the page
-in a headless browser (which cannot click): ``model``, ``prompt``,
-``max_new_tokens``, ``temperature``, ``seed``; ``autostart=1`` presses Generate
-once the models are loaded, and ``stopAfter=N`` presses Stop after N messages.
+in a headless browser (which cannot click): ``mode`` (``chat``), ``model``,
+``prompt``, ``max_new_tokens``, ``temperature``, ``seed``; ``autostart=1``
+presses Generate (Send) once the models are loaded, ``stopAfter=N`` presses Stop
+after N messages (chunks with text), and in chat mode ``followUp=TEXT`` sends
+TEXT once the first answer is done.
 
 Everything from the server goes into the DOM as text (``textContent``,
 ``append(string)``), never as markup.
