@@ -345,20 +345,21 @@ PERF_ANALYZER_WHEEL = "tritonclient==2.51.0"
 @nox.session
 def bench(session: nox.Session) -> None:
     """The benchmarks in bench/, all run by one driver (bench/suite.py): the suite (issue
-    #7), the runtime under load (issue #5), batched decoding on every CPU dispatch path.
+    #7), the runtime under load (issue #5), batched decoding on every CPU dispatch path,
+    the OpenAI route (issue #17; aiperf in a virtualenv of its own, .nox/bench-aiperf).
 
     Ratios of two things measured in one run, never absolute timings alone.
     `nox -s bench` runs the suite and writes bench/results/<date>.md, .json and plots;
     `nox -s bench -- --quick` the same within 5 minutes. A first argument names another
-    group of scenarios: `nox -s bench -- runtime --quick`, `nox -s bench -- decoding`
-    (bench/README.md).
+    group of scenarios: `nox -s bench -- runtime --quick`, `nox -s bench -- decoding`,
+    `nox -s bench -- openai` (bench/README.md).
     """
     install_project(session)
     env = {}
     group = session.posargs[0] if session.posargs else "suite"
-    if group != "decoding":
+    if group not in ("decoding", "openai"):
         ensure_debian_tools(session, "wrk", "h2load")  # the suite and the runtime drive them
-    if group not in ("runtime", "decoding"):
+    if group not in ("runtime", "decoding", "openai"):
         session.install(MATPLOTLIB, CUDA_RUNTIME)
         session.install("--no-deps", PERF_ANALYZER_WHEEL)
         libraries = [_cuda_runtime_lib(session), _libb64_lib(session)]

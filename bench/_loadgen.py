@@ -338,6 +338,9 @@ class Stream:
     error: str = ""  # why it failed; "" for a good stream
     code: str = "OK"  # the gRPC status (or HTTP status) it ended with
     ttft: float = math.nan
+    #: Seconds to the first message with text: later than ``ttft`` when the server holds
+    #: text back (the start of a stop sequence, a character's first bytes).
+    first_text: float = math.nan
     gaps: list[float] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -417,11 +420,13 @@ async def _drive(label: str, generator: str, items: Sequence[Any], concurrency: 
     bad = [s.error for s in streams if s.error]
     tokens = sum(len(s.token_ids) for s in ok)
     gaps = [g * 1e3 for s in ok for g in s.gaps]
+    texts = [s.first_text * 1e3 for s in ok if not math.isnan(s.first_text)]
     extra = {**{f"gap_p{q}_ms": percentile(gaps, q) for q in (50, 90, 99)}, "tokens": tokens,
+             "first_text_p50_ms": percentile(texts, 50),
              "streams": len(streams), "streams_per_s": len(ok) / wall if wall else math.nan,
              "finish_reasons": dict(Counter(s.finish for s in ok)),
              "error_sample": bad[0] if bad else "", "error_samples": bad[:3]}  # fmt: skip
-    ttfts = [s.ttft * 1e3 for s in ok]
+    ttfts = [s.ttft * 1e3 for s in ok if not math.isnan(s.ttft)]  # a stream with no token has none
     point = latency_point(label, generator, concurrency, len(ok), len(bad), wall, ttfts,
                           "tokens/s", extra)  # fmt: skip
     point.throughput, point.streams = tokens / wall if wall else math.nan, streams
@@ -619,7 +624,10 @@ async def _sse_one(conn: _Http1, request: bytes, limit: int | None) -> Stream:
                     else:
                         last_id = int(event_id)
                     message = json.loads(data)
-                    last = s.token(time.perf_counter(), start, last, message.get("token_ids", []))
+                    now = time.perf_counter()
+                    last = s.token(now, start, last, message.get("token_ids", []))
+                    if message.get("text") and math.isnan(s.first_text):
+                        s.first_text = now - start
                     s.text += message.get("text", "")
                     finish = message.get("finish_reason", "FINISH_REASON_UNSPECIFIED")
                     if finish != "FINISH_REASON_UNSPECIFIED":

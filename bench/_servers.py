@@ -186,20 +186,23 @@ PEERS: dict[str, tuple[str, ...]] = {
 MARKER = "bench-requirements.txt"
 
 
-def ensure_venv(name: str, root: Path, *, python: str = "python3") -> Path:
-    """Make peer ``name``'s virtualenv when missing or stale (its marker file does not hold
-    :data:`PEERS`' pins: a second run costs nothing); return its Python."""
+def ensure_venv(name: str, root: Path, *, python: str = "python3",
+                pins: Sequence[str] | None = None) -> Path:  # fmt: skip
+    """Make the virtualenv ``.nox/bench-NAME`` when missing or stale (its marker file does
+    not hold ``pins``, by default peer ``name``'s in :data:`PEERS`: a second run costs
+    nothing); return its Python. Tools with dependencies of their own (aiperf) use it too."""
+    pins = tuple(PEERS[name] if pins is None else pins)
     venv = root.resolve() / ".nox" / f"bench-{name}"
     marker, exe = venv / MARKER, venv / "bin" / "python"
-    wanted = "\n".join(PEERS[name]) + "\n"
+    wanted = "\n".join(pins) + "\n"
     if exe.exists() and marker.exists() and marker.read_text() == wanted:
         return exe
     if not exe.exists():
-        print(f"[peers] creating {venv} ({python} -m venv)", flush=True)
+        print(f"[{name}] creating {venv} ({python} -m venv)", flush=True)
         subprocess.run([python, "-m", "venv", str(venv)], check=True)
     marker.unlink(missing_ok=True)
-    print(f"[peers] installing into {venv}: {' '.join(PEERS[name])}", flush=True)
-    subprocess.run([str(exe), "-m", "pip", "install", *PEERS[name]], check=True)
+    print(f"[{name}] installing into {venv}: {' '.join(pins)}", flush=True)
+    subprocess.run([str(exe), "-m", "pip", "install", *pins], check=True)
     marker.write_text(wanted)
     return exe
 

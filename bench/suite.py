@@ -34,6 +34,7 @@ from typing import Any
 
 import _loadgen as lg
 import _model
+import _openai
 import _report
 import _servers as srv
 import grpc
@@ -51,6 +52,7 @@ GROUPS = {
     "suite": ("gateway", "streams", "limit", "batching", "paths", "peers", "memory"),
     "runtime": ("embed", "generate", "overload"),
     "decoding": ("decoding",),
+    "openai": ("openai",),
 }
 SCENARIOS = tuple(name for names in GROUPS.values() for name in names)
 #: The external load generators each scenario runs (ADR 0014).
@@ -171,13 +173,19 @@ class Plan:
     decode_texts: int = 64
     decode_text_tokens: int = 256
     decode_repeats: int = 30
+    openai_counts: tuple[tuple[int, int], ...] = ((1, 32), (4, 64))  # concurrency, streams
+    openai_tokens: int = 32
+    aiperf_concurrency: int = 4
+    aiperf_requests: int = 40
+    aiperf_input_tokens: int = 64
 
 
 FULL = Plan()
 QUICK = Plan(seconds=3.0, peer_levels=(16,), stream_tokens=32, stream_counts=((1, 6), (16, 32)),
              both_generators=False, rounds=1, embed_seconds=5.0, gen_tokens=32, gen_alone=8,
              overload_requests=32, overload_tokens=100, decode_steps=16, decode_texts=32,
-             decode_text_tokens=128, decode_repeats=10)  # fmt: skip
+             decode_text_tokens=128, decode_repeats=10, openai_counts=((1, 12), (4, 24)),
+             aiperf_requests=20)  # fmt: skip
 
 
 @dataclass
@@ -197,7 +205,7 @@ class Suite:
     memory: list[list[Any]] = field(default_factory=list)
     #: scenario -> phase -> the COUNTED deltas of its server over the phase (all rounds).
     metrics: dict[str, dict[str, Counter[str]]] = field(default_factory=dict)
-    #: Each peer's Python, in its own virtualenv (made before the timed run).
+    #: Each peer's Python, and aiperf's, in its own virtualenv (made before the timed run).
     peer_pythons: dict[str, Path] = field(default_factory=dict)
 
     def check(self, point: lg.Point, where: str) -> lg.Point:
@@ -885,6 +893,96 @@ def metrics_table(s: Suite, scenario: str) -> dict[str, Any]:
                  ["metric", *phases, "batched server, whole scenario"], rows)  # fmt: skip
 
 
+# The OpenAI route (issue #17) ---------------------------------------------------------------------
+
+
+async def scenario_openai(s: Suite) -> dict[str, Any]:
+    p = s.plan
+    server = await s.server()
+    gateway = await s.gateway(server)
+    url = f"http://{gateway.target}"
+    rows, targets, notes, native_pts, chat_pts = [], [], [], [], []
+    with s.peak_rss([server, gateway], "openai"):
+        for c, count in p.openai_counts:
+            chats = _openai.chat_bodies(generation_prompts(count), tokens=p.openai_tokens,
+                                        temperature=0.8, first_seed=4000)  # fmt: skip
+            native_run = lg.sse_streams(url, TEXT_MODEL, _openai.native_bodies(chats), c,
+                                        "native SSE")  # fmt: skip
+            chat_run = _openai.chat_streams(url, chats, c, "OpenAI chat")
+            if len(rows) % 2:  # alternate which goes first: not always on a fresher machine
+                o, n = await chat_run, await native_run
+            else:
+                n, o = await native_run, await chat_run
+            native_pts.append(s.check(n, "openai"))
+            chat_pts.append(s.check(o, "openai"))
+            differ = [i for i, (a, b) in enumerate(zip(n.streams, o.streams, strict=True))
+                      if not a.error and not b.error and a.text != b.text]  # fmt: skip
+            allowed = 0 if c == 1 else MAX_ROUNDED_TEXTS
+            if len(differ) > allowed:
+                s.failures.append(f"openai: at concurrency {c}, {len(differ)} of {count} texts "
+                                  f"differ between the routes (at most {allowed})")  # fmt: skip
+            notes.append(f"concurrency {c}: {len(differ)} of {count} texts differ between "
+                         f"the routes (at most {allowed} allowed)")  # fmt: skip
+            native_text = n.extra["first_text_p50_ms"]
+            ttft = ratio(o.p50_ms, native_text)
+            rows.append([c, count, fig(n.p50_ms), fig(native_text), fig(o.p50_ms), fig(ttft),
+                         fig(n.extra["gap_p50_ms"]), fig(o.extra["gap_p50_ms"]),
+                         fig(ratio(o.extra["gap_p50_ms"], n.extra["gap_p50_ms"])),
+                         fig(ratio(o.throughput, n.throughput))])  # fmt: skip
+            targets.append(target(f"OpenAI chat / native SSE time to first token (p50) at "
+                                  f"concurrency {c}", ttft, "<= 1.2", ttft <= 1.2,
+                                  f"{fig(o.p50_ms)} vs {fig(native_text)} ms (to the first "
+                                  "text)"))  # fmt: skip
+        python = s.peer_pythons["aiperf"]
+        tokenizer = _openai.write_byte_tokenizer(s.tmp / "byte-tokenizer")
+        print("suite: openai: aiperf ...", file=sys.stderr, flush=True)
+        try:
+            summary = await asyncio.to_thread(
+                _openai.aiperf, python, url, tokenizer, s.tmp / "aiperf",
+                concurrency=p.aiperf_concurrency, requests=p.aiperf_requests,
+                input_tokens=p.aiperf_input_tokens, output_tokens=p.openai_tokens)  # fmt: skip
+        except RuntimeError as error:
+            s.failures.append(f"openai: aiperf failed: {error}")
+            summary = {}
+    failed = _openai.metric(summary, "error_request_count")
+    counted = _openai.metric(summary, "request_count")
+    if failed > 0:  # NaN (no failed request counted) is not
+        s.failures.append(f"openai: aiperf counted {fig(failed)} failed requests: "
+                          f"{summary.get('error_summary')}")  # fmt: skip
+    if summary and counted != p.aiperf_requests:
+        s.failures.append(f"openai: aiperf counted {fig(counted)} requests, not "
+                          f"{p.aiperf_requests}")  # fmt: skip
+    return section(
+        "openai", "The OpenAI route",
+        f"Streamed generations of bytelm ({p.openai_tokens} new tokens, temperature 0.8, "
+        "distinct prompts and seeds) through the gateway on the native route (`POST "
+        "/v1/models/bytelm:generateStream`, SSE) and on the OpenAI route (`POST "
+        "/openai/v1/chat/completions`, `\"stream\": true`), driven by the same client code "
+        "on keep-alive HTTP/1.1 connections; the native request carries the prompt the chat "
+        "route renders from its message, and its stop sequence. Latency columns are time to "
+        "first token: to the first message with tokens (native), and to the first with text "
+        "(both routes; OpenAI's chunks carry no token ids, and text held back, such as a "
+        "newline that may begin the stop sequence, delays both alike); the target compares "
+        "the latter. `gap` is between chunks with text. Then "
+        f"aiperf profiles the chat route streaming (concurrency {p.aiperf_concurrency}, "
+        f"{p.aiperf_requests} requests, {p.aiperf_input_tokens} input tokens, "
+        f"{p.openai_tokens} output tokens asked, greedy), counting tokens with a byte-level "
+        "tokenizer written for the run (bytelm's tokens are bytes; no network here).",
+        {"tokens": p.openai_tokens, "streams": dict(p.openai_counts),
+         "aiperf": {"concurrency": p.aiperf_concurrency, "requests": p.aiperf_requests}},
+        series=[series("native SSE", native_pts), series("OpenAI chat", chat_pts)],
+        tables=[table("OpenAI chat vs native SSE (ms; ratios OpenAI / native)",
+                      ["concurrency", "streams", "native TTFT p50 (token)",
+                       "native TTFT p50 (text)", "OpenAI TTFT p50 (text)", "TTFT (text)",
+                       "native gap p50", "OpenAI gap p50", "gap", "tokens/s"], rows),
+                table("aiperf on the OpenAI chat route (streaming)",
+                      ["metric", "avg", "p50", "p90", "p99"],
+                      [[r[0], *(fig(x) if isinstance(x, float) else x for x in r[1:])]
+                       for r in _openai.summary_rows(summary)])],
+        targets=targets, notes=notes, aiperf=summary,
+    )  # fmt: skip
+
+
 # Batched decoding on every dispatch path (issue #13) ---------------------------------------------
 
 
@@ -970,6 +1068,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     setup = time.perf_counter()
     if "peers" in args.scenarios:
         s.peer_pythons = {name: srv.ensure_venv(name, srv.ROOT) for name in srv.PEERS}
+    if "openai" in args.scenarios:
+        s.peer_pythons["aiperf"] = _openai.ensure_aiperf()
     setup_s = round(time.perf_counter() - setup, 1)
     dispatch = python_says(s, "from protoserve.server.runtime.dispatch import describe_current "
                               "as d; print(d())")  # fmt: skip
