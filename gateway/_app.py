@@ -41,6 +41,7 @@ from protoserve.gateway._codecs import (
     Codec,
     ProtobufCodec,
     check_shared_routes,
+    chooses,
     resolve_codecs,
 )
 from protoserve.gateway._descriptors import Descriptors
@@ -169,12 +170,12 @@ class _Gateway:
             return response
         binding = match.binding
         setattr(request.state, GRPC_METHOD, grpc_path(binding.method))  # for the access line
-        # One codec for all the methods of a shared route (check_shared_routes).
+        # One codec for all the methods of a shared route that chooses (check_shared_routes).
         codec = self.codecs.get(binding.method.full_name, self.protobuf)
         try:
             call = await build_call(
                 request,
-                match.bindings or (binding,),
+                match.bindings if chooses(codec) else (binding,),
                 match.path_params,
                 codec,
                 max_body_bytes=self.max_body_bytes,

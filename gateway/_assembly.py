@@ -44,7 +44,8 @@ def build_gateway(
         codecs: full method or service name -> the :class:`Codec` of its HTTP format, or
             None for protobuf's JSON mapping (see ``docs/gateway-codecs.md``). The Open
             Inference Protocol's codec is registered for ``inference.GRPCInferenceService``
-            unless this names that service.
+            and OpenAI's for ``protoserve.openai.v1.OpenAIService``, unless this names
+            that service.
         options: ``cors_origins``, ``max_body_bytes``, ``keepalive``,
             ``forwarded_headers``, ``use_proto_names``, ``max_message_bytes``, ``title``,
             ``channel_credentials`` (TLS to the upstream): as ``build_app``

@@ -15,8 +15,9 @@ the codec of every method that has none registered: every call goes through a
 codec. A codec that sets ``serves_streams`` owns its server streams' wire format
 too (:meth:`Codec.stream_format`); any other is refused for streaming methods.
 Methods whose HTTP rules share one route (HTTP method and path template) are
-served only by one codec that chooses among them per request
-(:meth:`Codec.choose_binding`, :func:`check_shared_routes`).
+told apart by one codec that chooses among them per request
+(:meth:`Codec.choose_binding`, :func:`check_shared_routes`); without codecs, the
+first declared serves the route, as before.
 The gateway core knows no codec by name but ``protobuf``; the public assembly
 names more (``load_codec``'s ``named``).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -46,10 +48,13 @@ __all__ = [
     "NamedCodecs",
     "ProtobufCodec",
     "check_shared_routes",
+    "chooses",
     "load_codec",
     "parse_codec_option",
     "resolve_codecs",
 ]
+
+log = logging.getLogger("protoserve.gateway")
 
 #: Codec names known without an import path -> what makes the codec.
 NamedCodecs = Mapping[str, Callable[[], "Codec"]]
@@ -139,8 +144,9 @@ class Codec:
         input type; ``request.state`` carries over, so what the choice parsed need not
         be parsed again. ``request.binding`` is the first of ``bindings`` here.
 
-        The base class chooses nothing: methods that share a route without a codec that
-        overrides this are refused when the app is built (:func:`check_shared_routes`).
+        The base class chooses nothing: methods with codecs that share a route without
+        one codec that overrides this are refused when the app is built
+        (:func:`check_shared_routes`); methods without codecs keep the first declared.
 
         Raises:
             GatewayError: the request fits none of the methods (400 with a message).
@@ -262,8 +268,18 @@ def resolve_codecs(
     return resolved
 
 
+def chooses(codec: Codec) -> bool:
+    """Whether ``codec`` chooses between methods that share a route (overrides
+    :meth:`Codec.choose_binding`)."""
+    return type(codec).choose_binding is not Codec.choose_binding
+
+
 def check_shared_routes(shared: Iterable[Sequence[Binding]], codecs: Mapping[str, Codec]) -> None:
-    """Refuse a route shared by several methods unless one codec chooses among them.
+    """Refuse a route shared by several methods with codecs, unless one codec chooses.
+
+    A route whose methods all have protobuf's JSON mapping (a foreign descriptor set,
+    not ours to change) is served as before, by the first method declared, with a
+    WARNING naming the methods left unreachable over HTTP.
 
     Args:
         shared: each shared route's bindings, one per method (``Router.shared_routes``).
@@ -271,9 +287,9 @@ def check_shared_routes(shared: Iterable[Sequence[Binding]], codecs: Mapping[str
             here has protobuf's JSON mapping, which does not choose.
 
     Raises:
-        ValueError: the methods of a shared route have different codecs (or none), or
-            their codec does not override :meth:`Codec.choose_binding`; the message names
-            the route and the methods.
+        ValueError: a method of a shared route has a codec, and the route's methods do
+            not have one codec that overrides :meth:`Codec.choose_binding`; the message
+            names the route and the methods.
     """
     for bindings in shared:
         first = bindings[0]
@@ -282,8 +298,17 @@ def check_shared_routes(shared: Iterable[Sequence[Binding]], codecs: Mapping[str
         found = {
             id(codecs.get(b.method.full_name)): codecs.get(b.method.full_name) for b in bindings
         }
+        if set(found.values()) == {None}:
+            log.warning(
+                "%s share the route %s: %s serves it, and the others are not reachable over "
+                "HTTP (a codec that chooses between them, Codec.choose_binding, would serve all)",
+                names,
+                route,
+                first.method.full_name,
+            )
+            continue
         codec = next(iter(found.values())) if len(found) == 1 else None
-        if codec is None or type(codec).choose_binding is Codec.choose_binding:
+        if codec is None or not chooses(codec):
             kinds = ", ".join(
                 sorted({c.name if c is not None else "protobuf" for c in found.values()})
             )

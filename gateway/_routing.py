@@ -26,8 +26,9 @@ Bindings of different methods under one HTTP method and one path template
 (``PathTemplate`` equality: the same pattern) are one route shared by those
 methods: the match carries all of them (``RouteMatch.bindings``), and the
 methods' codec chooses among them from the request (``Codec.choose_binding``).
-``build_app`` refuses a shared route whose methods have no codec that chooses, so
-no such tie is ever settled silently by declaration order.
+``build_app`` refuses a shared route whose methods have codecs but not one that
+chooses; one whose methods have none (a foreign descriptor set) keeps declaration
+order, with a WARNING naming the methods it leaves unreachable.
 """
 
 from __future__ import annotations

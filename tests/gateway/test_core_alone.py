@@ -9,8 +9,8 @@ process; the gateway core runs on uvicorn in front of it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,16 +95,17 @@ def test_the_core_serves_a_foreign_service_and_nothing_of_ours(
         )
 
 
-def test_the_core_serves_our_api_without_its_pieces() -> None:
+def test_the_core_serves_our_api_without_its_pieces(caplog: pytest.LogCaptureFixture) -> None:
     # The compiled-in API, whose services the public build_gateway gives the OIP codec
     # and the playground: the core gives them neither. (Nothing is called upstream.)
-    # OpenAI's service is left out: its create and stream methods share routes, which
-    # only its codec can tell apart (the last test of this file).
-    ours = from_compiled()
-    services = tuple(s for s in ours.services if s.full_name != OPENAI_SERVICE)
-    core = build_app("127.0.0.1:1", dataclasses.replace(ours, services=services))
-    with pytest.raises(ValueError, match="share the route POST /openai/v1/chat/completions"):
-        build_app("127.0.0.1:1", ours)
+    # OpenAI's create and stream methods share routes, which only its codec tells apart:
+    # without it the create method serves them, and the build says so.
+    with caplog.at_level(logging.WARNING, logger="protoserve.gateway"):
+        core = build_app("127.0.0.1:1", from_compiled())
+    assert (
+        f"{OPENAI_SERVICE}.CreateChatCompletion and {OPENAI_SERVICE}.StreamChatCompletion "
+        "share the route POST /openai/v1/chat/completions" in caplog.text
+    )
     assert core.state.gateway.codecs == {}
     assert set(core.state.gateway.pages) == CORE_PAGES
     public = build_gateway("127.0.0.1:1")
@@ -332,11 +333,30 @@ class NoChoice(Codec):
     serves_streams = True
 
 
-@pytest.mark.parametrize("codecs", [{}, {SHARED: NoChoice()}, {f"{SHARED}.Say": ByStream()}])
-def test_methods_cannot_share_a_route_without_one_codec_that_chooses(
+def test_without_codecs_the_first_method_declared_serves_a_shared_route(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A foreign descriptor set is not ours to change: served as before, with a warning.
+    descriptors = talk_descriptors()
+    with talk_server(descriptors) as (target, called):
+        with caplog.at_level(logging.WARNING, logger="protoserve.gateway"):
+            app = build_app(target, descriptors)
+        with serve(app) as http:
+            answer = http.post("/v1/say", json={"text": "hi", "stream": True})
+            assert answer.status_code == 200, answer.text
+            assert answer.json() == {"text": "hi"}
+            assert called == ["Say"]
+    assert (
+        f"{SHARED}.Say and {SHARED}.SayMany share the route POST /v1/say: {SHARED}.Say "
+        "serves it" in caplog.text
+    )
+
+
+@pytest.mark.parametrize("codecs", [{SHARED: NoChoice()}, {f"{SHARED}.Say": ByStream()}])
+def test_methods_with_codecs_cannot_share_a_route_without_one_codec_that_chooses(
     codecs: dict[str, Codec],
 ) -> None:
-    # Never settled silently by declaration order: refused when the app is built.
+    # A codec is there, but none tells the methods apart: refused when the app is built.
     with pytest.raises(ValueError) as refused:
         build_app("127.0.0.1:1", talk_descriptors(), codecs=codecs)
     message = str(refused.value)
