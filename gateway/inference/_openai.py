@@ -233,8 +233,7 @@ def _unsupported(param: str, value: Any) -> GatewayError:
     shown = json.dumps(value, ensure_ascii=False)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     return bad_request(
-        f"Unsupported parameter: '{param}' ({shown}) is not supported by this server's "
-        "models, which generate text only.",
+        f"Unsupported parameter: '{param}' ({shown}) is not supported by this server.",
         param,
         "not supported",
     )
@@ -277,6 +276,12 @@ def _document(request: CodecRequest) -> Json:
         raise bad_request(
             f"The request body must be a JSON object, not {_kind(document)}.", "", "not an object"
         )
+    for key in document:
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (\ud800 in the JSON) is no field name, and no text to echo.
+            raise _unrecognized(key.encode("utf-8", "backslashreplace").decode()) from None
     request.state[_STATE_BODY] = document
     return dict(document)
 
@@ -397,6 +402,12 @@ _CHAT_EXTRAS: dict[str, _Harmless] = {
     "store": _equals(False),
     "metadata": _any(dict),
     "service_tier": _equals("auto", "default"),
+    # Who asks, and hints for OpenAI's own prompt cache: like user, nothing to generate by.
+    "safety_identifier": _any(str),
+    "prompt_cache_key": _any(str),
+    "prompt_cache_retention": _any(str),
+    # How long a reasoning model's answer is; the default asks for nothing else.
+    "verbosity": _equals("medium"),
 }
 _COMPLETION_EXTRAS: dict[str, _Harmless] = {
     **_PENALTIES,
@@ -448,6 +459,8 @@ def _fill(
         for key, value in options.items():
             if value is None:
                 continue
+            if key == "include_obfuscation" and isinstance(value, bool):
+                continue  # padding against a side channel of OpenAI's; none to pad here
             if key != "include_usage":
                 raise _unrecognized(f"stream_options.{key}")
             _set_field(

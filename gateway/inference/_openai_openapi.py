@@ -363,12 +363,27 @@ def _errors() -> dict[str, Schema]:
     }
 
 
+#: A request body for each route that works as it is (the /docs page starts from it).
+_EXAMPLES: dict[str, Schema] = {
+    "ChatCompletionRequest": {
+        "model": "bytelm",
+        "messages": [{"role": "user", "content": "Write a function that adds two numbers."}],
+        "max_tokens": 32,
+        "stream": True,
+    },
+    "CompletionRequest": {"model": "bytelm", "prompt": "def ", "max_tokens": 32},
+    "EmbeddingRequest": {"model": "bytelm", "input": ["a text", "another"]},
+}
+
+
+def _body(request: str) -> Schema:
+    media = {"schema": _ref(request), "example": _EXAMPLES[request]}
+    return {"required": True, "content": {"application/json": media}}
+
+
 def _created(request: str, unary: str, chunk: str) -> Schema:
     return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": _ref(request)}},
-        },
+        "requestBody": _body(request),
         "responses": {
             "200": {
                 "description": "`stream` false or unset: one JSON object. " + _stream_text(chunk),
@@ -400,10 +415,7 @@ def openai_operation(binding: Binding) -> Schema | None:
         return _created("CompletionRequest", "Completion", "Completion")
     if name == "CreateEmbedding":
         return {
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref("EmbeddingRequest")}},
-            },
+            "requestBody": _body("EmbeddingRequest"),
             "responses": {"200": _json("EmbeddingList", "One vector per input."), **_errors()},
         }
     return None

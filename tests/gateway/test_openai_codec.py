@@ -496,6 +496,7 @@ def test_embeddings_as_floats_and_as_base64(fixed: Fixed) -> None:
         (CHAT, {"reasoning_effort": "low"}, "reasoning_effort"),
         (CHAT, {"store": True}, "store"),
         (CHAT, {"service_tier": "flex"}, "service_tier"),
+        (CHAT, {"verbosity": "low"}, "verbosity"),
         (COMPLETIONS, {"echo": True}, "echo"),
         (COMPLETIONS, {"suffix": "end"}, "suffix"),
         (COMPLETIONS, {"best_of": 2}, "best_of"),
@@ -533,6 +534,13 @@ def test_parameters_that_change_nothing_are_accepted(fixed: Fixed) -> None:
         "logit_bias": {},
         "presence_penalty": 0,
         "frequency_penalty": 0.0,
+        # What the openai SDK (3.x) sends as keyword arguments of its own.
+        "safety_identifier": "user-1",
+        "prompt_cache_key": "k",
+        "prompt_cache_retention": "in-memory",
+        "verbosity": "medium",
+        "stream": True,
+        "stream_options": {"include_usage": True, "include_obfuscation": False},
     }
     assert fixed.http.post(CHAT, json=body).status_code == 200
     body = {"model": "m", "prompt": "x", "n": 2, "best_of": 2, "echo": False, "suffix": None}
@@ -618,6 +626,16 @@ def test_a_body_that_is_not_json_is_a_400(fixed: Fixed) -> None:
     assert error["message"].startswith("We could not parse the JSON body of your request")
 
 
+def test_a_field_name_that_is_no_text_is_a_400(fixed: Fixed) -> None:
+    # A lone UTF-16 surrogate escaped in JSON parses, but cannot be a field name or echoed.
+    body = b'{"\\ud800": 1, "model": "m", "messages": []}'
+    response = fixed.http.post(CHAT, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == "\\ud800"
+    assert error["message"] == "Unrecognized request argument supplied: \\ud800"
+
+
 def test_upstream_errors_in_openai_s_shape(fixed: Fixed) -> None:
     picky = fixed.http.post(CHAT, json={"model": "picky", "messages": [USER]})
     assert picky.status_code == 400
@@ -676,6 +694,18 @@ def test_the_openapi_document_describes_the_five_routes(fixed: Fixed) -> None:
 # The real server -------------------------------------------------------------------------
 # protoserve's own OpenAIService (server/openai/) with bytelm and the test models, behind
 # the shared gateway (tests/gateway/conftest.py's ``stack``).
+
+
+def test_the_openapi_examples_work_as_they_are(stack: Any) -> None:
+    # The /docs page starts each request body from its operation's example.
+    with httpx.Client(base_url=stack.url, timeout=60) as http:
+        paths = http.get("/openapi.json").json()["paths"]
+        for path in (CHAT, COMPLETIONS, EMBEDDINGS):
+            example = paths[path]["post"]["requestBody"]["content"]["application/json"]["example"]
+            answer = http.post(path, json=example)
+            assert answer.status_code == 200, (path, answer.text)
+            if example.get("stream"):
+                assert answer.text.endswith("data: [DONE]\n\n")
 
 
 def test_bytelm_answers_in_openai_s_json(stack: Any) -> None:
