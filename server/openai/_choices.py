@@ -60,8 +60,10 @@ async def merge_choices(
     """Each stream's items as they come, with the stream's index; each stream's in order.
 
     The streams are read at once, each by a task of its own, through a queue that
-    holds at most one item per stream: a slow reader holds the streams back (and
-    the runtime then holds their generations back) rather than items piling up here.
+    holds at most as many items as there are streams: a slow reader holds the streams
+    back (and the runtime then holds their generations back) rather than items piling
+    up here. A stream ends by returning or raising an Exception (the runtime's never
+    raises a CancelledError of its own); only the merge cancels its readers.
 
     Raises:
         The first error of a stream, after cancelling the others. Closing the merge

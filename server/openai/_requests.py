@@ -36,8 +36,11 @@ from protoserve.server.runtime.model import MAX_TOP_LOGPROBS
 __all__ = [
     "MAX_CHOICES",
     "MAX_COMPLETION_LOGPROBS",
+    "MAX_LOGPROB_ENTRIES",
+    "MAX_TEMPERATURE",
     "Plan",
     "chat_plan",
+    "check_size",
     "check_stream",
     "completion_plans",
     "renamed",
@@ -47,6 +50,14 @@ __all__ = [
 MAX_CHOICES = 16
 #: Most alternatives a completion's ``logprobs`` may ask for (OpenAI's bound).
 MAX_COMPLETION_LOGPROBS = 5
+#: OpenAI's highest temperature (the runtime's own limit, bytelm's 10, is wider): a
+#: client tuned against OpenAI never sends more, and gets the same 400 for it here.
+MAX_TEMPERATURE = 2.0
+#: Most log probabilities one request may ask for: generations x tokens x (1 +
+#: alternatives). Each is a message built on the server's event loop and a JSON object
+#: on the gateway's; past this an answer would hold other calls up for a noticeable
+#: time (n = 3 of bytelm's 2048 tokens with 20 alternatives is within it).
+MAX_LOGPROB_ENTRIES = 2**17
 #: The runtime's seeds are 0 to 2**63 - 1; a choice's seed is taken modulo this.
 _SEEDS = 2**63
 
@@ -72,6 +83,7 @@ class Plan:
         seed: the request's seed, or None for a random one per choice.
         logprobs: alternatives per token to ask for, or None for no log probabilities.
         names: the runtime's field names -> the request's (:func:`renamed`).
+        logprobs_field: the request's field that set ``logprobs``'s alternatives.
     """
 
     choices: int
@@ -79,6 +91,7 @@ class Plan:
     seed: int | None
     logprobs: int | None
     names: Mapping[str, str] = field(default_factory=dict)
+    logprobs_field: str = "logprobs"
 
     def parameters_of(self, choice: int) -> dict[str, Any]:
         """The parameters of choice number ``choice`` (of one prompt): its seed is
@@ -114,6 +127,12 @@ def _sampling(request: Request, max_tokens: str) -> dict[str, Any]:
     given: dict[str, Any] = {}
     if request.HasField(max_tokens):
         given["max_new_tokens"] = getattr(request, max_tokens)
+    if request.HasField("temperature") and not 0 <= request.temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument.field(
+            "temperature",
+            f"must be between 0 and {MAX_TEMPERATURE:g} (OpenAI's range), "
+            f"got {request.temperature:g}",
+        )
     for name in ("temperature", "top_p", "top_k"):
         if request.HasField(name):
             given[name] = getattr(request, name)
@@ -152,6 +171,7 @@ def chat_plan(request: pb.ChatCompletionRequest) -> Plan:
         seed=request.seed if request.HasField("seed") else None,
         logprobs=logprobs,
         names={**_PARAMETERS, "parameters.max_new_tokens": max_tokens},
+        logprobs_field="top_logprobs" if request.top_logprobs else "logprobs",
     )
 
 
@@ -195,6 +215,39 @@ def completion_plans(request: pb.CompletionRequest) -> list[Plan]:
         )
         for p in range(prompts)
     ]
+
+
+def check_size(plan: Plan, generations: int, *, capacity: int, default_max_tokens: int) -> None:
+    """Refuse a request that could never be admitted, or whose answer would be too big.
+
+    Args:
+        plan: the request's plan (one prompt's, for a completion).
+        generations: how many generations the request runs at once (choices in all).
+        capacity: the most the model and server hold at once (``Runtime.capacity``):
+            more could never all be admitted, and a 429 would have the client retry
+            in vain.
+        default_max_tokens: the model's tokens per generation when the request sets none.
+
+    Raises:
+        InvalidArgument: naming ``n``, or the field that asked for the alternatives.
+    """
+    if generations > capacity:
+        raise InvalidArgument.field(
+            "n",
+            f"asks for {generations} generations at once; this model holds at most "
+            f"{capacity} at a time",
+        )
+    if plan.logprobs is None:
+        return
+    tokens = int(plan.parameters.get("max_new_tokens", default_max_tokens))
+    entries = generations * tokens * (1 + plan.logprobs)
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise InvalidArgument.field(
+            plan.logprobs_field,
+            f"asks, with {generations} choices of up to {tokens} tokens, for {entries} log "
+            f"probabilities; a request may ask for at most {MAX_LOGPROB_ENTRIES} (ask for "
+            "fewer choices, tokens or alternatives)",
+        )
 
 
 def renamed(error: InvalidArgument, names: Mapping[str, str]) -> InvalidArgument:

@@ -49,7 +49,9 @@ from protoserve.server.metrics import Metrics
 from protoserve.server.openai._choices import gather_choices, merge_choices
 from protoserve.server.openai._logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from protoserve.server.openai._requests import (
+    Plan,
     chat_plan,
+    check_size,
     check_stream,
     completion_plans,
     renamed,
@@ -111,6 +113,13 @@ def _as_made(message: M) -> M:
     return message
 
 
+def _not_found(name: str) -> NotFound:
+    """No model ``name``, in OpenAI's words, with the ResourceInfo the gateway reads."""
+    return NotFound(
+        f"The model `{bounded(name)}` does not exist", resource_type="model", resource_name=name
+    )
+
+
 def _note_user(user: str) -> None:
     """OpenAI's ``user`` goes on the call's access line, and nowhere else."""
     if user:
@@ -163,6 +172,26 @@ class _Usage:
         )
 
 
+async def _sent_chunks(
+    streams: list[AsyncGenerator[Chunk, None]], usage: _Usage, per_prompt: int, *, role: bool
+) -> AsyncGenerator[tuple[int, Chunk, bool], None]:
+    """The choices' chunks worth a message, as ``(choice, chunk, first)``, merged
+    (:func:`merge_choices`), with each choice's usage counted into ``usage`` (choice
+    ``j`` is of prompt ``j // per_prompt``). A chunk with no text, no log probabilities
+    and no finish reason is skipped, unless it is a choice's first and ``role`` says
+    the first carries the role."""
+    begun: set[int] = set()
+    async with contextlib.aclosing(merge_choices(streams)) as merged:
+        async for index, chunk in merged:
+            first = index not in begun
+            begun.add(index)
+            if chunk.usage is not None:
+                usage.add(index // per_prompt, chunk.usage)
+            ends = chunk.finish_reason is not None
+            if (first and role) or ends or chunk.text or chunk.logprobs:
+                yield index, chunk, first
+
+
 @dataclass(frozen=True)
 class _Head:
     """What every message of one answer carries alike."""
@@ -197,12 +226,21 @@ class OpenAIServicer(pb_grpc.OpenAIServiceServicer):
         created = entry.ready_at or 0
         return pb.Model(id=entry.name, object="model", created=created, owned_by=OWNED_BY)
 
-    def _head(self, prefix: str, model: str) -> _Head:
-        """The answer's constants; the model must exist (NOT_FOUND, or INVALID_ARGUMENT
-        for none named, as the runtime would say)."""
+    def _head(
+        self, prefix: str, model: str, plan: Plan, generations: int, *, stream: bool
+    ) -> _Head:
+        """The answer's constants, once the request is one the model could ever serve
+        (:func:`check_size`); the model must exist (NOT_FOUND, or INVALID_ARGUMENT for
+        none named, as the runtime would say)."""
         if not model:
             raise InvalidArgument.field("model", "must name a model")
-        entry = self.runtime.get_model(model)
+        try:
+            entry = self.runtime.get_model(model)
+        except NotFound:
+            raise _not_found(model) from None
+        capacity = self.runtime.capacity(model, stream=stream)
+        default = entry.model.default_max_new_tokens
+        check_size(plan, generations, capacity=capacity, default_max_tokens=default)
         answer_id = prefix + (REQUEST_ID.get() or uuid.uuid4().hex)
         return _Head(answer_id, int(time.time()), model, fingerprint(entry))
 
@@ -233,11 +271,7 @@ class OpenAIServicer(pb_grpc.OpenAIServiceServicer):
         except NotFound:
             entry = None
         if entry is None or not entry.model.tasks() & _TASKS:
-            raise NotFound(
-                f"The model `{bounded(name)}` does not exist",
-                resource_type="model",
-                resource_name=name,
-            )
+            raise _not_found(name)
         return entry
 
     @unary
@@ -245,7 +279,7 @@ class OpenAIServicer(pb_grpc.OpenAIServiceServicer):
         _note_user(request.user)
         check_stream(request, streaming=False, other="StreamChatCompletion")
         plan = chat_plan(request)
-        head = self._head("chatcmpl-", request.model)
+        head = self._head("chatcmpl-", request.model, plan, plan.choices, stream=False)
         messages = _messages(request)
         results = await gather_choices(
             [
@@ -281,7 +315,7 @@ class OpenAIServicer(pb_grpc.OpenAIServiceServicer):
         _note_user(request.user)
         check_stream(request, streaming=True, other="CreateChatCompletion")
         plan = chat_plan(request)
-        head = self._head("chatcmpl-", request.model)
+        head = self._head("chatcmpl-", request.model, plan, plan.choices, stream=True)
         messages = _messages(request)
         streams = [
             _named_stream(
@@ -293,16 +327,9 @@ class OpenAIServicer(pb_grpc.OpenAIServiceServicer):
             for j in range(plan.choices)
         ]
         usage = _Usage()
-        begun: set[int] = set()
-        async with contextlib.aclosing(merge_choices(streams)) as merged:
-            async for j, chunk in merged:
-                first = j not in begun
-                begun.add(j)
-                if chunk.usage is not None:
-                    usage.add(0, chunk.usage)
-                ends = chunk.finish_reason is not None
-                if not (first or ends or chunk.text or chunk.logprobs):
-                    continue
+        sent = _sent_chunks(streams, usage, plan.choices, role=True)
+        async with contextlib.aclosing(sent) as chunks:
+            async for j, chunk, first in chunks:
                 choice = pb.ChatCompletionChunkChoice(
                     index=j,
                     delta=pb.ChatDelta(role="assistant" if first else "", content=chunk.text),
@@ -324,7 +351,8 @@ class OpenAIServicer(pb_grpc.OpenAIServiceServicer):
         _note_user(request.user)
         check_stream(request, streaming=False, other="StreamCompletion")
         plans = completion_plans(request)
-        head = self._head("cmpl-", request.model)
+        generations = plans[0].choices * len(plans)
+        head = self._head("cmpl-", request.model, plans[0], generations, stream=False)
         n = plans[0].choices
         results = await gather_choices(
             [
@@ -359,7 +387,8 @@ class OpenAIServicer(pb_grpc.OpenAIServiceServicer):
         _note_user(request.user)
         check_stream(request, streaming=True, other="CreateCompletion")
         plans = completion_plans(request)
-        head = self._head("cmpl-", request.model)
+        generations = plans[0].choices * len(plans)
+        head = self._head("cmpl-", request.model, plans[0], generations, stream=True)
         n = plans[0].choices
         streams = [
             _named_stream(
@@ -374,12 +403,9 @@ class OpenAIServicer(pb_grpc.OpenAIServiceServicer):
         usage = _Usage()
         # Each choice's offsets run on from chunk to chunk: they are in its whole text.
         offsets = [TextOffsets() for _ in streams]
-        async with contextlib.aclosing(merge_choices(streams)) as merged:
-            async for index, chunk in merged:
-                if chunk.usage is not None:
-                    usage.add(index // n, chunk.usage)
-                if not (chunk.finish_reason is not None or chunk.text or chunk.logprobs):
-                    continue
+        sent = _sent_chunks(streams, usage, n, role=False)
+        async with contextlib.aclosing(sent) as chunks:
+            async for index, chunk, _ in chunks:
                 choice = pb.CompletionChoice(index=index, text=chunk.text)
                 if chunk.finish_reason is not None:
                     choice.finish_reason = _finish(chunk.finish_reason)
@@ -392,14 +418,21 @@ class OpenAIServicer(pb_grpc.OpenAIServiceServicer):
     @unary
     async def CreateEmbedding(self, request: pb.EmbeddingRequest) -> pb.EmbeddingList:
         _note_user(request.user)
+        for i, text in enumerate(request.input):
+            if not text:
+                field = "input" if len(request.input) == 1 else f"input[{i}]"
+                raise InvalidArgument.field(field, "must not be an empty string")
         if request.encoding_format not in _ENCODINGS:
             raise InvalidArgument.field(
                 "encoding_format",
                 f'must be "float" or "base64", not {bounded(request.encoding_format)!r}',
             )
-        vectors, usage = await _named(
-            self.runtime.embed(request.model, list(request.input)), _EMBEDDING_NAMES
-        )
+        try:
+            vectors, usage = await _named(
+                self.runtime.embed(request.model, list(request.input)), _EMBEDDING_NAMES
+            )
+        except NotFound:
+            raise _not_found(request.model) from None
         return pb.EmbeddingList(
             object="list",
             data=[

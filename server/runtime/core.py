@@ -359,6 +359,18 @@ class Runtime:
         await self._models.unload(name)
 
     # Admission.
+    def capacity(self, name: str, *, stream: bool = False) -> int:
+        """The most requests of model ``name`` (any version) that can be held at once,
+        queued or running, and streams (``stream``) that the server holds at once: a
+        request that needs more at the same time can never be admitted.
+
+        Raises:
+            NotFound: no such model.
+        """
+        entry = self.get_model(name)
+        held = entry.scheduler.max_queue + entry.scheduler.max_active
+        return min(held, self.max_streams) if stream else held
+
     @contextlib.contextmanager
     def _admitted(
         self, name: str, task: Task, version: str = "", *, stream: bool = False
@@ -438,7 +450,7 @@ class Runtime:
         """Chunks of a generation as they are produced; the last has finish reason and usage.
 
         ``prompt`` is a text to continue, or a conversation to answer: the model's
-        :meth:`~Model.chat_prompt` renders it, and its template's stop sequences are
+        :meth:`~Model.chat_prompt` renders it, and its :meth:`~Model.chat_stops` are
         added to the request's. ``logprobs`` (0 to :data:`MAX_TOP_LOGPROBS`) asks for
         each token's log probability and that many alternatives (:attr:`Chunk.logprobs`).
 
@@ -534,7 +546,7 @@ class Runtime:
         check_messages(prompt)
         text = model.chat_prompt(prompt)
         # The request's stops first, then the template's; each once.
-        stops = tuple(dict.fromkeys((*params.stop_sequences, *model.chat_template.stop)))
+        stops = tuple(dict.fromkeys((*params.stop_sequences, *model.chat_stops())))
         params = replace(params, stop_sequences=stops)
         return text, params, self._prompt_tokens(entry, text, "messages")
 

@@ -465,16 +465,30 @@ class Model:
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt that continues the conversation ``messages`` with the answer.
 
-        Called on the event loop, like :meth:`count_tokens`: it must be quick. The
-        default renders :attr:`chat_template`; a model with a format of its own
-        overrides this (and sets ``chat_template.stop`` to its turn marker). The
-        runtime has checked the roles (:func:`check_messages`) before calling it.
+        Called on the event loop, like :meth:`count_tokens`: it must be quick (a
+        tokenizer's ``apply_chat_template`` compiles its template once: do that in
+        :meth:`load`). The default renders :attr:`chat_template`; a model with a
+        format of its own overrides this, and :meth:`chat_stops` if its answers need
+        stop sequences. The runtime has checked the roles (:func:`check_messages`)
+        before calling it.
 
         Raises:
             InvalidArgument: naming the field (``messages[i].content`` ...) of a
                 conversation the model cannot take.
         """
         return self.chat_template.render(messages)
+
+    def chat_stops(self) -> tuple[str, ...]:
+        """Stop sequences every chat generation gets, besides the request's own.
+
+        By default ``chat_template.stop`` when :meth:`chat_prompt` is the default one,
+        which renders that template; none when a subclass renders its own prompt (its
+        model ends an answer its own way, and the default template's ``"\n### "``
+        would cut answers that hold a Markdown heading). Override to give others.
+        """
+        if type(self).chat_prompt is Model.chat_prompt:
+            return self.chat_template.stop
+        return ()
 
     def count_tokens(self, text: str) -> int:
         """The number of tokens ``text`` encodes to; the default counts UTF-8 bytes."""

@@ -58,6 +58,17 @@ def test_a_full_server_is_a_rate_limit_error_with_retry_after(full: Stack) -> No
     wait_until(lambda: full.in_flight("slow") == 0, "the blocking stream ended")
 
 
+def test_more_choices_than_the_server_ever_holds_are_a_bad_request(full: Stack) -> None:
+    # Two streams can never be in flight at once here: a 429 would be retried in vain.
+    with full.client() as client:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="slow", messages=CHAT, max_tokens=2, stream=True, n=2
+            )
+    assert info.value.param == "n"
+    assert "holds at most 1 at a time" in info.value.message
+
+
 def test_the_sdk_waits_for_retry_after_and_tries_again(full: Stack) -> None:
     statuses: list[int] = []
 

@@ -7,18 +7,15 @@ text prompt; these tests drive it directly with the real bytelm, as
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from protoserve.server.models.builtin import ByteLMModel
-from protoserve.server.runtime import FinishReason, Model, Runtime
+from protoserve.server.runtime import FinishReason
 from protoserve.server.runtime.errors import InvalidArgument
 from protoserve.server.runtime.model import (
     DEFAULT_CHAT_TEMPLATE,
@@ -26,8 +23,8 @@ from protoserve.server.runtime.model import (
     ChatTemplate,
 )
 from protoserve.server.runtime.repository import RepositoryError, read_config
+from tests.server._runtime import run, started
 
-T = TypeVar("T")
 MODELS = "tests.server.models_for_tests"
 
 CONVERSATION = [
@@ -37,20 +34,6 @@ CONVERSATION = [
     ChatMessage("developer", "Be brief."),
     ChatMessage("user", "Now reversed."),
 ]
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 120))
-
-
-@contextlib.asynccontextmanager
-async def started(*models: tuple[str, Model], **settings: Any) -> AsyncIterator[Runtime]:
-    runtime = Runtime(list(models), **settings)
-    await runtime.start()
-    try:
-        yield runtime
-    finally:
-        runtime.close()
 
 
 def folder(root: Path, toml: str) -> Path:
@@ -125,6 +108,31 @@ def test_a_chat_generates_what_its_rendered_prompt_generates_with_the_template_s
         )
         assert chat.usage.prompt_tokens == len(prompt.encode())
         assert both.text == plain.text[: plain.text.index(plain.text[5:7])]
+
+    run(main())
+
+
+class OwnPrompt(ByteLMModel):
+    """A model that renders its own prompt (as one calling its tokenizer's template)."""
+
+    def chat_prompt(self, messages: Any) -> str:
+        return "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
+
+
+def test_a_model_that_renders_its_own_prompt_gets_no_template_stops() -> None:
+    # The default template's "\n### " would cut an answer with a Markdown heading.
+    assert ByteLMModel().chat_stops() == ("\n### ",)
+    assert OwnPrompt().chat_stops() == ()
+
+    async def main() -> None:
+        model = OwnPrompt()
+        async with started(("own", model)) as runtime:
+            conversation = [ChatMessage("user", "def ")]
+            prompt = model.chat_prompt(conversation)
+            sampled = {"max_new_tokens": 48, "seed": 3, "temperature": 0.9}
+            chat = await runtime.generate("own", conversation, sampled)
+            plain = await runtime.generate("own", prompt, sampled)
+        assert (chat.text, chat.finish_reason) == (plain.text, plain.finish_reason)
 
     run(main())
 

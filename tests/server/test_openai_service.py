@@ -393,6 +393,8 @@ LONG = "x" * 9000  # past bytelm's 8192 input tokens
             "max_completion_tokens",
         ),
         ("CreateChatCompletion", chat(temperature=50), "temperature"),
+        ("CreateChatCompletion", chat(temperature=2.5), "temperature"),
+        ("StreamCompletion", completion(temperature=-1), "temperature"),
         ("CreateChatCompletion", chat(top_p=2), "top_p"),
         ("CreateChatCompletion", chat(stop=[""]), "stop"),
         ("CreateChatCompletion", chat(n=0), "n"),
@@ -411,6 +413,13 @@ LONG = "x" * 9000  # past bytelm's 8192 input tokens
         ("CreateChatCompletion", chat(top_logprobs=2), "top_logprobs"),
         ("CreateChatCompletion", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
         ("CreateChatCompletion", chat(model="scripted", logprobs=True), "logprobs"),
+        # 4 x 2048 x 21 log probabilities, over MAX_LOGPROB_ENTRIES (2**17).
+        (
+            "CreateChatCompletion",
+            chat(n=4, max_tokens=2048, logprobs=True, top_logprobs=20),
+            "top_logprobs",
+        ),
+        ("CreateCompletion", completion(n=16, max_tokens=2048, logprobs=5), "logprobs"),
         ("StreamChatCompletion", chat(stream=False), "stream"),
         ("StreamChatCompletion", chat(max_completion_tokens=0), "max_completion_tokens"),
         ("CreateCompletion", completion(max_tokens=0), "max_tokens"),
@@ -421,6 +430,8 @@ LONG = "x" * 9000  # past bytelm's 8192 input tokens
         ("CreateCompletion", completion(logprobs=6), "logprobs"),
         ("StreamCompletion", completion(stop=["x"] * 9), "stop"),
         ("CreateEmbedding", pb.EmbeddingRequest(model="bytelm"), "input"),
+        ("CreateEmbedding", pb.EmbeddingRequest(model="bytelm", input=[""]), "input"),
+        ("CreateEmbedding", pb.EmbeddingRequest(model="bytelm", input=["a", ""]), "input[1]"),
         ("CreateEmbedding", pb.EmbeddingRequest(model="bytelm", input=["a", LONG]), "input[1]"),
         (
             "CreateEmbedding",
@@ -460,7 +471,8 @@ def test_an_unknown_model_is_not_found(stub) -> None:
         (stub.CreateEmbedding, pb.EmbeddingRequest(model="gpt-9", input=["a"])),
     ):
         err = error(call, request)
-        assert err.code() == grpc.StatusCode.NOT_FOUND and "gpt-9" in err.details()
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert err.details() == "The model `gpt-9` does not exist"
 
 
 # Cancelling.
@@ -474,14 +486,18 @@ def test_leaving_a_stream_cancels_every_choice(served: Served) -> None:
             break
     stream.cancel()
     cancelled.wait(2)  # both stopped long before their 1000 tokens
-    assert (
-        counted(
-            served.server,
-            "protoserve_requests_total",
-            method="openai.StreamChatCompletion",
-            code="CANCELLED",
-        )
-        >= 1
+    # The call's own count comes once its frame has unwound, after the generations'.
+    wait_until(
+        lambda: (
+            counted(
+                served.server,
+                "protoserve_requests_total",
+                method="openai.StreamChatCompletion",
+                code="CANCELLED",
+            )
+            >= 1
+        ),
+        "the call counted CANCELLED",
     )
 
 
