@@ -573,7 +573,7 @@ def test_a_seeded_completion_is_the_same_alone_and_under_load(stack: Stack) -> N
         "seed": 1234,
     }
 
-    async def run() -> tuple[str, str, float]:
+    async def run() -> tuple[str, str, float, list[bool]]:
         async with stack.async_client() as client:
             alone = (await client.completions.create(**probe)).choices[0].text
             streams = [
@@ -587,16 +587,24 @@ def test_a_seeded_completion_is_the_same_alone_and_under_load(stack: Stack) -> N
                 )
                 for i in range(8)
             ]
-            # Each of the 8 has begun (its first chunk came): they decode while the probe runs.
+            # Each of the 8 has begun (its first chunk came): they decode while the probe runs,
+            # read all along so that none sits out a step for want of a reader.
             firsts = [await s.__anext__() for s in streams]
             assert all(f.choices for f in firsts)
+
+            async def drain(stream: Any) -> None:
+                async for _ in stream:
+                    pass
+
+            readers = [asyncio.create_task(drain(s)) for s in streams]
             busy = await asyncio.to_thread(stack.in_flight, "bytelm")
             loaded = (await client.completions.create(**probe)).choices[0].text
-            for s in streams:
-                async for _ in s:
-                    pass
-            return alone, loaded, busy
+            # Still running when the probe ended (96 tokens against its 32): it had company.
+            running = [not r.done() for r in readers]
+            await asyncio.gather(*readers)
+            return alone, loaded, busy, running
 
-    alone, loaded, busy = asyncio.run(run())
+    alone, loaded, busy, running = asyncio.run(run())
     assert busy >= 8
+    assert running.count(True) >= 6, running
     assert alone and loaded == alone

@@ -7,9 +7,7 @@ drive it directly with real models and watch what the model was asked to do.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -17,12 +15,13 @@ import torch
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from protoserve.server import Model, ResourceExhausted
+from protoserve.server import ResourceExhausted
 from protoserve.server.metrics import Metrics
 from protoserve.server.runtime import FinishReason, Runtime
 from protoserve.server.runtime.tensors import RawTensor, from_raw, to_raw
 from tests._observe import WITHIN, counted, wait_until, wait_until_async
 from tests._threads import start_grpc_server, stop_grpc_server
+from tests.server._runtime import run, started
 from tests.server.models_for_tests import (
     BatchDoubler,
     Batched,
@@ -33,22 +32,6 @@ from tests.server.models_for_tests import (
     Scripted,
     WrongRows,
 )
-
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-@contextlib.asynccontextmanager
-async def started(model: Model, **settings: Any) -> AsyncIterator[Runtime]:
-    runtime = Runtime([(type(model).name, model)], **settings)
-    await runtime.start()
-    try:
-        yield runtime
-    finally:
-        runtime.close()
 
 
 def gen(max_new_tokens: int = 20, seed: int = 1, **more: Any) -> dict[str, Any]:

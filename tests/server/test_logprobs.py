@@ -8,41 +8,24 @@ numbers; continuous batching and one sequence at a time must agree.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import torch
 
 from protoserve.server.models import bytelm
 from protoserve.server.models.builtin import ByteLMModel
-from protoserve.server.runtime import FinishReason, GenerateResult, Model, Runtime, Token
+from protoserve.server.runtime import FinishReason, GenerateResult, Token
 from protoserve.server.runtime.errors import InvalidArgument
 from protoserve.server.runtime.model import MAX_TOP_LOGPROBS, ChatMessage
+from tests.server._runtime import run, started
 from tests.server.models_for_tests import Scripted
-
-T = TypeVar("T")
 
 PROMPTS = ["def ", "import os\n", "class Node:\n    def __init__(self", "for i in range("]
 #: float32 logits through two different kernels (a cached decode step, one whole
 #: forward pass): a log probability a little over 1e-6 apart is the same.
 TOLERANCE = 1e-4
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 120))
-
-
-@contextlib.asynccontextmanager
-async def started(model: Model, **settings: Any) -> AsyncIterator[Runtime]:
-    runtime = Runtime([(type(model).name, model)], **settings)
-    await runtime.start()
-    try:
-        yield runtime
-    finally:
-        runtime.close()
 
 
 def forward_logprobs(prompt: str, generated: list[int]) -> torch.Tensor:
