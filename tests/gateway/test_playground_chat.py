@@ -220,6 +220,9 @@ def test_chat_shows_a_refusal_readably(stack: Stack, browser: Browser) -> None:
     status = element(dom, "span", "status")
     assert status.startswith("Refused: HTTP 400: "), status
     assert status.endswith("(parameter temperature)"), status
+    # The refused message left no turn behind: it is back in the box, to fix and resend.
+    assert turns(dom) == []
+    assert browser.evaluate("document.getElementById('prompt').value") == "hi"
 
 
 def test_chat_shows_an_error_after_the_start(stack: Stack, browser: Browser) -> None:
