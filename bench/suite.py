@@ -896,6 +896,32 @@ def metrics_table(s: Suite, scenario: str) -> dict[str, Any]:
 # The OpenAI route (issue #17) ---------------------------------------------------------------------
 
 
+async def _run_aiperf(s: Suite, url: str) -> dict[str, Any]:
+    """aiperf's summary of the chat route streaming; a failed run, a failed request or
+    fewer requests than asked are failures of the suite."""
+    p = s.plan
+    python = s.peer_pythons["aiperf"]
+    tokenizer = _openai.write_byte_tokenizer(s.tmp / "byte-tokenizer")
+    print("suite: openai: aiperf ...", file=sys.stderr, flush=True)
+    try:
+        summary: dict[str, Any] = await asyncio.to_thread(
+            _openai.aiperf, python, url, tokenizer, s.tmp / "aiperf",
+            concurrency=p.aiperf_concurrency, requests=p.aiperf_requests,
+            input_tokens=p.aiperf_input_tokens, output_tokens=p.openai_tokens)  # fmt: skip
+    except RuntimeError as error:
+        s.failures.append(f"openai: aiperf failed: {error}")
+        return {}
+    failed = _openai.metric(summary, "error_request_count")
+    counted = _openai.metric(summary, "request_count")
+    if failed > 0:  # NaN (no failed request counted) is not
+        s.failures.append(f"openai: aiperf counted {fig(failed)} failed requests: "
+                          f"{summary.get('error_summary')}")  # fmt: skip
+    if counted != p.aiperf_requests:
+        s.failures.append(f"openai: aiperf counted {fig(counted)} requests, not "
+                          f"{p.aiperf_requests}")  # fmt: skip
+    return summary
+
+
 async def scenario_openai(s: Suite) -> dict[str, Any]:
     p = s.plan
     server = await s.server()
@@ -933,25 +959,7 @@ async def scenario_openai(s: Suite) -> dict[str, Any]:
                                   f"concurrency {c}", ttft, "<= 1.2", ttft <= 1.2,
                                   f"{fig(o.p50_ms)} vs {fig(native_text)} ms (to the first "
                                   "text)"))  # fmt: skip
-        python = s.peer_pythons["aiperf"]
-        tokenizer = _openai.write_byte_tokenizer(s.tmp / "byte-tokenizer")
-        print("suite: openai: aiperf ...", file=sys.stderr, flush=True)
-        try:
-            summary = await asyncio.to_thread(
-                _openai.aiperf, python, url, tokenizer, s.tmp / "aiperf",
-                concurrency=p.aiperf_concurrency, requests=p.aiperf_requests,
-                input_tokens=p.aiperf_input_tokens, output_tokens=p.openai_tokens)  # fmt: skip
-        except RuntimeError as error:
-            s.failures.append(f"openai: aiperf failed: {error}")
-            summary = {}
-    failed = _openai.metric(summary, "error_request_count")
-    counted = _openai.metric(summary, "request_count")
-    if failed > 0:  # NaN (no failed request counted) is not
-        s.failures.append(f"openai: aiperf counted {fig(failed)} failed requests: "
-                          f"{summary.get('error_summary')}")  # fmt: skip
-    if summary and counted != p.aiperf_requests:
-        s.failures.append(f"openai: aiperf counted {fig(counted)} requests, not "
-                          f"{p.aiperf_requests}")  # fmt: skip
+        summary = await _run_aiperf(s, url)
     return section(
         "openai", "The OpenAI route",
         f"Streamed generations of bytelm ({p.openai_tokens} new tokens, temperature 0.8, "
