@@ -3,9 +3,11 @@
 Every server in the peer comparison loads the MLP file written here. Run as a process of
 its own (the servers' Python; for ``decoding``, a dispatch path's environment),
 ``python bench/_model.py WHAT '{"keyword": value}'`` prints as JSON what the driver
-compares the servers with: ``embed``, ``predict``, ``decode`` (the ``limit`` scenario's
-batched forward in a loop), ``decoding`` (bytelm's ``BatchedDecoding`` on this path:
-rounding, texts and speed; docs/adr/0015-batch-invariance.md).
+compares the servers with: ``embed``, ``predict``, ``plain_decode`` (the ``limit``
+scenario's generation limit: the model's own batched forward, one step of every sequence
+per pass), ``decode`` (the same work through bytelm's ``BatchedDecoding``, the server's
+decoder, shown beside it), ``decoding`` (``BatchedDecoding`` on this path: rounding,
+texts and speed; docs/adr/0015-batch-invariance.md).
 """
 
 from __future__ import annotations
@@ -99,10 +101,71 @@ def predict(batch: int, seconds: float, model_file: str) -> dict[str, Any]:
     return _loop(step, seconds, batch)
 
 
+def plain_decode(batch: int, tokens: int, prompts: list[str], temperature: float = 0.8,
+                 first_seed: int = 1000, repeats: int = 3) -> dict[str, Any]:  # fmt: skip
+    """The generation limit: ``batch`` sequences of bytelm (the server's weights) decoded
+    by the model's own ``forward`` on a ``[batch, 1]`` input over one batched ``KVCache``,
+    ``tokens`` tokens each, as tokens/s of the steps and of it all (with the prefill).
+
+    Every linear layer is one ``F.linear`` over the batch and attention one
+    ``scaled_dot_product_attention`` over ``[batch, n_head, length, head_dim]``: nothing is
+    row by row and nothing is checked against a lone run. The cache holds one length for
+    every row, so each prompt is cut (from its start) or repeated (in front) to the mean
+    prompt length and the batch prefills as one ``[batch, length]`` pass. Sampled as the
+    server samples: each row's own seeded generator and one ``sample_next`` per row per step
+    (top-k 0, top-p 1); an end of text is fed back like any token, so every row steps
+    ``tokens - 1`` times after its first token. The run of median decode time of
+    ``repeats`` (after an untimed one); ``sample_seconds``: the part of its steps spent
+    sampling."""
+    from protoserve.server.models import bytelm
+
+    model = bytelm.load_pretrained()
+    config = model.config
+    ids = [bytelm.encode(prompts[i % len(prompts)]) or [config.eot_id] for i in range(batch)]
+    length = max(1, round(statistics.mean(len(row) for row in ids)))
+    rows = [(row * (length // len(row) + 1))[-length:] for row in ids]
+    if length + tokens > config.context_length:
+        raise ValueError(f"{length} prompt + {tokens} new tokens exceed the model's context")
+
+    def sample(logits: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
+        return [bytelm.sample_next(logits[i, -1], temperature=temperature, top_k=0, top_p=1.0,
+                                   generator=g) for i, g in enumerate(generators)]  # fmt: skip
+
+    def run() -> tuple[float, float, float]:
+        generators = [torch.Generator().manual_seed(first_seed + i) for i in range(batch)]
+        with torch.inference_mode():
+            started = time.perf_counter()
+            cache = bytelm.KVCache(config, batch, capacity=length + tokens)
+            logits, _ = model(torch.tensor(rows, dtype=torch.long), cache=cache)
+            next_ids = sample(logits, generators)
+            prefilled = time.perf_counter()
+            sampling = 0.0
+            for _ in range(tokens - 1):
+                logits, _ = model(torch.tensor(next_ids, dtype=torch.long).view(batch, 1),
+                                  cache=cache)  # fmt: skip
+                before = time.perf_counter()
+                next_ids = sample(logits, generators)
+                sampling += time.perf_counter() - before
+        return prefilled - started, time.perf_counter() - prefilled, sampling
+
+    run()  # untimed: the first pass pays one-off costs
+    # The median of ``repeats`` runs by decode time: one run is a fraction of a second.
+    prefill_s, decode_s, sample_s = sorted((run() for _ in range(repeats)), key=lambda r: r[1])[
+        repeats // 2
+    ]
+    stepped, produced = batch * (tokens - 1), batch * tokens
+    return {"tokens": produced, "prompt_tokens": length, "prefill_seconds": prefill_s,
+            "decode_seconds": decode_s, "sample_seconds": sample_s,
+            "decode_tokens_per_s": stepped / decode_s if decode_s else float("nan"),
+            "tokens_per_s": produced / (prefill_s + decode_s)}  # fmt: skip
+
+
 def decode(batch: int, tokens: int, prompts: list[str], temperature: float = 0.8,
            first_seed: int = 1000) -> dict[str, Any]:  # fmt: skip
-    """bytelm's batch decoder: prefill ``batch`` prompts, then ``tokens`` steps of all at once
-    (as requests of ``max_new_tokens=tokens``): tokens/s of the steps, and of it all."""
+    """bytelm's batch decoder (``BatchedDecoding``, the server's; on a path where its check
+    fails it steps one sequence at a time): prefill ``batch`` prompts, then ``tokens`` steps
+    of all at once (as requests of ``max_new_tokens=tokens``): tokens/s of the steps, and of
+    it all; ``decoding``: the decoder's mode."""
     from protoserve.server.runtime.model import GenerationParams
 
     decoder = _bytelm().batch_decoder(batch)
@@ -135,7 +198,8 @@ def decode(batch: int, tokens: int, prompts: list[str], temperature: float = 0.8
     stepped = produced - batch  # every sequence's first token came from its prefill
     return {"tokens": produced, "prefill_seconds": prefill_s, "decode_seconds": decode_s,
             "decode_tokens_per_s": stepped / decode_s if decode_s else float("nan"),
-            "tokens_per_s": produced / (prefill_s + decode_s)}  # fmt: skip
+            "tokens_per_s": produced / (prefill_s + decode_s),
+            "decoding": getattr(getattr(decoder, "decoding", None), "name", "?")}  # fmt: skip
 
 
 # Batched decoding on this process's dispatch path ------------------------------------------------
@@ -255,7 +319,8 @@ def decoding(steps: int, texts: int, text_tokens: int, repeats: int) -> dict[str
 
 def main(argv: list[str]) -> int:
     what, kwargs = argv
-    measure = {"embed": embed, "predict": predict, "decode": decode, "decoding": decoding}[what]
+    measure = {"embed": embed, "predict": predict, "plain_decode": plain_decode, "decode": decode,
+               "decoding": decoding}[what]  # fmt: skip
     torch.manual_seed(0)
     print(json.dumps({**measure(**json.loads(kwargs)), "torch_threads": torch.get_num_threads()}))
     return 0
