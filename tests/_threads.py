@@ -46,6 +46,19 @@ def start_grpc_server(models: Sequence[str], **config: Any) -> tuple[LoopThread,
     return thread, thread.run(make())
 
 
+def one_message_per_token(server: Any, *models: str) -> None:
+    """Make ``models``' streams one message per token, whatever the machine's speed.
+
+    A stream's reader that falls behind gets every token since its last read in one
+    message (tests/server/test_coalescing.py); whether a fast model's tokens outrun the
+    server's writes is a matter of timing. With a buffer of one, the model's worker
+    makes no token before the server has read the one before: the reader keeps up,
+    and tests that count messages or compare a stream's bytes hold on any machine.
+    """
+    for name in models:
+        server.runtime.get_model(name).scheduler.buffer = 1
+
+
 def stop_grpc_server(thread: LoopThread, server: Any) -> None:
     thread.run(server.stop(1), timeout=30)
     thread.stop()

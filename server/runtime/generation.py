@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 import enum
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from protoserve.server.runtime.model import GenerationParams, Model, Token
@@ -44,6 +44,10 @@ class Usage:
 class Chunk:
     """New text and token ids since the previous chunk; the last one has a finish reason.
 
+    Generating makes a chunk per token (the last may hold none); a stream's reader
+    that fell behind reads the chunks it missed as one (:meth:`joined`), so a chunk
+    it reads may hold several tokens.
+
     ``logprobs`` holds this chunk's tokens with their log probabilities, in
     ``token_ids`` order, when the request asked for them; otherwise it is empty.
     """
@@ -53,6 +57,21 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     logprobs: list[Token] = field(default_factory=list)
+
+    @classmethod
+    def joined(cls, chunks: Sequence[Chunk]) -> Chunk:
+        """``chunks``, in order, as one: their text joined, their token ids and log
+        probabilities one after another, and the finish reason and usage of the last
+        (only a generation's last chunk has them). A stream's reader that fell behind
+        gets the chunks it missed so."""
+        last = chunks[-1]
+        return cls(
+            "".join(c.text for c in chunks),
+            [i for c in chunks for i in c.token_ids],
+            last.finish_reason,
+            last.usage,
+            [t for c in chunks for t in c.logprobs],
+        )
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

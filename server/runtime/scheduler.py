@@ -22,6 +22,11 @@ Every queue is bounded: work waiting to start and work running together are
 at most ``max_queue + max_active`` (beyond that ResourceExhausted at once),
 and each job's unread output at most ``buffer`` items (a slow reader pauses
 its own job, not the others).
+
+A generation's reader that falls behind is not sent its chunks one by one: when
+it asks for the next, every chunk already delivered and not yet read comes as one
+(:meth:`Chunk.joined`). Nothing waits to be joined: a reader that keeps up gets
+each token's chunk as soon as it is made, and one that lags catches up in one read.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from protoserve.server.runtime.errors import ResourceExhausted, Unavailable
 from protoserve.server.runtime.generation import Chunk, TextAssembly, run_generation
@@ -55,10 +60,16 @@ class Job(Generic[T]):
     """Submitted work; iterate it (async) for its items. It is its own async iterator,
     not a generator: leaving the iteration early does nothing, :meth:`cancel` drops it."""
 
+    #: Whether items delivered and not yet read are read as one (:meth:`_join`):
+    #: a generation's chunks are; the results of other work never are.
+    joins: ClassVar[bool] = False
+
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
         self._loop = asyncio.get_running_loop()
-        self._out: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+        # Delivered, not yet read; filled on the loop by _post, which wakes _waiter.
+        self._out: deque[tuple[int, object]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.submitted = time.perf_counter()
         self.unread = 0  # items handed to the loop, not yet read; guarded by the scheduler lock
         self.cancelled = False
@@ -78,11 +89,30 @@ class Job(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        """The next item, as the worker delivers it; raises what the work raised."""
+        """The next item, as the worker delivers it; raises what the work raised.
+
+        For a job that :attr:`joins`, the next item is every item already delivered
+        and not yet read, joined: a reader that falls behind catches up in one read,
+        and one that keeps up gets each item alone. An end or an error after them
+        comes at the next call.
+        """
         if self._ended:
             raise StopAsyncIteration
-        kind, value = await self._out.get()
-        self._scheduler._consumed(self)
+        out = self._out
+        while not out:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        kind, value = out.popleft()
+        if kind == _ITEM and self.joins and out and out[0][0] == _ITEM:
+            items = [value]
+            while out and out[0][0] == _ITEM:
+                items.append(out.popleft()[1])
+            self._scheduler._consumed(self, len(items))
+            return self._join(items)  # type: ignore[arg-type]
+        self._scheduler._consumed(self, 1)
         if kind == _ITEM:
             return value  # type: ignore[return-value]
         self._ended = True
@@ -90,6 +120,10 @@ class Job(Generic[T]):
             raise StopAsyncIteration
         assert isinstance(value, BaseException)
         raise value
+
+    def _join(self, items: list[T]) -> T:
+        """``items`` (two or more, in order) as one; only for a job that :attr:`joins`."""
+        raise NotImplementedError
 
 
 class _StepJob(Job[T]):
@@ -144,7 +178,10 @@ class _StepJob(Job[T]):
 
 class _GenerationJob(_StepJob[Chunk]):
     """One generation through ``Model.generate``, stepped like any step job; its
-    :attr:`~Job.stop` ends it at the next step."""
+    :attr:`~Job.stop` ends it at the next step. Chunks its reader is behind on are
+    read as one."""
+
+    joins = True
 
     def __init__(
         self,
@@ -161,6 +198,9 @@ class _GenerationJob(_StepJob[Chunk]):
         return run_generation(
             self.model, self.text, self.params, prompt_tokens=self.prompt_tokens, stop=self.stop
         )
+
+    def _join(self, items: list[Chunk]) -> Chunk:
+        return Chunk.joined(items)
 
 
 class _BatchItem(Job[T]):
@@ -181,7 +221,10 @@ class _BatchItem(Job[T]):
 
 
 class _Sequence(Job[Chunk]):
-    """One generation decoded in the continuous batch."""
+    """One generation decoded in the continuous batch; chunks its reader is behind on
+    are read as one."""
+
+    joins = True
 
     def __init__(
         self, scheduler: Scheduler, text: str, params: GenerationParams, prompt_tokens: int
@@ -192,6 +235,9 @@ class _Sequence(Job[Chunk]):
         self.state: Any = None
         self.prefilled = False
 
+    def _join(self, items: list[Chunk]) -> Chunk:
+        return Chunk.joined(items)
+
 
 class Scheduler:
     """Runs one model's work in its own thread; see the module docstring.
@@ -200,7 +246,8 @@ class Scheduler:
         name: the model's name, for the thread's name, errors and metrics.
         max_queue: most requests waiting to start; beyond that, ResourceExhausted.
         max_active: most step jobs and sequences running at once.
-        buffer: most unread items per job before its steps pause.
+        buffer: most unread items per job before its steps pause (a generation's
+            chunks, one a token, count one by one, though its reader gets them joined).
         max_batch_size: most items (texts, rows) in one dynamic batch.
         max_batch_delay: seconds a batch that is not full may wait for more.
         metrics: where queue times, batch sizes and refusals are counted; None: nowhere.
@@ -367,10 +414,12 @@ class Scheduler:
                 self._waiting.remove(job)
             self._wake.notify()
 
-    def _consumed(self, job: Job[Any]) -> None:
+    def _consumed(self, job: Job[Any], count: int) -> None:
+        """``count`` of ``job``'s items were read: a job paused for its reader may go on."""
         with self._lock:
-            job.unread -= 1
-            if job.unread == self.buffer - 1:
+            paused = job.unread >= self.buffer
+            job.unread -= count
+            if paused and job.unread < self.buffer:
                 self._wake.notify()
 
     # The worker thread.
@@ -581,4 +630,7 @@ class Scheduler:
 
 def _post(deliveries: list[_Delivery]) -> None:
     for job, kind, value in deliveries:
-        job._out.put_nowait((kind, value))
+        job._out.append((kind, value))
+        waiter = job._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

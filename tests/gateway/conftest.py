@@ -10,7 +10,13 @@ import httpx
 import pytest
 
 from protoserve.gateway import build_gateway
-from tests._threads import LoopThread, UvicornThread, start_grpc_server, stop_grpc_server
+from tests._threads import (
+    LoopThread,
+    UvicornThread,
+    one_message_per_token,
+    start_grpc_server,
+    stop_grpc_server,
+)
 from tests.gateway._sources import SOURCES, descriptors_for
 
 MODELS = (
@@ -43,6 +49,7 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     thread, server = start_grpc_server(MODELS, max_queue=2, max_active=2)
+    one_message_per_token(server, "scripted", "held")
     gateway = UvicornThread(
         build_gateway(f"127.0.0.1:{server.port}", keepalive=0.5, max_body_bytes=64 * 1024)
     )

@@ -12,7 +12,7 @@ import pytest
 
 from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server import InferenceServer
-from tests._threads import start_grpc_server, stop_grpc_server
+from tests._threads import one_message_per_token, start_grpc_server, stop_grpc_server
 
 T = TypeVar("T")
 
@@ -43,6 +43,7 @@ class Running:
 @pytest.fixture(scope="session")
 def running() -> Iterator[Running]:
     thread, server = start_grpc_server(MODELS, max_queue=4, max_active=2, shutdown_grace=2)
+    one_message_per_token(server, "scripted")
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     yield Running(server, thread.loop, channel, pb_grpc.InferenceServiceStub(channel))
     channel.close()

@@ -95,9 +95,12 @@ class InferenceServiceServicer:
 
     def GenerateStream(self, request, context):
         """GenerateStream continues a text and streams the continuation as it is
-        produced, one message per step. The last message carries the finish
-        reason and the token usage. The GET binding takes the request as query
-        parameters so that a browser's EventSource can call it.
+        produced. A message holds one or more tokens: every token produced since
+        the previous message. A reader that keeps up gets one token per message;
+        one that falls behind gets the tokens it missed together in its next
+        message. The last message carries the finish reason and the token usage
+        (and no token when the model ended the text). The GET binding takes the
+        request as query parameters so that a browser's EventSource can call it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,9 +49,12 @@ class InferenceServiceStub:
     """Generate continues a text and returns the whole continuation at once."""
     GenerateStream: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.GenerateStreamRequest, _inference_service_pb2.GenerateStreamResponse]
     """GenerateStream continues a text and streams the continuation as it is
-    produced, one message per step. The last message carries the finish
-    reason and the token usage. The GET binding takes the request as query
-    parameters so that a browser's EventSource can call it.
+    produced. A message holds one or more tokens: every token produced since
+    the previous message. A reader that keeps up gets one token per message;
+    one that falls behind gets the tokens it missed together in its next
+    message. The last message carries the finish reason and the token usage
+    (and no token when the model ended the text). The GET binding takes the
+    request as query parameters so that a browser's EventSource can call it.
     """
     Embed: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.EmbedRequest, _inference_service_pb2.EmbedResponse]
     """Embed turns each text of a batch into one vector."""
@@ -73,9 +76,12 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Generate continues a text and returns the whole continuation at once."""
     GenerateStream: _aio.UnaryStreamMultiCallable[_inference_service_pb2.GenerateStreamRequest, _inference_service_pb2.GenerateStreamResponse]  # type: ignore[assignment]
     """GenerateStream continues a text and streams the continuation as it is
-    produced, one message per step. The last message carries the finish
-    reason and the token usage. The GET binding takes the request as query
-    parameters so that a browser's EventSource can call it.
+    produced. A message holds one or more tokens: every token produced since
+    the previous message. A reader that keeps up gets one token per message;
+    one that falls behind gets the tokens it missed together in its next
+    message. The last message carries the finish reason and the token usage
+    (and no token when the model ended the text). The GET binding takes the
+    request as query parameters so that a browser's EventSource can call it.
     """
     Embed: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.EmbedRequest, _inference_service_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embed turns each text of a batch into one vector."""
@@ -118,9 +124,12 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.GenerateStreamResponse], _abc.AsyncIterator[_inference_service_pb2.GenerateStreamResponse]]:
         """GenerateStream continues a text and streams the continuation as it is
-        produced, one message per step. The last message carries the finish
-        reason and the token usage. The GET binding takes the request as query
-        parameters so that a browser's EventSource can call it.
+        produced. A message holds one or more tokens: every token produced since
+        the previous message. A reader that keeps up gets one token per message;
+        one that falls behind gets the tokens it missed together in its next
+        message. The last message carries the finish reason and the token usage
+        (and no token when the model ended the text). The GET binding takes the
+        request as query parameters so that a browser's EventSource can call it.
         """
 
     @_abc_1.abstractmethod
