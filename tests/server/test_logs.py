@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
+from protoserve.common import logs
 from protoserve.common.logs import (
     REQUEST_ID,
     JsonFormatter,
@@ -111,6 +115,8 @@ def test_configure_installs_one_handler_on_the_root() -> None:
         assert [h for h in root.handlers if h not in handlers] == [handler]
         assert root.level == logging.INFO
         logging.getLogger("some.library").info("via the root", extra={"x": 1})
+        # A writer thread writes the lines: flush() waits for it.
+        assert handler.drain()
         assert json.loads(out.getvalue())["x"] == 1
         with pytest.raises(ValueError, match="xml"):
             configure("info", "xml")
@@ -118,6 +124,7 @@ def test_configure_installs_one_handler_on_the_root() -> None:
         for h in root.handlers[:]:
             if h not in handlers:
                 root.removeHandler(h)
+                h.close()
         root.setLevel(level)
         logging.captureWarnings(False)
 
@@ -226,3 +233,60 @@ def test_every_line_of_a_call_carries_its_id(
     assert access["code"] == "INTERNAL"
     (failed,) = [line for line in logged("logs-boom") if line != access]
     assert failed["level"] == "ERROR" and "secret internal detail" in failed["exc_info"]
+
+
+def test_a_log_stream_nobody_reads_does_not_stop_the_server(
+    stub: pb_grpc.InferenceServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stderr a pipe whose reader stopped: once it is full, the server still answers every
+    call; the access lines it cannot write are counted, and a line says how many once
+    the pipe is read again."""
+    monkeypatch.setattr(logs, "QUEUE_LINES", 50)
+    read_fd, write_fd = os.pipe()
+    with contextlib.suppress(AttributeError, OSError):  # Linux: a pipe of one page fills soon
+        import fcntl
+
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)  # type: ignore[attr-defined]
+    stream = open(write_fd, "w", encoding="utf-8")
+    root = logging.getLogger()
+    level = root.level
+    handler = configure("info", "text", stream=stream)
+    read: list[bytes] = []
+
+    def read_all() -> None:
+        read.extend(iter(lambda: os.read(read_fd, 65536), b""))
+
+    reader = threading.Thread(target=read_all)
+    try:
+        calls = 0
+        while handler.dropped == 0:
+            assert calls < 20_000, "the log queue never filled"
+            stub.GetModel(pb.GetModelRequest(name="bytelm"), timeout=10)
+            calls += 1
+        # The writer thread is stuck in write(), the queue full: calls are still answered.
+        for _ in range(100):
+            assert (
+                stub.GetModel(pb.GetModelRequest(name="bytelm"), timeout=10).model.name == "bytelm"
+            )
+        assert handler.dropped >= 100
+        reader.start()  # the pipe is read again
+        assert handler.drain()
+        logging.getLogger("tests.after").warning("read again")
+        assert handler.drain()
+    finally:
+        if not reader.is_alive():
+            reader.start()
+        root.removeHandler(handler)
+        handler.close()
+        stream.close()
+        reader.join(30)
+        os.close(read_fd)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+    lines = b"".join(read).decode().splitlines()
+    # Every line that came out is whole, and says so when lines were dropped before it.
+    assert all(re.fullmatch(r"\S+ \S+ [A-Z]+ \S+: .*", line) for line in lines), lines
+    assert lines[-1].endswith("WARNING tests.after: read again")
+    assert f"WARNING protoserve.logs: {handler.dropped} log lines dropped" in lines[-2]
+    access = [line for line in lines if "protoserve.server.access: GetModel OK" in line]
+    assert len(access) + handler.dropped >= calls + 100
