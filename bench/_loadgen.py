@@ -227,19 +227,22 @@ _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def h2load_grpc(url: str, method_path: str, message: bytes, concurrency: int,
-                seconds: float | None, tmp: Path, label: str, *,
-                requests: int | None = None) -> Point:  # fmt: skip
+                seconds: float | None, tmp: Path, label: str, *, requests: int | None = None,
+                connections: int = 1) -> Point:  # fmt: skip
     """gRPC unary calls of ``message`` to ``url`` + ``method_path``, ``concurrency`` in flight
-    on one h2c connection, for ``seconds`` or (``seconds=None``) ``requests`` calls. A gRPC
-    error is an HTTP 200 to h2load: ``extra`` holds its counts and DATA bytes, to check."""
+    on ``connections`` h2c connections (``concurrency / connections`` streams each), for
+    ``seconds`` or (``seconds=None``) ``requests`` calls. A gRPC error is an HTTP 200 to
+    h2load: ``extra`` holds its counts and DATA bytes, to check."""
     if (seconds is None) == (requests is None):
         raise ValueError("give seconds or requests, not both")
+    if connections < 1 or concurrency % connections:
+        raise ValueError(f"{concurrency} calls in flight do not split over {connections}")
     tmp.mkdir(parents=True, exist_ok=True)
     stem = tmp / f"h2load-c{concurrency}-{time.monotonic_ns()}"
     body_path, log_path = stem.with_suffix(".body"), stem.with_suffix(".log")
     body_path.write_bytes(grpc_frame(message))
     run = ["-n", str(requests)] if seconds is None else ["-D", f"{max(1, round(seconds * 1000))}ms"]
-    command = ["h2load", *run, "-m", str(concurrency), "-c", "1"]
+    command = ["h2load", *run, "-m", str(concurrency // connections), "-c", str(connections)]
     command += ["-t", "1", "-d", str(body_path), "--log-file", str(log_path)]
     command += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
     output = _run([*command, url.rstrip("/") + method_path], timeout=(seconds or 0) + 120)

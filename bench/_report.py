@@ -1,7 +1,8 @@
 """The benchmarks' one report writer: a results dict in, JSON + markdown + PNG plots out.
 
-``<name>.md`` gives the targets first, then the failures, then per scenario its
-description, settings, points, tables, plot and notes, then the servers' warnings;
+``<name>.md`` gives issue #18's targets side by side first, then every target, then the
+failures, then per scenario its description, settings, points, tables, plot and notes,
+then the servers' warnings;
 ``<name>.json`` the figures (NaN as null); ``<name>-<scenario>.png`` the scenarios that
 measured several concurrencies (when matplotlib is installed). ``python
 bench/_report.py RESULTS.json OUT_DIR`` renders a report again from its JSON.
@@ -150,7 +151,9 @@ def _header(results: dict[str, Any]) -> list[str]:
 
 def _outcome(results: dict[str, Any]) -> str:
     """One line: how many failures and unmet targets, so a reader knows before scrolling."""
-    targets = [t for s in results.get("scenarios", []) for t in s.get("targets", [])]
+    # A figure reported, not judged (met None), is not a target here.
+    targets = [t for s in results.get("scenarios", []) for t in s.get("targets", [])
+               if t.get("met") is not None]  # fmt: skip
     unmet = sum(t.get("met") is False for t in targets)
     failures = len(results.get("failures") or [])
     parts = [f"**{failures} failure{'s' if failures != 1 else ''}**" if failures else "no failures"]
@@ -160,17 +163,50 @@ def _outcome(results: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+#: The issue whose targets the report lists first, side by side, on one screen, in the
+#: issue's order of their scenarios (others after them).
+SUMMARY_ISSUE = 18
+SUMMARY_ORDER = ("echo", "peers", "limit", "streams", "gateway", "workers")
+
+
+def _target_cells(t: dict[str, Any]) -> tuple[str, str]:
+    """A target's value and whether it is met, as table cells ("reported": not judged)."""
+    met = {True: "met", False: "**not met**"}.get(t.get("met"), _MISSING)
+    if t.get("met") is None and t.get("target") == "reported":
+        met = "reported"
+    value = t.get("value")
+    shown = fmt_sig(value) if value is None or isinstance(value, int | float) else value
+    return fmt_cell(shown), met
+
+
+def _summary(results: dict[str, Any]) -> list[str]:
+    """Issue #18's targets (``"issue": 18``), side by side, before everything else."""
+    rows = []
+    scenarios = results.get("scenarios", [])
+    order = {key: i for i, key in enumerate(SUMMARY_ORDER)}
+    for scenario in sorted(scenarios, key=lambda s: order.get(s.get("id"), len(order))):
+        for t in scenario.get("targets", []):
+            if t.get("issue") == SUMMARY_ISSUE:
+                value, met = _target_cells(t)
+                rows.append([_escape(str(t.get("name", ""))), _escape(str(t.get("target", ""))),
+                             value, met, fmt_cell(t.get("detail", "")),
+                             f"`{_escape(str(scenario.get('id', '')))}`"])  # fmt: skip
+    if not rows:
+        return []
+    header = ["target", "required", "value", "met", "detail", "scenario"]
+    return [f"## Issue #{SUMMARY_ISSUE}, side by side", "", *md_table(header, rows), ""]
+
+
 def _targets(results: dict[str, Any]) -> list[str]:
     rows = []
     for scenario in results.get("scenarios", []):
         for t in scenario.get("targets", []):
-            met = {True: "met", False: "**not met**"}.get(t.get("met"), _MISSING)
-            value = t.get("value")
-            shown = fmt_sig(value) if value is None or isinstance(value, int | float) else value
+            value, met = _target_cells(t)
             rows.append([_escape(str(scenario.get("title", scenario.get("id", "")))),
                          _escape(str(t.get("name", ""))), _escape(str(t.get("target", ""))),
-                         fmt_cell(shown), met, fmt_cell(t.get("detail", ""))])  # fmt: skip
-    header = ["scenario", "target", "required", "value", "met", "detail"]
+                         value, met, fmt_cell(t.get("detail", "")),
+                         f"#{t['issue']}" if t.get("issue") else ""])  # fmt: skip
+    header = ["scenario", "target", "required", "value", "met", "detail", "issue"]
     return ["## Targets", "", *md_table(header, rows), ""] if rows else []
 
 
@@ -229,7 +265,7 @@ def _scenario(scenario: dict[str, Any], plots: dict[str, str]) -> list[str]:
 
 def render_markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     """The report as markdown; ``plots``: scenario id -> its plot's file name, relative."""
-    lines = _header(results) + _targets(results)
+    lines = _header(results) + _summary(results) + _targets(results)
     if failures := results.get("failures") or []:
         lines += [
             f"## Failures ({len(failures)})",

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -26,6 +27,8 @@ import _model
 from _loadgen import _descendants, grpc_frame
 
 ROOT = Path(__file__).resolve().parents[1]
+#: A log line of protoserve's text format at DEBUG or INFO.
+_QUIET = re.compile(r"^\S+ \S+ (DEBUG|INFO) ")
 
 
 def free_port() -> int:
@@ -59,6 +62,12 @@ class Proc:
         with contextlib.suppress(OSError):
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         return ""
+
+    def warnings_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` of its log but its DEBUG and INFO lines (access lines among
+        them, for a server run at INFO): text lines begin "DATE TIME LEVEL name: "."""
+        kept = [line for line in self.log_tail(10**9).splitlines() if not _QUIET.match(line)]
+        return "\n".join(kept[-lines:])
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM by PID (a server drains, then exits), SIGKILL after ``timeout``; then
@@ -153,6 +162,22 @@ async def wait_ready(p: Proc, deadline: float, models: Sequence[str] = (),
                 if await ready():
                     return time.monotonic() - start
         await asyncio.sleep(0.2)
+
+
+def launch_echo(python: str, tmp: Path, replies: dict[str, bytes]) -> Proc:
+    """bench/_echo.py answering each method path of ``replies`` with its bytes; its port is
+    in ``port`` once :func:`wait_ready` returns (it writes its port file once serving)."""
+    folder = tmp / "echo"
+    folder.mkdir(parents=True, exist_ok=True)
+    args = []
+    for i, (path, reply) in enumerate(replies.items()):
+        (file := folder / f"reply-{i}.bin").write_bytes(reply)
+        args.append(f"{path}={file}")
+    port_file = folder / "port"
+    cmd = [python, str(ROOT / "bench" / "_echo.py"), "--port-file", str(port_file), *args]
+    p = spawn(tmp, "echo", cmd)
+    p.port_file = port_file
+    return p
 
 
 @contextlib.contextmanager
@@ -316,13 +341,20 @@ def write_load_bodies(workdir: Path, model_name: str) -> tuple[Path, Path]:
     return grpc_body, json_body
 
 
-def grpc_reply_frame_size(grpc_port: int, grpc_body: Path, *, calls: int = 3) -> int:
-    """Bytes of DATA one good ModelInfer reply to ``grpc_body`` takes (the same for all)."""
+def grpc_replies(grpc_port: int, path: str, message: bytes, calls: int = 3) -> set[bytes]:
+    """The distinct serialized replies of ``calls`` unary calls of ``message`` to ``path``."""
     import grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        call = channel.unary_unary(GRPC_PATH, request_serializer=None, response_deserializer=None)
-        sizes = {len(call(grpc_body.read_bytes()[5:], timeout=30)) for _ in range(calls)}
+        call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+        return {call(message, timeout=30) for _ in range(calls)}
+
+
+def grpc_reply_frame_size(grpc_port: int, grpc_body: Path, *, calls: int = 3,
+                          path: str = GRPC_PATH) -> int:  # fmt: skip
+    """Bytes of DATA one good reply to ``grpc_body`` (a gRPC frame; by default a
+    ModelInfer) takes (the same for all)."""
+    sizes = {len(r) for r in grpc_replies(grpc_port, path, grpc_body.read_bytes()[5:], calls)}
     assert len(sizes) == 1, f"reply sizes differ: {sorted(sizes)}"
     return 5 + sizes.pop()
 

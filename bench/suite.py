@@ -49,15 +49,20 @@ PERF_ANALYZER_ENV = "PROTOSERVE_PERF_ANALYZER"
 PERF_ANALYZER_LIBS_ENV = "PROTOSERVE_PERF_ANALYZER_LD_LIBRARY_PATH"
 SERVICE = "/protoserve.inference.v1.InferenceService/"
 GROUPS = {
-    "suite": ("gateway", "streams", "limit", "batching", "paths", "peers", "memory"),
+    "suite": ("gateway", "streams", "limit", "batching", "paths", "echo", "peers", "workers",
+              "memory"),
     "runtime": ("embed", "generate", "overload"),
     "decoding": ("decoding",),
     "openai": ("openai",),
-}
+}  # fmt: skip
 SCENARIOS = tuple(name for names in GROUPS.values() for name in names)
 #: The external load generators each scenario runs (ADR 0014).
 TOOLS = {"gateway": ("perf_analyzer", "wrk", "h2load"), "limit": ("perf_analyzer", "h2load"),
-         "batching": ("h2load",), "peers": ("wrk", "h2load"), "embed": ("h2load",)}  # fmt: skip
+         "batching": ("h2load",), "peers": ("wrk", "h2load"), "embed": ("h2load",),
+         "echo": ("h2load",), "workers": ("h2load",)}  # fmt: skip
+#: protoserve as shipped: the default log level, INFO, writes one access line per call
+#: (the suite's other servers run at --log-level WARNING, as they always have).
+ACCESS_LOGS = ("--log-level", "INFO")
 #: How a refusal ends: over gRPC, and through the gateway.
 REFUSED = ("RESOURCE_EXHAUSTED", "429")
 #: Most concurrent batched streams whose text may differ from their alone text: batched
@@ -151,6 +156,9 @@ class Plan:
     seconds: float = 8.0  # one measurement window (one concurrency level of one series)
     levels: tuple[int, ...] = (1, 16, 64)  # concurrency levels of the unary sweeps
     peer_levels: tuple[int, ...] = (1, 16, 64)
+    echo_calls: int = 20000  # h2load -n of each echo-floor run (-c 1 -m 16)
+    workers_connections: int = 8  # h2load -c of the workers scenario
+    workers_streams: int = 8  # h2load -m (calls in flight per connection)
     stream_tokens: int = 64
     stream_counts: tuple[tuple[int, int], ...] = ((1, 16), (16, 64))  # concurrency, streams
     limit_batch: int = 64
@@ -181,7 +189,8 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(seconds=3.0, peer_levels=(16,), stream_tokens=32, stream_counts=((1, 6), (16, 32)),
+QUICK = Plan(seconds=3.0, peer_levels=(1, 16), echo_calls=6000, stream_tokens=32,
+             stream_counts=((1, 6), (16, 32)),
              both_generators=False, rounds=1, embed_seconds=5.0, gen_tokens=32, gen_alone=8,
              overload_requests=32, overload_tokens=100, decode_steps=16, decode_texts=32,
              decode_text_tokens=128, decode_repeats=10, openai_counts=((1, 12), (4, 24)),
@@ -248,11 +257,15 @@ class Suite:
     async def unbatched(self) -> srv.Proc:
         return await self.server("unbatched", "--no-batching")
 
-    async def gateway(self, upstream: srv.Proc) -> srv.Proc:
-        """A gateway in front of ``upstream``, started on first use."""
+    async def logged(self) -> srv.Proc:
+        """The suite's server with its access lines on (the default log level, INFO)."""
+        return await self.server("logged", *ACCESS_LOGS)
+
+    async def gateway(self, upstream: srv.Proc, *more: str) -> srv.Proc:
+        """A gateway in front of ``upstream``, started on first use, with ``more`` flags."""
         name = "gateway" if upstream.name == "server" else f"gateway-{upstream.name}"
         if name not in self.started:
-            flags = ["--upstream", upstream.target]
+            flags = ["--upstream", upstream.target, *more]
             self.procs.append(proc := srv.launch(self.python, self.tmp, name, "gateway", flags))
             await srv.wait_ready(proc, time.monotonic() + 120, paths=["/v1/models"])
             self.started[name] = proc
@@ -268,7 +281,12 @@ class Suite:
             yield
         for p in procs:
             name = {"server": "protoserve server", "gateway": "protoserve gateway",
-                    "unbatched": "unbatched server"}.get(p.name)  # fmt: skip
+                    "unbatched": "unbatched server",
+                    "logged": "protoserve server (access logs on)",
+                    "gateway-logged": "protoserve gateway (access logs on)",
+                    "echo": "echo floor (bare grpc.aio)"}.get(p.name)  # fmt: skip
+            if p.name.startswith("workers-"):  # the process and its workers
+                name = f"protoserve server --workers {p.name.split('-')[1]} (all processes)"
             figures = (idle[p.name], pss[p.name], sampler.peak(p.pid))
             self.memory.append([name or p.name, *(round(n / 2**20, 1) for n in figures), phase])
 
@@ -306,8 +324,12 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> d
     return {"title": title, "header": list(header), "rows": [list(r) for r in rows]}
 
 
-def target(name: str, value: float, goal: str, met: bool, detail: str) -> dict[str, Any]:
-    return {"name": name, "value": value, "target": goal, "met": bool(met), "detail": detail}
+def target(name: str, value: float, goal: str, met: bool | None, detail: str, *,
+           issue: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """A target of the report; ``met`` None: a figure reported, not judged (or not measured).
+    ``issue``: the issue that set it (the report lists issue #18's side by side first)."""
+    return {"name": name, "value": value, "target": goal, "met": None if met is None else
+            bool(met), "detail": detail, **({"issue": issue} if issue else {})}  # fmt: skip
 
 
 def at(points: Sequence[lg.Point], c: int) -> lg.Point:
@@ -343,12 +365,16 @@ def as_json(message: Any) -> dict[str, Any]:
 
 
 def h2load(s: Suite, proc: srv.Proc, method: str, message: bytes, c: int, label: str,
-           seconds: float | None = None) -> lg.Point:  # fmt: skip
-    """h2load on one of our servers; h2load ignores grpc-status, the server's counter does not."""
+           seconds: float | None = None, *, requests: int | None = None,
+           path: str | None = None) -> lg.Point:  # fmt: skip
+    """h2load on one of our servers for ``seconds`` (or ``requests`` calls) of ``method``
+    (its metrics label; at ``path``, by default InferenceService's): h2load ignores
+    grpc-status, the server's counter does not."""
     url = proc.metrics_url or ""
     before = lg.settled_requests(url, method)
-    point = lg.h2load_grpc(f"http://{proc.target}", SERVICE + method, message, c,
-                           seconds or s.plan.seconds, s.tmp, label)  # fmt: skip
+    window = None if requests else seconds or s.plan.seconds
+    point = lg.h2load_grpc(f"http://{proc.target}", path or SERVICE + method, message, c,
+                           window, s.tmp, label, requests=requests)  # fmt: skip
     point.extra["grpc_codes"] = delta = lg.requests_delta(before, lg.settled_requests(url, method))
     if problem := lg.check_grpc_counts(point, delta):
         s.failures.append(f"h2load {label} at concurrency {c}: {problem}")
@@ -414,10 +440,12 @@ async def scenario_gateway(s: Suite) -> dict[str, Any]:
     if 16 in s.plan.levels:
         g, r = at(grpc_pts, 16), at(http_pts, 16)
         value = ratio(r.throughput, g.throughput)
-        targets.append(target(
-            "REST / gRPC throughput at concurrency 16 (perf_analyzer)", value, ">= 0.70",
-            value >= 0.70, f"{fig(r.throughput)} vs {fig(g.throughput)} infer/s; "
-            f"p99 {fig(r.p99_ms)} vs {fig(g.p99_ms)} ms"))  # fmt: skip
+        for goal, issue in ((0.70, 7), (0.80, 18)):
+            targets.append(target(
+                "REST via the gateway / direct gRPC throughput at concurrency 16 "
+                "(perf_analyzer)", value, f">= {goal:.2f}", value >= goal,
+                f"{fig(r.throughput)} vs {fig(g.throughput)} infer/s; p99 {fig(r.p99_ms)} vs "
+                f"{fig(g.p99_ms)} ms", issue=issue))  # fmt: skip
     ratios = [[c, fig(ratio(at(http_pts, c).throughput, at(grpc_pts, c).throughput)), ""]
               for c in s.plan.levels]  # fmt: skip
     if h2_pts:
@@ -437,6 +465,34 @@ async def scenario_gateway(s: Suite) -> dict[str, Any]:
                       ["concurrency", "perf_analyzer (OIP)", "wrk / h2load (v1)"], ratios)],
         targets=targets, plot=True,
     )  # fmt: skip
+
+
+def ttft_against_baseline(s: Suite, now: lg.Point) -> dict[str, Any]:
+    """Issue #18's "TTFT at concurrency 1 within 1.1x of today's": gRPC stream TTFT p50 at
+    concurrency 1 against the same figure of a report before this one (``--baseline``, else
+    the newest in the report's folder of the same mode): the one target across runs."""
+    found: list[tuple[str, float]] = []
+    paths = [s.args.baseline] if s.args.baseline else sorted(s.args.out.glob("*.json"))[::-1]
+    for path in paths:
+        with contextlib.suppress(OSError, ValueError, KeyError, StopIteration, TypeError):
+            old = json.loads(Path(path).read_text())
+            if path != s.args.baseline and (
+                old.get("name") == s.args.name or bool(old.get("quick")) != bool(s.args.quick)
+            ):
+                continue
+            streams = next(x for x in old["scenarios"] if x["id"] == "streams")
+            points = next(x for x in streams["series"] if x["label"] == "gRPC stream")["points"]
+            found.append((Path(path).name, next(p for p in points if p["concurrency"] == 1)
+                          ["p50_ms"]))  # fmt: skip
+            break
+    name = "gRPC stream time to first token (p50) at concurrency 1 / the baseline report's"
+    if not found or not found[0][1]:
+        return target(name, math.nan, "<= 1.1", None, f"{fig(now.p50_ms)} ms; no baseline "
+                      "report of this mode (--baseline FILE)", issue=18)  # fmt: skip
+    file, before = found[0]
+    value = ratio(now.p50_ms, before)
+    return target(name, value, "<= 1.1", value <= 1.1, f"{fig(now.p50_ms)} vs {fig(before)} "
+                  f"ms in {file} (another run: the machine's load differs)", issue=18)  # fmt: skip
 
 
 async def scenario_streams(s: Suite) -> dict[str, Any]:
@@ -466,6 +522,8 @@ async def scenario_streams(s: Suite) -> dict[str, Any]:
             targets.append(target(f"SSE / gRPC time to first token (p50) at concurrency {c}",
                                   ttft, "<= 1.2", ttft <= 1.2,
                                   f"{fig(e.p50_ms)} vs {fig(g.p50_ms)} ms"))  # fmt: skip
+            if c == 1:
+                targets.append(ttft_against_baseline(s, g))
     return section(
         "streams", "Gateway overhead: streaming generation",
         f"GenerateStream on bytelm ({tokens} new tokens, temperature 0.8, distinct seeds and "
@@ -524,7 +582,8 @@ async def scenario_limit(s: Suite) -> dict[str, Any]:
         value = ratio(point.throughput, limits[key])
         detail = f"{fig(point.throughput)} vs {fig(limits[key])} {unit}"
         name = f"{what} {batch}" + (" streams" if key == "decode" else "")
-        targets.append(target(name, value, f">= {goal:.2f}", value >= goal, detail))
+        targets.append(target(name, value, f">= {goal:.2f}", value >= goal, detail,
+                              issue=18 if key == "decode" else None))  # fmt: skip
     return section(
         "limit", "Distance to the limit",
         f"The model's own batched forward pass in a loop, batch {batch}, in a process of "
@@ -620,13 +679,96 @@ async def scenario_paths(s: Suite) -> dict[str, Any]:
     )  # fmt: skip
 
 
-#: Per-request logging off in every server: protoserve runs at --log-level WARNING.
-PEER_SETTINGS = {"mlserver": {"debug": False}, "kserve": {"enable_latency_logging": False}}
+# The echo floor, the peers, the workers (issue #18) -----------------------------------------------
+
+ECHO_STREAMS = 16  # h2load -c 1 -m 16: the issue's measure
+
+
+async def scenario_echo(s: Suite) -> dict[str, Any]:
+    """protoserve (access logs on) against a bare grpc.aio server answering its bytes."""
+    p = s.plan
+    server = await s.logged()
+    infer_body, _ = srv.write_load_bodies(s.tmp / "oip-bodies", MLP)
+    calls = {"GetModel": (SERVICE + "GetModel", pb.GetModelRequest(name=MLP).SerializeToString()),
+             "ModelInfer": (srv.GRPC_PATH, infer_body.read_bytes()[5:])}  # fmt: skip
+    replies = {}
+    for method, (path, message) in calls.items():
+        got = srv.grpc_replies(server.port, path, message)
+        if len(got) != 1:
+            s.failures.append(f"echo: protoserve's {method} replies differ: {sorted(got)}")
+        replies[path] = min(got)
+    echo = srv.launch_echo(s.python, s.tmp, replies)
+    s.procs.append(echo)
+    await srv.wait_ready(echo, time.monotonic() + 60)
+    for method, (path, message) in calls.items():
+        if srv.grpc_replies(echo.port, path, message, calls=1) != {replies[path]}:
+            s.failures.append(f"echo: the echo server's {method} reply is not protoserve's")
+    found: dict[tuple[str, str], list[lg.Point]] = {}
+    with s.peak_rss([server, echo], "echo floor"):
+        for method, (path, message) in calls.items():
+            frame = 5 + len(replies[path])
+            for r in range(p.rounds):  # alternate which goes first
+                for who in ("echo", "protoserve") if r % 2 == 0 else ("protoserve", "echo"):
+                    label = f"{method}, {who}"
+                    if r == 0:  # warm-up, not counted: the connection, the first calls
+                        lg.h2load_grpc(f"http://{(echo if who == 'echo' else server).target}",
+                                       path, message, ECHO_STREAMS, None, s.tmp, "warm-up",
+                                       requests=min(1000, p.echo_calls))  # fmt: skip
+                    if who == "echo":
+                        point = s.check(lg.h2load_grpc(
+                            f"http://{echo.target}", path, message, ECHO_STREAMS, None, s.tmp,
+                            label, requests=p.echo_calls), "echo")  # fmt: skip
+                    else:  # the server's count of calls by code, too
+                        point = h2load(s, server, method, message, ECHO_STREAMS, label,
+                                       requests=p.echo_calls, path=path)  # fmt: skip
+                    if problem := srv.check_reply_bytes(point.extra, frame):
+                        s.failures.append(f"echo: h2load {label}: {problem}")
+                    found.setdefault((method, who), []).append(point)
+    echo.stop()
+    # Access lines protoserve wrote (its log's queue drops lines it cannot write in time).
+    logged = sum(" GetModel OK " in line for line in server.log_tail(10**9).splitlines())
+    rate = {key: ratio(sum(x.ok for x in pts), sum(x.seconds for x in pts))
+            for key, pts in found.items()}  # fmt: skip
+    rows = [[method, f"{len(replies[path])} B", *versus("", rate[method, "protoserve"],
+                                                         rate[method, "echo"])[1:]]
+            for method, (path, _) in calls.items()]  # fmt: skip
+    value = ratio(rate["GetModel", "protoserve"], rate["GetModel", "echo"])
+    return section(
+        "echo", "The echo floor: protoserve against a bare grpc.aio server",
+        "A bare grpc.aio server (`bench/_echo.py`, a process of its own, the servers' "
+        "Python: a generic handler, no interceptor, no parsing, no metrics, no logs) answers "
+        "each method with the bytes protoserve answered to the same request, pre-serialized: "
+        f"`GetModel` of `{MLP}`, and ModelInfer of the peers' one-row request. protoserve "
+        "runs as shipped, access lines on (the default log level, INFO). h2load "
+        f"`-n {p.echo_calls} -c 1 -m {ECHO_STREAMS}` (one connection, {ECHO_STREAMS} calls in "
+        f"flight) on each, one after the other, {p.rounds} round(s) alternating which goes "
+        "first, after an uncounted warm-up; calls/s over all rounds. Every call is checked by "
+        "its reply's bytes (an error reply has none), and on protoserve by its "
+        "`protoserve_requests_total`.",
+        {"calls": p.echo_calls, "streams": ECHO_STREAMS, "rounds": p.rounds,
+         "protoserve": "--log-level INFO (access lines on)"},
+        series=[series(f"{method}, {who}", pts) for (method, who), pts in found.items()],
+        tables=[table("protoserve / echo floor (calls/s over all rounds)",
+                      ["method", "reply", "protoserve", "echo", "protoserve / echo"], rows)],
+        targets=[target(f"GetModel calls/s: protoserve (access logs on) / the bare echo server, "
+                        f"h2load -c 1 -m {ECHO_STREAMS}", value, ">= 0.60", value >= 0.6,
+                        f"{fig(rate['GetModel', 'protoserve'])} vs "
+                        f"{fig(rate['GetModel', 'echo'])} calls/s", issue=18)],
+        notes=[f"protoserve's log holds {logged} GetModel access lines (by then)."],
+    )  # fmt: skip
+
+
+#: Every server with its per-request log lines on, each's default: protoserve at INFO (an
+#: access line per call), MLServer's debug, KServe's latency logging (issue #18: "with
+#: access logs on").
+PEER_SETTINGS: dict[str, dict[str, Any]] = {"mlserver": {}, "kserve": {}}
+#: Issue #18's targets on the peers' model: protoserve / KServe over gRPC, by concurrency.
+KSERVE_TARGETS = {16: 1.2, 1: 1.0}
 
 
 async def scenario_peers(s: Suite) -> dict[str, Any]:
-    server = await s.server()
-    gateway = await s.gateway(server)
+    server = await s.logged()
+    gateway = await s.gateway(server, *ACCESS_LOGS)
     levels = s.plan.peer_levels
     grpc_body, rest_body = srv.write_load_bodies(s.tmp / "oip-bodies", MLP)
     found: dict[str, dict[str, list[lg.Point]]] = {}
@@ -680,6 +822,16 @@ async def scenario_peers(s: Suite) -> dict[str, Any]:
             value >= 1.5 and ours.p99_ms < best.p99_ms,
             f"{fig(ours.throughput)} vs {fig(best.throughput)} req/s; p99 "
             f"{fig(ours.p99_ms)} vs {fig(best.p99_ms)} ms"))  # fmt: skip
+    for c, goal in KSERVE_TARGETS.items():
+        if c not in levels or "kserve" not in found:
+            continue
+        ours, theirs = at(found["protoserve"]["gRPC"], c), at(found["kserve"]["gRPC"], c)
+        value = ratio(ours.throughput, theirs.throughput)
+        targets.append(target(
+            f"gRPC unary (OIP ModelInfer, {MLP}): protoserve / KServe throughput at concurrency "
+            f"{c}, access logs on", value, f">= {goal:.1f}", value >= goal,
+            f"{fig(ours.throughput)} vs {fig(theirs.throughput)} req/s; p99 {fig(ours.p99_ms)} "
+            f"vs {fig(theirs.p99_ms)} ms", issue=18))  # fmt: skip
     return section(
         "peers", "Peers: the same TorchScript model on protoserve, MLServer and KServe",
         f"`{MLP}` (a TorchScript MLP, one row of {_model.FEATURES} float32 per request) "
@@ -690,14 +842,84 @@ async def scenario_peers(s: Suite) -> dict[str, Any]:
         "Inference Protocol: h2load over gRPC (one HTTP/2 connection; a call counts only "
         "with a good reply's bytes), wrk over REST JSON (one keep-alive connection per "
         "concurrent request). protoserve's REST is its gateway, a second process. One "
-        "peer runs at a time. perf_analyzer cannot drive either peer: it asks for the "
-        "model configuration (Triton's ModelConfig) first, which neither serves.",
+        "peer runs at a time. Every server writes its per-request log lines, each's "
+        "default: protoserve's server and gateway an access line per call (INFO), MLServer "
+        "its debug lines, KServe its latency lines. perf_analyzer cannot drive either peer: "
+        "it asks for the model configuration (Triton's ModelConfig) first, which neither "
+        "serves.",
         {"window_s": s.plan.seconds, "concurrency": list(levels),
-         "protoserve": "batching on (max 32 rows, 2 ms), one server process + gateway",
+         "protoserve": "batching on (max 32 rows, 2 ms), one server process + gateway, "
+                       "--log-level INFO (access lines on)",
          **settings},
         series=[series(f"{n} {proto}", pts) for n, by in found.items()
                 for proto, pts in by.items()],
         targets=targets, plot=len(levels) > 1,
+    )  # fmt: skip
+
+
+WORKERS = (1, 2)
+
+
+def serve_help(s: Suite) -> str:
+    got = subprocess.run([s.python, "-m", "protoserve.clients.cli", "serve", "--help"],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    return got.stdout + got.stderr
+
+
+async def scenario_workers(s: Suite) -> dict[str, Any]:
+    """``protoserve serve --workers 1`` against ``--workers 2``: the peers' ModelInfer."""
+    p = s.plan
+    conns, per = p.workers_connections, p.workers_streams
+    c = conns * per
+    description = (
+        "`protoserve serve --workers N` (N server processes on one port, SO_REUSEPORT; access "
+        f"lines on) with N = {' and '.join(map(str, WORKERS))}, the peers' request: OIP "
+        f"ModelInfer of one row on `{MLP}`, h2load on {conns} connections with {per} calls in "
+        f"flight on each ({c} in all; the kernel spreads connections over the processes, not "
+        f"calls), {fig(p.seconds)} s per window, {p.rounds} round(s) alternating which goes "
+        "first. Every call is checked by its reply's bytes. The load generator shares the "
+        f"machine's {os.cpu_count()} cores with the servers. Reported, not targeted.")  # fmt: skip
+    if "--workers" not in serve_help(s):
+        why = "`protoserve serve --help` has no `--workers` yet: not measured"
+        print(f"suite: workers: skipped: {why}", file=sys.stderr, flush=True)
+        return section("workers", "Server processes: --workers 1 against 2", description,
+                       notes=[f"SKIPPED: {why}."])  # fmt: skip
+    grpc_body, _ = srv.write_load_bodies(s.tmp / "oip-bodies", MLP)
+    message = grpc_body.read_bytes()[5:]
+    procs = {n: await s.server(f"workers-{n}", "--workers", str(n), *ACCESS_LOGS)
+             for n in WORKERS}  # fmt: skip
+    found: dict[int, list[lg.Point]] = {n: [] for n in WORKERS}
+    with s.peak_rss(list(procs.values()), "workers"):
+        frames = {n: srv.grpc_reply_frame_size(proc.port, grpc_body) for n, proc in procs.items()}
+        for r in range(p.rounds):
+            for n in WORKERS if r % 2 == 0 else WORKERS[::-1]:
+                url, label = f"http://{procs[n].target}", f"--workers {n}"
+                if r == 0:  # warm-up, not counted: every connection's first calls
+                    lg.h2load_grpc(url, srv.GRPC_PATH, message, c, None, s.tmp, "warm-up",
+                                   requests=10 * c, connections=conns)  # fmt: skip
+                point = lg.h2load_grpc(url, srv.GRPC_PATH, message, c, p.seconds, s.tmp, label,
+                                       connections=conns)  # fmt: skip
+                if problem := srv.check_reply_bytes(point.extra, frames[n]):
+                    s.failures.append(f"workers: h2load {label}: {problem}")
+                found[n].append(s.check(point, "workers"))
+    for proc in procs.values():
+        proc.stop()
+    rate = {n: ratio(sum(x.ok for x in pts), sum(x.seconds for x in pts))
+            for n, pts in found.items()}  # fmt: skip
+    value = ratio(rate[2], rate[1])
+    return section(
+        "workers", "Server processes: --workers 1 against 2", description,
+        {"connections": conns, "streams_per_connection": per, "window_s": p.seconds,
+         "rounds": p.rounds},
+        series=[series(f"--workers {n}", pts) for n, pts in found.items()],
+        tables=[table("Throughput (req/s over all rounds)", ["workers", "req/s", "p50 ms",
+                                                             "p99 ms", "/ --workers 1"],
+                      [[n, fig(rate[n]), fig(lg.percentile([x.p50_ms for x in found[n]], 50)),
+                        fig(max(x.p99_ms for x in found[n])), fig(ratio(rate[n], rate[1]))]
+                       for n in WORKERS])],
+        targets=[target(f"ModelInfer throughput, --workers 2 / --workers 1 ({conns} "
+                        f"connections x {per} calls; reported, no target)", value, "reported",
+                        None, f"{fig(rate[2])} vs {fig(rate[1])} req/s", issue=18)],
     )  # fmt: skip
 
 
@@ -1118,8 +1340,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             results["scenarios"].append(scenario)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     # What protoserve's processes logged at WARNING or above, shutdown included.
-    ours = [p for p in s.procs if p.port_file is not None]
-    results["logs"] = {p.name: tail for p in ours if (tail := p.log_tail(30).strip())}
+    ours = [p for p in s.procs if "protoserve.clients.cli" in p.cmd]
+    results["logs"] = {p.name: tail for p in ours if (tail := p.warnings_tail(30).strip())}
     return results
 
 
@@ -1135,6 +1357,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--name", help="file name of the report (default: the date, group and mode)")
     add("--server-python", help="the Python that runs protoserve (default: this one)")
     add("--server-threads", type=int, help="OMP_NUM_THREADS of the servers (default: unset)")
+    add("--baseline", type=Path, help="a report's JSON whose gRPC stream TTFT at concurrency 1 "
+        "the run's is compared to (default: the newest of the same mode in --out)")  # fmt: skip
     args = parser.parse_args(argv)
     args.command = " ".join(["nox -s bench", *(["--", *argv] if argv else [])])
     chosen = args.scenarios.split(",") if args.scenarios else GROUPS[args.group]
