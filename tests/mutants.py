@@ -310,6 +310,23 @@ MUTANTS = (
         ("tests/server/test_logprobs.py",),
         "logprobs=1000 is accepted and every token carries a thousand alternatives",
     ),
+    # A stream's reader that falls behind (server/runtime/scheduler.py, generation.py).
+    Mutant(
+        "joined-chunk-loses-text",
+        "server/runtime/generation.py",
+        '"".join(c.text for c in chunks),',
+        "last.text,",
+        ("tests/server/test_coalescing.py",),
+        "a client that fell behind gets only the last token's text of what it missed",
+    ),
+    Mutant(
+        "joined-read-counted-once",
+        "server/runtime/scheduler.py",
+        "self._scheduler._consumed(self, len(items))",
+        "self._scheduler._consumed(self, 1)",
+        ("tests/server/test_coalescing.py",),
+        "a stream that fell behind once stays paused for ever: its tokens read are not counted",
+    ),
 )
 
 

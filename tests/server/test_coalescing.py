@@ -176,9 +176,16 @@ def test_a_reader_that_never_reads_pauses_its_generation_at_buffer_tokens() -> N
             # Its next read is every token it was behind on, in one chunk.
             caught_up = await anext(stream)
             assert len(caught_up.token_ids) == buffer
+            # Those `buffer` tokens count as read: the job makes `buffer` more, not fewer,
+            # before it pauses again, and they too come in one read.
+            steps = paused_at + other_tokens - 1
+            await wait_until_async(
+                lambda: sum(decoder().steps) >= steps + buffer, "the buffer full again"
+            )
+            assert len((await anext(stream)).token_ids) == buffer
             rest = [c async for c in stream]
             ids = [i for c in rest for i in c.token_ids]
-            got = first + buffer + len(ids)
+            got = first + 2 * buffer + len(ids)
             assert got == len(alone.token_ids) == 40
             assert rest[-1].finish_reason is FinishReason.LENGTH
 
