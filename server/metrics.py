@@ -46,7 +46,8 @@ class Metrics(Meter):
         counter = functools.partial(Counter, registry=self.registry)
         gauge = functools.partial(Gauge, registry=self.registry)
         histogram = functools.partial(Histogram, registry=self.registry)
-        # Calls, counted by the calls' frame.
+        # Calls, counted by the calls' frame (called()).
+        self._calls: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.requests = counter(
             "protoserve_requests",
             "gRPC calls finished, by method and status code.",
@@ -111,6 +112,20 @@ class Metrics(Meter):
             "Requests refused with RESOURCE_EXHAUSTED because the model was at capacity.",
             _MODEL,
         )
+
+    def called(self, method: str, code: str, seconds: float) -> None:
+        """A call of ``method`` ended with ``code`` after ``seconds`` (the calls' frame).
+
+        Its series are looked up once per method and code (both bounded), not per call.
+        """
+        series = self._calls.get((method, code))
+        if series is None:
+            series = self._calls[method, code] = (
+                self.requests.labels(method, code),
+                self.request_seconds.labels(method),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def add_model(
         self,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-from protoserve.server.calls import method_label, refusal
+from protoserve.server.calls import abandon, begin, framed, method_label, refusal
 from protoserve.server.config import ServerConfig
 from protoserve.server.metrics import Metrics
 from protoserve.server.runtime.errors import InvalidArgument, ProtoserveError
@@ -157,8 +157,22 @@ class WholeRequest(_ServerInterceptor):
         if not inspect.iscoroutinefunction(inner):
             return handler
 
-        async def unary(requests: object, context: Context) -> object:
-            return await inner(await self._request(context, handler, name), context)
+        if framed(inner):
+
+            async def unary(requests: object, context: Context) -> object:
+                # The frame begins first: its headers go out while the request is read.
+                begin(context)
+                try:
+                    request = await self._request(context, handler, name)
+                except BaseException:
+                    abandon()
+                    raise
+                return await inner(request, context)
+
+        else:
+
+            async def unary(requests: object, context: Context) -> object:
+                return await inner(await self._request(context, handler, name), context)
 
         return grpc.stream_unary_rpc_method_handler(
             unary,
@@ -169,9 +183,16 @@ class WholeRequest(_ServerInterceptor):
     def _streaming(self, handler: Handler, name: str) -> Handler:
         inner = cast(Callable[..., Any], handler.unary_stream)
         if inspect.isasyncgenfunction(inner):
+            began = framed(inner)
 
             async def responses(requests: object, context: Context) -> AsyncIterator[object]:
-                request = await self._request(context, handler, name)
+                if began:
+                    begin(context)  # as for a unary method
+                try:
+                    request = await self._request(context, handler, name)
+                except BaseException:
+                    abandon()
+                    raise
                 # Closed at once when the call ends early, as the method's own would be.
                 async with contextlib.aclosing(inner(request, context)) as items:
                     async for item in items:
