@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from protoserve.common.workers import die_with_parent, prepare_die_with_parent, worker_count
+
 __all__ = ["main"]
 
 
@@ -60,9 +62,32 @@ def _parser() -> argparse.ArgumentParser:
         help="serve every model folder of DIR, as for `protoserve serve` (then no "
         "built-in model unless --model bytelm)",
     )
+    _worker_arguments(parser)
     _tls_arguments(parser)
     parser.add_argument("serve_args", nargs="*", help=argparse.SUPPRESS)
     return parser
+
+
+def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Processes of each on its one port (common/workers.py). Two flags, not one: a
+    server worker holds a copy of every model, a gateway worker next to nothing, so
+    the right numbers differ. Unset, each reads its own variable, as without ``up``."""
+    parser.add_argument(
+        "--workers",
+        type=worker_count,
+        metavar="N",
+        default=None,
+        help="gRPC server processes on the gRPC port, each with its own copy of the models "
+        "(`serve --workers`; default: PROTOSERVE_WORKERS, else 1)",
+    )
+    parser.add_argument(
+        "--gateway-workers",
+        type=worker_count,
+        metavar="N",
+        default=None,
+        help="gateway processes on the HTTP port (`gateway --workers`; default: "
+        "PROTOSERVE_GATEWAY_WORKERS, else 1)",
+    )
 
 
 def _tls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,6 +189,7 @@ def _serve(args: argparse.Namespace, port_file: Path) -> list[str]:
         *(f"--model={m}" for m in args.model),
         *([f"--model-repository={args.model_repository}"] if args.model_repository else []),
         *_serve_tls(args),
+        *([f"--workers={args.workers}"] if args.workers else []),
         *args.serve_args,
     )
 
@@ -174,7 +200,16 @@ def _gateway(args: argparse.Namespace, grpc_port: int, port_file: Path) -> list[
         *("--upstream", f"{_dial_host(args.host)}:{grpc_port}", "--host", args.host),
         *_gateway_tls(args),
         *("--port", str(args.http_port), "--port-file", str(port_file)),
+        *([f"--workers={args.gateway_workers}"] if args.gateway_workers else []),
     )
+
+
+def _start(command: list[str]) -> subprocess.Popen[bytes]:
+    """A child in a process group of its own, so that a terminal's Ctrl-C reaches `up`
+    alone, which passes it on once (reaching the child too, it would be its second: no
+    drain); and it gets SIGTERM if `up` dies (on Linux)."""
+    prepare_die_with_parent()
+    return subprocess.Popen(command, process_group=0, preexec_fn=die_with_parent)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_tls(parser, args)
     with tempfile.TemporaryDirectory(prefix="protoserve-up-") as scratch:
         grpc_file, http_file = Path(scratch) / "grpc", Path(scratch) / "http"
-        server = subprocess.Popen(_serve(args, grpc_file))
+        server = _start(_serve(args, grpc_file))
         children = [server]
         stopping = False
 
@@ -202,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             forward(signal.SIGTERM, None)
             server.wait()
             return 1
-        gateway = subprocess.Popen(_gateway(args, grpc_port, http_file))
+        gateway = _start(_gateway(args, grpc_port, http_file))
         children.append(gateway)
         http_port = _wait_for_port(gateway, http_file, "gateway", 60)
         if http_port is not None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 import uvicorn
 
+from protoserve.common import workers
 from protoserve.common.hosts import is_loopback
 from protoserve.common.logs import FORMATS
 from protoserve.common.logs import configure as configure_logging
@@ -174,6 +175,14 @@ def _http_flags(parser: argparse.ArgumentParser) -> None:
         help="write the bound port to this file once listening (with --port 0)",
     )
     parser.add_argument(
+        "--workers",
+        type=workers.worker_count,
+        metavar="N",
+        default=_flag("--workers", "1"),
+        help="gateway processes on the one port (SO_REUSEPORT); each counts its own "
+        "/metrics (default %(default)s)",
+    )
+    parser.add_argument(
         "--http2",
         action="store_true",
         default=_switch("--http2"),
@@ -263,6 +272,7 @@ def _behaviour_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the gateway until SIGTERM/SIGINT; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.certfile is None) != (args.keyfile is None):
@@ -272,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"PROTOSERVE_GATEWAY_LOG_FORMAT={args.log_format!r} is not one of {', '.join(FORMATS)}"
         )
     configure_logging(args.log_level, args.log_format)
+    if args.workers > 1:  # each worker builds its own app, reflection included
+        return _supervise(args, argv)
     from protoserve.gateway._assembly import build_gateway, parse_codec_option
     from protoserve.gateway._descriptors import (
         DescriptorSourceError,
@@ -324,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # The socket is bound here, not by the server, so that --port 0 can report its port.
     try:
-        sock = listening_socket(args.host, args.port)
+        sock = listening_socket(args.host, args.port, reuse_port=workers.worker_index() is not None)
     except OSError as exc:
         _fail(args.log_format, f"cannot listen on {args.host}:{args.port}: {exc.strerror}")
         return 1
@@ -346,24 +358,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve_uvicorn(app, sock, args, port_file)
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A TCP socket bound to ``host:port`` and listening. Raises OSError.
 
     Made with proto IPPROTO_TCP, not the default 0: asyncio turns Nagle off
     (TCP_NODELAY) only on connections accepted from a socket whose proto says TCP.
     With Nagle on, a response's body waits for the ACK of its headers, which the
     client delays by about 40 ms, on every keep-alive request after the first.
+    ``reuse_port``: a worker of ``--workers``, sharing the port (common/workers.py).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host.strip("[]"), port))
         sock.listen(2048)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``--workers N``: N gateways on one port (common/workers.py). The gateway keeps no
+    state between requests, so any worker answers any request; each has its own metrics."""
+    plan = workers.Plan(
+        command="gateway",
+        argv=argv,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        port_file=args.port_file,
+    )
+    try:
+        return workers.supervise(plan)
+    except OSError as exc:
+        _fail(args.log_format, str(exc))
+        return 1
 
 
 def _fail(log_format: str, message: str) -> None:

@@ -108,7 +108,9 @@ class InferenceServer:
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
-                ("grpc.so_reuseport", 0),
+                # Only a worker of --workers shares its port (common/workers.py): a lone
+                # server started on a taken port fails rather than splitting its calls.
+                ("grpc.so_reuseport", 0 if config.worker_index is None else 1),
                 # Streams per connection, keepalive (server/transport.py, docs/adr/0017).
                 *transport_options(config),
             ],

@@ -9,10 +9,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from protoserve.common import workers
 from protoserve.common.logs import configure as configure_logging
 from protoserve.server.app import InferenceServer
 from protoserve.server.auth import Auth, TokenFileError
-from protoserve.server.config import add_arguments, from_arguments
+from protoserve.server.config import ServerConfig, add_arguments, from_arguments
 from protoserve.server.runtime.loader import ModelSpecError, load_model_spec
 from protoserve.server.tls import TLSFileError, server_credentials
 
@@ -32,9 +33,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     config = from_arguments(args)
+    if config.workers < 1:
+        parser.error(f"--workers must be 1 or more, not {config.workers}")
     configure_logging(config.log_level, config.log_format)
     try:
         # A bad TLS or token file: one line before any model loads.
@@ -43,15 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TLSFileError, TokenFileError) as exc:
         _fail(config.log_format, exc)
         return 2
-    try:
-        models = [load_model_spec(spec) for spec in config.models]
-    except ModelSpecError as exc:
-        _fail(config.log_format, exc)
-        return 2
     repository = config.model_repository
     if repository is not None and not Path(repository).is_dir():
         # The whole repository missing is a mistake in the command, not a broken model.
         _fail(config.log_format, ValueError(f"model repository {repository!r} is not a folder"))
+        return 2
+    if config.workers > 1:  # the workers load the models, each its own copy
+        return _supervise(config, argv)
+    try:
+        models = [load_model_spec(spec) for spec in config.models]
+    except ModelSpecError as exc:
+        _fail(config.log_format, exc)
         return 2
 
     async def serve() -> None:
@@ -64,6 +70,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(config.log_format, exc)
         return 1
     return 0
+
+
+def _supervise(config: ServerConfig, argv: Sequence[str]) -> int:
+    """``--workers N``: N servers on one port, each with its own models (common/workers.py).
+
+    Worker ``i`` serves metrics on ``--metrics-port`` + ``i`` (each on a free port of its
+    own with 0): one registry per process, so Prometheus scrapes each worker.
+    """
+
+    def metrics_port(index: int) -> list[str]:
+        if config.metrics_port is None:
+            return []
+        return [f"--metrics-port={config.metrics_port + index if config.metrics_port else 0}"]
+
+    plan = workers.Plan(
+        command="serve",
+        argv=argv,
+        host=config.host,
+        port=config.port,
+        workers=config.workers,
+        port_file=config.port_file,
+        worker_args=metrics_port,
+        siblings=True,
+    )
+    try:
+        return workers.supervise(plan)
+    except OSError as exc:
+        _fail(config.log_format, exc)
+        return 1
 
 
 def _fail(log_format: str, error: Exception) -> None:

@@ -23,6 +23,13 @@ class ServerConfig:
     host: str = "127.0.0.1"
     #: Port to listen on; 0 picks a free one (see ``port_file``).
     port: int = 50051
+    #: Server processes sharing ``port`` (SO_REUSEPORT), each with its own copy of the
+    #: models; more than 1 runs a supervisor that starts them (common/workers.py).
+    workers: int = 1
+    #: Set by that supervisor (``PROTOSERVE_WORKER_INDEX``): this process is its worker
+    #: number ``worker_index`` and binds ``port`` with SO_REUSEPORT. None: a lone server,
+    #: which a second one on its port makes fail.
+    worker_index: int | None = None
     #: TLS: the server's certificate chain (PEM); with ``keyfile``, gRPC is served
     #: over TLS only. None: plaintext.
     certfile: str | None = None
@@ -126,6 +133,9 @@ class ServerConfig:
 _HELP = {
     "host": "address to listen on (default %(default)s)",
     "port": "port to listen on; 0 picks a free port (default %(default)s)",
+    "workers": "server processes on the one port (SO_REUSEPORT), each with its own copy of "
+    "the models; worker I serves metrics on --metrics-port + I (default %(default)s)",
+    "worker_index": argparse.SUPPRESS,  # set by the supervisor of --workers
     "certfile": "serve gRPC over TLS with this certificate chain (PEM; needs --keyfile) "
     "(default: plaintext)",
     "keyfile": "the private key of --certfile (unencrypted PEM)",
@@ -195,6 +205,7 @@ _OPTIONAL: dict[str, type] = {
     "auth_token_file": str,
     "admin_token_file": str,
     "metrics_port": int,
+    "worker_index": int,
     "max_batch_size": int,
     "max_batch_delay_ms": float,
     "torch_threads": int,
@@ -207,6 +218,7 @@ _METAVARS = {
     "client_ca": "PEM",
     "auth_token_file": "FILE",
     "admin_token_file": "FILE",
+    "workers": "N",
     # gRPC transport limits
     "request_read_timeout": "SECONDS",
     "max_streams_per_connection": "STREAMS",
@@ -233,7 +245,9 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
         flag = "--model" if f.name == "models" else "--" + f.name.replace("_", "-")
         raw = env.get(env_name(f.name))
         default = getattr(defaults, f.name)
-        help_text = _HELP[f.name] + f" [env {env_name(f.name)}]"
+        help_text = _HELP[f.name]
+        if help_text != argparse.SUPPRESS:
+            help_text += f" [env {env_name(f.name)}]"
         if f.name == "models":
             parser.add_argument(
                 flag,
