@@ -38,6 +38,7 @@ from protoserve.server.reflection import enable_reflection
 from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.model import Model
 from protoserve.server.servicer import InferenceServicer, add_to_server
+from protoserve.server.siblings import Siblings
 from protoserve.server.tls import server_credentials
 from protoserve.server.transport import WholeRequest, transport_options
 
@@ -119,11 +120,16 @@ class InferenceServer:
                 # whole or answers: grpcio's own reading leaves such calls open (ADR 17).
                 WholeRequest(config.request_read_timeout, self.metrics),
                 # One check for every call of every service (docs/adr/0016).
-                *([AuthInterceptor(self.auth, self.metrics)] if self.auth.enabled else []),
+                *([AuthInterceptor(self.auth, self.metrics)] if self.auth.intercepts else []),
             ],
         )
         add_to_server(InferenceServicer(self.runtime, metrics=self.metrics), self.server)
-        add_oip_to_server(OpenInferenceServicer(self.runtime, metrics=self.metrics), self.server)
+        #: The other workers of --workers, which load and unload what this one does.
+        self.siblings = Siblings.from_config(config)
+        add_oip_to_server(
+            OpenInferenceServicer(self.runtime, metrics=self.metrics, siblings=self.siblings),
+            self.server,
+        )
         add_openai_to_server(OpenAIServicer(self.runtime, metrics=self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:  # --no-reflection: the schema is not served
@@ -150,6 +156,11 @@ class InferenceServer:
             raise OSError(f"cannot listen on {address} (in use, or not an address here)") from exc
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+        if config.worker_socket:  # for the sibling workers of --workers (server/siblings.py)
+            try:
+                self.server.add_insecure_port("unix:" + config.worker_socket)
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on the worker socket {config.worker_socket}") from exc
         self._health_updates: set[asyncio.Task[None]] = set()
 
     def _update_health(self) -> None:
@@ -197,9 +208,22 @@ class InferenceServer:
             )
             self.metrics_port = self._metrics_endpoint.port
             log.info("serving metrics on http://%s:%d/metrics", host, self.metrics_port)
-        await self.runtime.start()
+        # A worker of --workers that starts while its siblings serve matches them.
+        siblings = self._siblings_to_match()
+        await self.runtime.start(
+            leave_out=await siblings.left_out() if siblings else frozenset(),
+            then=(lambda: siblings.catch_up(self.runtime)) if siblings else None,
+        )
         if self.config.port_file:
             Path(self.config.port_file).write_text(f"{self.port}\n")  # noqa: ASYNC240 - once, tiny
+
+    def _siblings_to_match(self) -> Siblings | None:
+        """The siblings whose repository models this worker must serve too; None without
+        siblings, or with model control off (then nothing changes once they started)."""
+        config = self.config
+        if config.model_repository and config.model_control_on:
+            return self.siblings
+        return None
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop, as the module docstring describes."""

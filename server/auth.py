@@ -17,6 +17,12 @@ What a call needs (:meth:`Auth.needs`):
 - everything else an inference token (or an admin one) when inference tokens
   are configured.
 
+A call carrying the ``x-protoserve-sibling`` metadata is a sibling worker's of
+``protoserve serve --workers`` (:mod:`protoserve.server.siblings`) and is judged by
+that alone: the secret of this server's supervisor lets it make ServerReady,
+RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload, with no token, on
+the worker's unix socket only; any other secret is UNAUTHENTICATED, logged (the secret never is).
+
 A token is sent as ``authorization: Bearer TOKEN`` metadata (the ``Authorization``
 header through the gateway). A call without an accepted token gets
 UNAUTHENTICATED, an inference token asking for model control PERMISSION_DENIED;
@@ -35,7 +41,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc_health.v1 import health
@@ -51,8 +57,17 @@ from protoserve.server.runtime.errors import (
     Unauthenticated,
     bounded,
 )
+from protoserve.server.siblings import SIBLING_HEADER, over_unix_socket, secret_matches, sent_secret
 
-__all__ = ["Access", "Auth", "AuthInterceptor", "TokenFileError", "read_tokens", "warn_if_exposed"]
+__all__ = [
+    "Access",
+    "Auth",
+    "AuthInterceptor",
+    "SiblingSecretError",
+    "TokenFileError",
+    "read_tokens",
+    "warn_if_exposed",
+]
 
 log = logging.getLogger("protoserve.server")
 
@@ -70,14 +85,27 @@ HEALTH_METHODS = frozenset(
 REFLECTION_SERVICES = frozenset(
     {"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 )
+#: What the sibling workers of --workers may call each other for, with their secret.
+SIBLING_METHODS = MODEL_CONTROL_METHODS | {
+    f"/{OIP_SERVICE}/{name}" for name in ("RepositoryIndex", "ServerReady")
+}
 #: What a token may hold: printable ASCII without spaces, as gRPC metadata carries it.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
+#: A sibling secret: 128 bits at least, in hex.
+_SECRET = re.compile(r"[0-9a-fA-F]{32,}")
 
 
 class TokenFileError(ValueError):
     """A token file that cannot be used: unreadable, empty, or holding a bad token.
 
     The message names the file and the line, never a token.
+    """
+
+
+class SiblingSecretError(TokenFileError):
+    """``PROTOSERVE_SIBLING_SECRET`` cannot be used, or is missing where it is needed.
+
+    The message never holds the secret.
     """
 
 
@@ -152,6 +180,9 @@ class Auth:
     admin_tokens: tuple[bytes, ...] = field(default=(), repr=False)
     public_health: bool = True
     public_reflection: bool = False
+    #: The secret the workers of one supervisor send each other (hex); None: no
+    #: call is a sibling's.
+    sibling_secret: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> Auth:
@@ -160,6 +191,8 @@ class Auth:
         Raises:
             TokenFileError: a file cannot be used (:func:`read_tokens`), or a token is
                 in both files (an admin token must be distinct from the inference ones).
+            SiblingSecretError: the sibling secret is not 32 hex digits or more, or
+                sibling sockets are given without one.
         """
         inference = (
             read_tokens(config.auth_token_file, "--auth-token-file")
@@ -176,12 +209,24 @@ class Auth:
                 f"--admin-token-file {config.admin_token_file} holds a token of "
                 f"--auth-token-file {config.auth_token_file}: admin tokens must be distinct"
             )
-        return cls(inference, admin, config.public_health, config.public_reflection)
+        return cls(
+            inference,
+            admin,
+            config.public_health,
+            config.public_reflection,
+            _sibling_secret(config),
+        )
 
     @property
     def enabled(self) -> bool:
         """Whether any call needs a token."""
         return bool(self.inference_tokens or self.admin_tokens)
+
+    @property
+    def intercepts(self) -> bool:
+        """Whether calls need checking at all: some need a token, or sibling workers
+        vouch for theirs with a secret (whose wrong ones are refused)."""
+        return self.enabled or self.sibling_secret is not None
 
     def needs(self, method: str) -> Access:
         """What a call of ``method`` (``/package.Service/Method``) needs."""
@@ -208,7 +253,14 @@ class Auth:
     def check(
         self, method: str, metadata: Sequence[tuple[str, Any]] | None
     ) -> ProtoserveError | None:
-        """None when a call of ``method`` with ``metadata`` may go on, else what it gets."""
+        """None when a call of ``method`` with ``metadata`` may go on, else what it gets.
+
+        A sibling worker's call (:data:`SIBLING_HEADER`) is judged by its secret alone
+        (:meth:`check_sibling`); the interceptor then lets it in on a unix socket only.
+        """
+        secret = sent_secret(metadata)
+        if secret is not None:
+            return self.check_sibling(method, secret)
         needed = self.needs(method)
         if needed is Access.ANYONE:
             return None
@@ -233,6 +285,43 @@ class Auth:
         return Unauthenticated(
             f"{name} needs {kind}; this one is not accepted", reason="TOKEN_INVALID"
         )
+
+    def check_sibling(self, method: str, given: str) -> ProtoserveError | None:
+        """None when ``given`` is this server's sibling secret and ``method`` one a
+        sibling makes (:data:`SIBLING_METHODS`), else what the call gets. A wrong
+        secret is logged, without it: someone on this machine is trying."""
+        name = bounded(method_label(method))
+        if not secret_matches(given, self.sibling_secret):
+            log.warning(
+                "refused %s: its %s metadata is not this server's sibling secret",
+                name,
+                SIBLING_HEADER,
+            )
+            return Unauthenticated(
+                f"{name}: the {SIBLING_HEADER} secret is not accepted (it is for the workers "
+                "of one 'protoserve serve --workers' among themselves)",
+                reason="SIBLING_SECRET_INVALID",
+            )
+        if method not in SIBLING_METHODS:
+            return PermissionDenied(
+                f"{name}: a sibling worker's secret is good for ServerReady, RepositoryIndex, "
+                "RepositoryModelLoad and RepositoryModelUnload only",
+                reason="NOT_A_SIBLING_METHOD",
+            )
+        return None
+
+
+def _sibling_secret(config: ServerConfig) -> str | None:
+    """``config``'s sibling secret, checked (see :meth:`Auth.from_config`)."""
+    secret = config.sibling_secret
+    if secret is not None and not _SECRET.fullmatch(secret):
+        raise SiblingSecretError("PROTOSERVE_SIBLING_SECRET must be 32 hex digits or more")
+    if config.sibling_sockets and secret is None:
+        raise SiblingSecretError(
+            "PROTOSERVE_SIBLING_SOCKETS needs PROTOSERVE_SIBLING_SECRET: the workers prove "
+            "themselves to each other with it"
+        )
+    return secret
 
 
 if TYPE_CHECKING:  # generic in grpc-stubs only
@@ -263,11 +352,44 @@ class AuthInterceptor(_ServerInterceptor):
         # None for a method the server does not have (the stubs do not say so).
         handler = await continuation(handler_call_details)
         if error is None:
+            if handler is not None and sent_secret(metadata) is not None:
+                return self._on_unix_socket_only(handler, method)
             return handler
         # The refusal takes the method's kind; None: a method the server does not have,
         # whose name (the caller's to choose) is not a metrics label.
         name = bounded(method_label(method))
         return refusal(handler, name, error, self.metrics if handler is not None else None)
+
+    def _on_unix_socket_only(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` (a sibling method's: unary) for calls on a unix socket, the worker
+        socket; over TCP a sibling's secret gives nothing, since the peer is not
+        known to run as this user. The interceptor cannot tell: the call's peer is
+        known only once it runs."""
+        name = bounded(method_label(method))
+        refused = refusal(
+            handler,
+            name,
+            Unauthenticated(
+                f"{name}: a sibling worker's call is taken on its worker socket only",
+                reason="SIBLING_NOT_ON_WORKER_SOCKET",
+            ),
+            self.metrics,
+        )
+        inner = cast(Callable[..., Awaitable[Any]], handler.unary_unary)
+        outer = cast(Callable[..., Awaitable[Any]], refused.unary_unary)
+
+        async def behavior(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if over_unix_socket(context):
+                return await inner(request, context)
+            return await outer(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def warn_if_exposed(host: str, auth: Auth, *, model_control: bool) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 __all__ = ["ServerConfig", "add_arguments", "from_arguments"]
 
@@ -119,6 +119,17 @@ class ServerConfig:
     #: Serve gRPC server reflection (grpcurl, buf curl, the gateway's
     #: ``--from-reflection``); off: the schema is not served (docs/security.md).
     reflection: bool = True
+    # The workers of --workers, among themselves (server/siblings.py): set by their
+    # supervisor, one environment variable each, never by hand.
+    #: A unix socket this worker also listens on, for its sibling workers only, in a
+    #: folder only this user may enter (0700); None: none.
+    worker_socket: str | None = None
+    #: The sibling workers' sockets: a model loaded or unloaded here is then loaded or
+    #: unloaded on each, and a worker that starts catches up with one of them.
+    sibling_sockets: tuple[str, ...] = ()
+    #: The hex secret the workers of one supervisor prove themselves to each other
+    #: with (``x-protoserve-sibling``); from the environment only, never a flag.
+    sibling_secret: str | None = field(default=None, repr=False)
 
     @property
     def model_control_on(self) -> bool:
@@ -195,6 +206,10 @@ _HELP = {
     "0 picks a free port (default: off)",
     "reflection": "serve gRPC server reflection, for grpcurl, buf curl and the gateway's "
     "--from-reflection (default: on; --no-reflection turns it off)",
+    # Set by the supervisor of --workers for each worker (server/siblings.py): hidden.
+    "worker_socket": argparse.SUPPRESS,  # a unix socket for the sibling workers only
+    "sibling_sockets": argparse.SUPPRESS,  # the siblings' sockets, comma-separated
+    "sibling_secret": argparse.SUPPRESS,  # hex; PROTOSERVE_SIBLING_SECRET only
 }
 #: Settings that are None by default and a number when given.
 _OPTIONAL: dict[str, type] = {
@@ -228,6 +243,9 @@ _METAVARS = {
 }
 #: Switches that are None unless given: something else decides (see ServerConfig).
 _UNDECIDED = frozenset({"model_control"})
+#: Settings read from their environment variable only: a flag's value is in ``ps``,
+#: for every user of the machine to read.
+_ENV_ONLY = frozenset({"sibling_secret"})
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -248,6 +266,9 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
         help_text = _HELP[f.name]
         if help_text != argparse.SUPPRESS:
             help_text += f" [env {env_name(f.name)}]"
+        if f.name in _ENV_ONLY:
+            parser.set_defaults(**{f.name: raw or None})
+            continue
         if f.name == "models":
             parser.add_argument(
                 flag,
@@ -316,5 +337,11 @@ def from_arguments(args: argparse.Namespace, env: Mapping[str, str] | None = Non
         values[name] = values[name] or None  # "" in the environment
     for name in ("certfile", "keyfile", "client_ca"):  # TLS files: "" is none, too
         values[name] = values[name] or None
+    # The workers' sockets: "" is none; siblings comma-separated, as their supervisor
+    # passes them.
+    values["worker_socket"] = values["worker_socket"] or None
+    sockets = values["sibling_sockets"]
+    if isinstance(sockets, str):
+        values["sibling_sockets"] = tuple(p.strip() for p in sockets.split(",") if p.strip())
     default = () if values["model_repository"] else ServerConfig.models
     return ServerConfig(models=tuple(models or default), **values)

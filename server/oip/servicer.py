@@ -4,14 +4,23 @@ Thin like the v1 servicer (docs/architecture.md, rule 7), and in the same call f
 (:func:`protoserve.server.calls.unary`): request ids, access lines, metrics
 labelled with the RPC's name, and runtime errors as the same statuses with the
 same ``google.rpc`` details.
+
+A worker of ``protoserve serve --workers`` applies a client's RepositoryModelLoad
+and RepositoryModelUnload, then has its sibling workers apply it too
+(:mod:`protoserve.server.siblings`); a sibling's own call it applies only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextvars
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from importlib import metadata
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.oip.v2 import grpc_service_pb2_grpc as pb_grpc
@@ -21,6 +30,7 @@ from protoserve.server.oip.infer import infer
 from protoserve.server.oip.signatures import model_config, model_metadata
 from protoserve.server.runtime.core import Runtime
 from protoserve.server.runtime.errors import InvalidArgument, NotFound, bounded
+from protoserve.server.siblings import Siblings
 
 __all__ = ["EXTENSIONS", "SERVICE_NAME", "OpenInferenceServicer", "add_to_server"]
 
@@ -28,6 +38,47 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 #: The protocol extensions ServerMetadata announces.
 EXTENSIONS = ("model_repository", "model_configuration", "parameters")
 SERVER_NAME = "protoserve"
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """What a model control call's method needs of its call, which ``@unary`` does not
+    hand it: whether a sibling worker made it, and the client's deadline
+    (``time.monotonic()`` seconds; None: none)."""
+
+    sibling: bool
+    deadline: float | None
+
+
+_CALLER: contextvars.ContextVar[_Caller | None] = contextvars.ContextVar(
+    "protoserve_oip_caller", default=None
+)
+
+
+def _with_caller(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """``handler`` with its :class:`_Caller` in :data:`_CALLER` while it runs; read from
+    the context here, while the call is surely live."""
+
+    async def with_caller(
+        self: OpenInferenceServicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        remaining = context.time_remaining()
+        caller = _Caller(
+            sibling=self.siblings is not None and self.siblings.vouches_for(context),
+            deadline=None if remaining is None else time.monotonic() + remaining,
+        )
+        token = _CALLER.set(caller)
+        try:
+            return await handler(self, request, context)
+        finally:
+            _CALLER.reset(token)
+
+    with_caller.__name__ = handler.__name__
+    return with_caller
 
 
 def _server_version() -> str:
@@ -81,9 +132,13 @@ def _no_parameters(
 class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The Open Inference Protocol face of a :class:`Runtime`."""
 
-    def __init__(self, runtime: Runtime, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, *, metrics: Metrics | None = None, siblings: Siblings | None = None
+    ) -> None:
         self.runtime = runtime
         self.metrics = metrics
+        #: The other workers of --workers, or None for a server that is the only one.
+        self.siblings = siblings
         self._version = _server_version()
 
     @unary
@@ -133,20 +188,39 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ]
         )
 
+    @_with_caller
     @unary
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest
     ) -> pb.RepositoryModelLoadResponse:
         _repository(request.repository_name)
         _no_parameters(request.parameters)
-        await self.runtime.load_model(_model_name(request.model_name))
+        name = _model_name(request.model_name)
+        await self._everywhere(
+            lambda: self.runtime.load_model(name), "RepositoryModelLoad", request
+        )
         return pb.RepositoryModelLoadResponse()
 
+    @_with_caller
     @unary
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest
     ) -> pb.RepositoryModelUnloadResponse:
         _repository(request.repository_name)
         _no_parameters(request.parameters, _UNLOAD_PARAMETERS)
-        await self.runtime.unload_model(_model_name(request.model_name))
+        name = _model_name(request.model_name)
+        await self._everywhere(
+            lambda: self.runtime.unload_model(name), "RepositoryModelUnload", request
+        )
         return pb.RepositoryModelUnloadResponse()
+
+    async def _everywhere(
+        self, apply: Callable[[], Awaitable[None]], method: str, request: Message
+    ) -> None:
+        """``apply`` here; a client's call then on every sibling worker too, a sibling's
+        not again (:meth:`Siblings.everywhere`)."""
+        caller = _CALLER.get()
+        if self.siblings is None or caller is None or caller.sibling:
+            await apply()
+            return
+        await self.siblings.everywhere(apply, method, request, caller.deadline)

@@ -16,7 +16,9 @@ import logging
 import time
 from collections.abc import (
     AsyncGenerator,
+    Awaitable,
     Callable,
+    Collection,
     Iterator,
     Mapping,
     Sequence,
@@ -195,17 +197,27 @@ class Runtime:
         return read
 
     # Life cycle.
-    async def start(self) -> None:
+    async def start(
+        self,
+        *,
+        leave_out: Collection[str] = frozenset(),
+        then: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Load and warm up every model, each version in its own worker thread, all at once.
 
         A model given on the command line that fails to load is FAILED (its message
         says why); one of the repository is not served (the index says why). The
-        others serve.
+        others serve. A worker of ``--workers`` that starts while its siblings serve
+        (server/siblings.py) leaves out the repository models they do not serve
+        (``leave_out``), and catches up with them in ``then``, which runs once the
+        loads are over and before the server is ready.
         """
         loads = [self._load_given(entry) for entry in self._models.given()]
         if self._models.repository is not None:
-            loads.append(self._models.load_all())
+            loads.append(self._models.load_all(leave_out))
         await asyncio.gather(*loads)
+        if then is not None:
+            await then()
         self._started = True
         self._on_change()
 

@@ -25,7 +25,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,10 @@ from protoserve.server.runtime.scheduler import Scheduler
 
 __all__ = [
     "LOADING",
+    "NOT_LOADED",
     "READY",
     "UNAVAILABLE",
+    "UNLOADED",
     "UNLOADING",
     "IndexEntry",
     "ModelEntry",
@@ -62,6 +64,10 @@ log = logging.getLogger("protoserve.server")
 
 #: Repository states, in the Open Inference Protocol's words.
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+#: Why a version is UNAVAILABLE when nobody asked for it since the start (a folder
+#: added later), and when a caller unloaded it: sibling workers tell these from a
+#: failure (server/siblings.py).
+NOT_LOADED, UNLOADED = "not loaded", "unloaded"
 
 
 class ModelState(enum.Enum):
@@ -250,7 +256,7 @@ class ModelRegistry:
         for folder in folders:
             if folder.config is not None:
                 for number in folder.config.versions:
-                    row = IndexEntry(folder.name, str(number), UNAVAILABLE, "not loaded")
+                    row = IndexEntry(folder.name, str(number), UNAVAILABLE, NOT_LOADED)
                     rows[(row.name, row.version)] = row
         for status in self._status.values():
             # A folder-level error ("" version) is shown as the folder is now, below.
@@ -284,9 +290,10 @@ class ModelRegistry:
                 "are loaded and unloaded"
             )
 
-    async def load_all(self) -> None:
-        """Load every model of the repository (at the start); failures are logged and
-        indexed, and the others load on."""
+    async def load_all(self, leave_out: Collection[str] = frozenset()) -> None:
+        """Load every model of the repository (at the start) but those named in
+        ``leave_out`` (which are then "not loaded"); failures are logged and indexed,
+        and the others load on."""
         repository = self._require_repository()
         try:
             folders = await asyncio.to_thread(repository.scan)
@@ -297,6 +304,8 @@ class ModelRegistry:
         for folder in folders:
             if folder.config is None:
                 self._malformed(folder.name, folder.path, folder.error)
+            elif folder.config.name in leave_out:
+                log.debug("model repository: model %s left out", folder.config.name)
             else:
                 configs.append(folder.config)
         log.info("model repository %s: loading %d models", repository.root, len(configs))
@@ -487,7 +496,7 @@ class ModelRegistry:
             self._on_change()
             await self._retire(entries)
             self._status[name] = {
-                e.version: IndexEntry(name, e.version, UNAVAILABLE, "unloaded") for e in entries
+                e.version: IndexEntry(name, e.version, UNAVAILABLE, UNLOADED) for e in entries
             }
             log.info("model %s unloaded", name)
             self._on_change()
