@@ -92,10 +92,20 @@ def test_curl_examples_run(up: Up) -> None:
         outputs.append(done.stdout)
     generate, sse, ndjson, embed = outputs
     assert json.loads(generate)["finish_reason"] == "FINISH_REASON_LENGTH"
-    assert sse.count("event: message") == 20 and "event: done" in sse
+    # 20 tokens in one message each, or fewer messages when the reader fell behind
+    # (a message holds every token since the one before).
+    messages = [
+        json.loads(line.removeprefix("data: "))
+        for event in sse.split("\n\n")
+        if "event: message" in event
+        for line in event.splitlines()
+        if line.startswith("data: ")
+    ]
+    assert 1 <= len(messages) <= 20 and "event: done" in sse
+    assert sum(len(m.get("token_ids", [])) for m in messages) == 20
     assert "id: 1\nevent: message\ndata: {" in sse
     lines = [json.loads(line) for line in ndjson.splitlines()]
-    assert len(lines) == 10 and lines[-1]["usage"]["completion_tokens"] == 10
+    assert 1 <= len(lines) <= 10 and lines[-1]["usage"]["completion_tokens"] == 10
     assert len(json.loads(embed)["embeddings"]) == 2
 
 

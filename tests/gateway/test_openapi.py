@@ -280,8 +280,7 @@ def test_every_rpc_carries_its_proto_comment(document: dict[str, Any]) -> None:
         assert op["summary"].endswith(".")
     generate_stream = operations(document)["InferenceService_GenerateStream"][2]
     assert generate_stream["summary"] == (
-        "GenerateStream continues a text and streams the continuation as it is produced, "
-        "one message per step."
+        "GenerateStream continues a text and streams the continuation as it is produced."
     )
     assert "browser's EventSource can call it" in generate_stream["description"]
 
