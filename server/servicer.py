@@ -115,6 +115,10 @@ def model_message(entry: ModelEntry) -> pb.Model:
     )
 
 
+def _get_model(entry: ModelEntry) -> pb.GetModelResponse:
+    return pb.GetModelResponse(model=entry.described("v1.Model", model_message))
+
+
 def _data_type(tensor: RawTensor) -> pb.DataType:
     """The DataType of an output; a dtype v1 has none for (uint16/32/64, which only the
     Open Inference Protocol carries) is the model's failure here, logged as such."""
@@ -161,11 +165,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_message(e) for e in self.runtime.list_models()])
+        return pb.ListModelsResponse(
+            models=[e.described("v1.Model", model_message) for e in self.runtime.list_models()]
+        )
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=model_message(self.runtime.get_model(request.name)))
+        # Built once per state of the version (ModelEntry.described), and shared.
+        return self.runtime.get_model(request.name).described("v1.GetModel", _get_model)
 
     @unary
     async def Generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:

@@ -163,7 +163,11 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
         entry = self.runtime.get_model(_model_name(request.name, "name"), request.version)
-        return model_metadata(entry, self.runtime.versions(entry.name))
+        versions = tuple(self.runtime.versions(entry.name))
+        # Built once per state of the version (ModelEntry.described), and shared.
+        return entry.described(
+            "oip.ModelMetadata", lambda e: model_metadata(e, versions), extra=versions
+        )
 
     @unary
     async def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from protoserve.server.runtime.errors import (
     FailedPrecondition,
@@ -61,6 +61,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("protoserve.server")
+
+T = TypeVar("T")
 
 #: Repository states, in the Open Inference Protocol's words.
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
@@ -103,9 +105,28 @@ class ModelEntry:
     #: Requests using this version now; it is unloaded once none is left.
     in_flight: int = field(default=0, init=False)
     idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    #: What :meth:`described` built, by kind: (the key it was built for, the value).
+    _described: dict[str, tuple[Any, Any]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    def described(self, kind: str, build: Callable[[ModelEntry], T], extra: Any = None) -> T:
+        """``build(self)``, built once and kept (a face's description of the version: its
+        GetModel or ModelMetadata response), rebuilt when the version's state, its
+        message or its decoding changes, or ``extra`` (what else the value shows,
+        hashable) does. A change of the model's configuration makes new entries.
+        The value is shared: whoever takes it must not change it."""
+        key = (self.state, self.state_message, self.decoding, extra)
+        held = self._described.get(kind)
+        if held is not None and held[0] == key:
+            value: T = held[1]
+            return value
+        value = build(self)
+        self._described[kind] = (key, value)
+        return value
 
     def mark_ready(self) -> None:
         """The version loaded and warmed: READY from now on."""
