@@ -5,7 +5,8 @@ The gateway learns that a client left from ASGI's ``http.disconnect``
 (:func:`disconnected`), and stops the work it was doing for it by racing that
 work against the leaving (:func:`race`, as Starlette's ``StreamingResponse`` and
 vLLM's ``with_cancellation`` do): a unary call, a stream's first message, a
-stream's body, and a drain's receive (``cli._Drain``).
+stream's body. A drain (``cli._Drain``) ends a request by making its ``receive``
+answer ``http.disconnect``, which the same race then sees.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.types import Receive
 
@@ -50,15 +51,37 @@ async def race(work: Awaitable[T], stop: Awaitable[object]) -> asyncio.Future[T]
     other = asyncio.ensure_future(stop)
     won = False
     try:
-        await asyncio.wait({task, other}, return_when=asyncio.FIRST_COMPLETED)
+        await _ended(task, other, count=1)
         won = task.done()
     finally:
         losers = [each for each in (task, other) if not each.done()]
         for loser in losers:
             loser.cancel()
         if losers:
-            await asyncio.wait(losers)
+            await _ended(*losers, count=len(losers))
         for each in (other,) if won else (task, other):
             if each.done() and not each.cancelled() and each.exception() is not None:
                 log.error("a raced task failed", exc_info=each.exception())
     return task if won else None
+
+
+async def _ended(*futures: asyncio.Future[Any], count: int) -> None:
+    """Returns once ``count`` of ``futures`` have ended, as ``asyncio.wait`` would (a cancel
+    of the caller is raised, and leaves them running), without its sets and copies: this
+    runs two or three times on every request."""
+    waiter = futures[0].get_loop().create_future()
+    left = count
+
+    def ended(_: object) -> None:
+        nonlocal left
+        left -= 1
+        if left <= 0 and not waiter.done():
+            waiter.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(ended)
+    try:
+        await waiter
+    finally:
+        for future in futures:
+            future.remove_done_callback(ended)

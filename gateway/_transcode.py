@@ -23,6 +23,7 @@ set by :mod:`protoserve.gateway._urlvalues`, and both take their wording from
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -64,6 +65,16 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _CHUNK = 64
 # Deeper than this, _locate stops narrowing down and blames the object it is in.
 _MAX_LOCATE_DEPTH = 100
+
+
+_STRING = FieldDescriptor.TYPE_STRING
+
+
+@functools.lru_cache(maxsize=4096)
+def _path_chain(descriptor: Descriptor, field_path: str) -> tuple[FieldDescriptor, ...]:
+    """``resolve`` of a path parameter, once per message type and field path (the
+    templates bound both; an Unaddressable one is not cached, and raises each time)."""
+    return tuple(resolve(descriptor, field_path))
 
 
 def build_request(
@@ -113,9 +124,15 @@ def build_request(
     # The path after the body, so that the URL wins over a body that repeats a field.
     for field_path, text in path_params.items():
         try:
-            chain = resolve(descriptor_of(message), field_path)
+            chain = _path_chain(descriptor_of(message), field_path)
         except Unaddressable as error:
             raise _broken_rule(binding, f'its path binds "{field_path}": {error}') from None
+        leaf = chain[-1]
+        if len(chain) == 1 and leaf.type == _STRING and not leaf.is_repeated and text.isascii():
+            # A plain string field (a model's name): what json_format would do, at a
+            # fraction of its cost on every request (ASCII holds no lone surrogate).
+            setattr(message, leaf.name, text)
+            continue
         set_leaf(message, chain, [text], f'path parameter "{field_path}"', check_oneof=False)
     if query:
         bound = {*binding.template.fields, *path_params}

@@ -22,7 +22,6 @@ from protoserve.common import workers
 from protoserve.common.hosts import is_loopback
 from protoserve.common.logs import FORMATS
 from protoserve.common.logs import configure as configure_logging
-from protoserve.gateway._cancel import race
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -539,6 +538,10 @@ class _Drain:
         self.backstop = grace + _BACKSTOP_SECONDS
         self.hurry = asyncio.Event()
         self._draining = False
+        #: The requests' tasks now waiting in ``receive()``, which :meth:`end_now` cancels.
+        self._receiving: set[asyncio.Task[object]] = set()
+        #: Those :meth:`end_now` cancelled: their ``receive`` answers ``http.disconnect``.
+        self._ended: set[asyncio.Task[object]] = set()
 
     def on_signals(self, begin: Callable[[], None]) -> None:
         """Handle SIGTERM and SIGINT on the running loop: the first calls ``begin`` (the
@@ -548,11 +551,11 @@ class _Drain:
 
         def signalled() -> None:
             if self._draining:
-                self.hurry.set()
+                self.end_now()
                 return
             self._draining = True
             begin()
-            loop.call_later(self.grace, self.hurry.set)
+            loop.call_later(self.grace, self.end_now)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, signalled)
@@ -563,16 +566,38 @@ class _Drain:
             return
 
         async def receive_until_hurry() -> Message:
-            if not self.hurry.is_set():
-                # race() cancels the receive() it loses, also when this receive is itself
-                # cancelled: a receive() left running would swallow the request's next
-                # message. A message that came with the hurry is still the request's.
-                message = await race(receive(), self.hurry.wait())
-                if message is not None:
-                    return message.result()
-            return {"type": "http.disconnect"}
+            if self.hurry.is_set():
+                return {"type": "http.disconnect"}
+            # receive() is awaited in the caller's task, not raced in tasks of its own
+            # (two tasks per receive, on every request): end_now() cancels the tasks
+            # waiting here, and the cancel it sent is taken back and answered as a
+            # disconnect. Any other cancel goes on, and cancels receive() as it would.
+            task = asyncio.current_task()
+            assert task is not None
+            self._receiving.add(task)
+            try:
+                return await receive()
+            except asyncio.CancelledError:
+                if task not in self._ended:
+                    raise
+                self._ended.discard(task)
+                if task.uncancel() > 0:  # cancelled by someone else too
+                    raise
+                return {"type": "http.disconnect"}
+            finally:
+                self._receiving.discard(task)
 
         await self.app(scope, receive_until_hurry, send)
+
+    def end_now(self) -> None:
+        """The grace is over (or a second signal came): every request's ``receive``
+        answers ``http.disconnect`` from now on, those waiting in one at once."""
+        if self.hurry.is_set():
+            return
+        self.hurry.set()
+        for task in self._receiving:
+            self._ended.add(task)
+            task.cancel()
 
 
 class _Server(uvicorn.Server):
