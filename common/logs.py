@@ -330,6 +330,8 @@ class _Handler(logging.handlers.QueueHandler):
         self._closed = False
         self._listener = _Listener(self.lines, self.writer)
         self._listener.start()
+        #: In a forked child, until its first line: no writer thread yet (:meth:`_restart`).
+        self._unstarted = False
         _HANDLERS.add(self)
 
     def setFormatter(self, fmt: logging.Formatter | None) -> None:
@@ -348,6 +350,8 @@ class _Handler(logging.handlers.QueueHandler):
 
     def enqueue(self, record: logging.LogRecord) -> None:
         # Called by emit, under the handler's lock (Handler.handle): one thread at a time.
+        if self._unstarted:
+            self._start()
         if self._unreported:
             self._report_drops()
         try:
@@ -395,6 +399,9 @@ class _Handler(logging.handlers.QueueHandler):
         whether it was. Never on the event loop: for tests, and the exit."""
         if self._closed or threading.current_thread() is self._listener._thread:
             return True
+        if self._unstarted:
+            with self.lock:  # type: ignore[union-attr]  # createLock has made it
+                self._start()
         marker = _Flush()
         try:
             self.lines.put(marker, timeout=timeout)
@@ -419,11 +426,18 @@ class _Handler(logging.handlers.QueueHandler):
 
     def _restart(self) -> None:
         # In a forked child: the writer thread did not come along, and the queue may hold
-        # the parent's lines (the parent writes those). A new queue and thread.
+        # the parent's lines (the parent writes those). A new queue, and a new thread
+        # started by the child's first line, not here: this runs between fork and exec
+        # too (a subprocess's preexec_fn), where starting a thread is unsafe.
         self.lines = self.queue = _Lines(self.lines.maxsize)
         self.writer._lines = []
         self._listener = _Listener(self.lines, self.writer)
-        if not self._closed:
+        self._unstarted = not self._closed
+
+    def _start(self) -> None:
+        """Start the writer thread a fork left behind; under the handler's lock."""
+        if self._unstarted:
+            self._unstarted = False
             self._listener.start()
 
 

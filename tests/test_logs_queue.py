@@ -136,3 +136,35 @@ def test_a_drop_is_reported_in_its_place_once_there_is_room() -> None:
     assert lines[-1].endswith("tests.test_logs_queue.place: recovered")
     assert f"protoserve.logs: {dropped} log lines dropped" in lines[-2]
     assert handler.dropped == dropped
+
+
+_FORK = """
+import logging, os
+from protoserve.common.logs import configure
+handler = configure("info", "text")
+log = logging.getLogger("tests.fork")
+log.info("parent before")
+pid = os.fork()
+if pid == 0:
+    log.info("child")
+    handler.drain()
+    os._exit(0)
+os.waitpid(pid, 0)
+log.info("parent after")
+"""
+
+
+def test_a_forked_child_writes_its_own_lines_and_not_its_parents() -> None:
+    # The child's writer thread starts with its first line: the fork hook itself starts
+    # none, since it also runs between fork and exec (a subprocess's preexec_fn).
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK],
+        capture_output=True,
+        text=True,
+        timeout=WITHIN,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    messages = [line.rsplit(": ", 1)[-1] for line in done.stderr.splitlines()]
+    assert sorted(messages) == ["child", "parent after", "parent before"], done.stderr
