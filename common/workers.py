@@ -12,10 +12,10 @@ The supervisor (:func:`supervise`, for ``serve`` and ``gateway`` alike):
   listens on it, so that ``--port 0`` has one number for every worker, and a port
   held by something else fails here, once;
 - starts worker ``i`` as the same command with ``--workers 1 --port X --port-file F``
-  appended (argparse keeps the last), and ``PROTOSERVE_WORKER_INDEX=i``,
-  ``PROTOSERVE_WORKERS=N`` (and, for the server, the sibling sockets below) in its
-  environment; each worker is in a process group of its own, so a Ctrl-C reaches it
-  once, through the supervisor, and gets SIGTERM if the supervisor dies;
+  appended (argparse keeps the last), and ``PROTOSERVE_WORKER_INDEX=i`` (and, for
+  the server, the sibling sockets below) in its environment; each worker is in a
+  process group of its own, so a Ctrl-C reaches it once, through the supervisor, and
+  gets SIGTERM if the supervisor dies;
 - writes ``--port-file`` once every worker has written its own (each does once serving);
 - forwards each SIGTERM/SIGINT to every worker (a second one too: it skips their wait)
   and exits 0 once all have exited 0;
@@ -48,7 +48,6 @@ __all__ = [
     "RESTART_WINDOW",
     "SIBLING_SECRET",
     "SIBLING_SOCKETS",
-    "WORKER_COUNT",
     "WORKER_INDEX",
     "WORKER_SOCKET",
     "Plan",
@@ -64,8 +63,6 @@ log = logging.getLogger("protoserve.workers")
 
 #: This worker's number, 0 to N-1; unset in a process that is not a worker.
 WORKER_INDEX = "PROTOSERVE_WORKER_INDEX"
-#: How many workers share the port.
-WORKER_COUNT = "PROTOSERVE_WORKERS"
 #: The server's workers only: this worker's private unix socket, in a folder only
 #: this user may enter (for what the workers tell each other, such as model loads).
 WORKER_SOCKET = "PROTOSERVE_WORKER_SOCKET"
@@ -176,7 +173,9 @@ class _Supervisor:
         return str(self.folder / f"worker-{index}.sock")
 
     def environment(self, index: int) -> dict[str, str]:
-        env = {**os.environ, WORKER_INDEX: str(index), WORKER_COUNT: str(self.plan.workers)}
+        # Not PROTOSERVE_WORKERS: that is --workers' own variable, which would make any
+        # serve started from within a worker a supervisor.
+        env = {**os.environ, WORKER_INDEX: str(index)}
         if self.plan.siblings:
             others = (self.socket_path(i) for i in range(self.plan.workers) if i != index)
             env[WORKER_SOCKET] = self.socket_path(index)
