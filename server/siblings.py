@@ -160,8 +160,13 @@ class Siblings:
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # the caller has it, or left: _everywhere logged it
+        if task.cancelled():
+            return
+        error = task.exception()  # the caller has it, unless it left
+        if error is not None and not isinstance(error, ProtoserveError):
+            # Not one of ours (those are the caller's answer, SiblingsFailed logged in
+            # _failed): a caller that left would never see it.
+            log.error("a model load or unload across the workers failed", exc_info=error)
 
     async def _everywhere(
         self,
