@@ -586,6 +586,7 @@ class _Drain:
                 return {"type": "http.disconnect"}
             finally:
                 self._receiving.discard(task)
+                self._ended.discard(task)
 
         await self.app(scope, receive_until_hurry, send)
 

@@ -24,9 +24,6 @@ DTYPES: dict[str, torch.dtype] = {
     d.name: getattr(torch, d.name) for d in dtypes.DTYPES if d.storage is not None
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
-#: Bytes per element of each torch dtype: known here, not asked of a new tensor per
-#: request (a torch call on the event loop, which lets go of the GIL and waits for it).
-_ITEMSIZES = {v: torch.empty((), dtype=v).element_size() for v in DTYPES.values()}
 
 # The wire format is little-endian; every platform torch ships CPU wheels for is too.
 assert sys.byteorder == "little", "protoserve assumes a little-endian host"
@@ -65,7 +62,9 @@ def from_raw(tensors: Sequence[RawTensor], field: str = "inputs") -> dict[str, t
         if any(d < 0 for d in raw.shape):
             violations.append((f"{where}.shape", "dimensions must not be negative"))
             continue
-        itemsize = _ITEMSIZES[dtype]
+        # dtype.itemsize, not a new tensor's element_size(): no torch call per request
+        # on the event loop (one lets go of the GIL and waits for it).
+        itemsize = dtype.itemsize
         expected = math.prod(raw.shape) * itemsize
         if len(raw.data) != expected:
             violations.append(
