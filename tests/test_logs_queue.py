@@ -32,11 +32,10 @@ for i in range(int(sys.argv[2])):
 """
 
 
-@pytest.mark.parametrize("log_format", ["text", "json"])
-def test_every_line_comes_out_in_order_before_the_process_exits(log_format: str) -> None:
-    count = 5000  # fewer than the queue holds: none may be dropped, however slow the writer
+def run_python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run by this Python in a process of its own; it must exit 0."""
     done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, log_format, str(count)],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=WITHIN,
@@ -44,6 +43,13 @@ def test_every_line_comes_out_in_order_before_the_process_exits(log_format: str)
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_every_line_comes_out_in_order_before_the_process_exits(log_format: str) -> None:
+    count = 5000  # fewer than the queue holds: none may be dropped, however slow the writer
+    done = run_python(_SCRIPT, log_format, str(count))
     lines = done.stderr.splitlines()
     if log_format == "json":
         assert [json.loads(line)["i"] for line in lines] == list(range(count))
@@ -157,14 +163,6 @@ log.info("parent after")
 def test_a_forked_child_writes_its_own_lines_and_not_its_parents() -> None:
     # The child's writer thread starts with its first line: the fork hook itself starts
     # none, since it also runs between fork and exec (a subprocess's preexec_fn).
-    done = subprocess.run(
-        [sys.executable, "-c", _FORK],
-        capture_output=True,
-        text=True,
-        timeout=WITHIN,
-        cwd=ROOT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_python(_FORK)
     messages = [line.rsplit(": ", 1)[-1] for line in done.stderr.splitlines()]
     assert sorted(messages) == ["child", "parent after", "parent before"], done.stderr
