@@ -3,8 +3,10 @@
 Shutdown (SIGTERM or SIGINT) goes in this order, so that load balancers and
 clients see it coming and no call ends without a status:
 
-1. Health turns NOT_SERVING for every service; Health and reflection keep
-   answering, new inference calls get UNAVAILABLE.
+1. Health turns NOT_SERVING for every service but ``liveness``; Health and
+   reflection keep answering. Inference calls that arrive from now on get
+   UNAVAILABLE before any header (Trailers-Only), which a client's retry policy
+   may send to another server; those that arrived before are served.
 2. Calls in flight get ``shutdown_grace`` seconds to finish. Shortly before the
    grace runs out, generations still going are ended at their next step with
    ``FINISH_REASON_CANCELLED`` (an orderly last message, status OK).
@@ -118,7 +120,7 @@ class InferenceServer:
             interceptors=[
                 # First, so that every handler below it, a refusal too, reads its request
                 # whole or answers: grpcio's own reading leaves such calls open (ADR 17).
-                WholeRequest(config.request_read_timeout, self.metrics),
+                WholeRequest(config.request_read_timeout, self.metrics, self.runtime.admit),
                 # One check for every call of every service (docs/adr/0016).
                 *([AuthInterceptor(self.auth, self.metrics)] if self.auth.intercepts else []),
             ],

@@ -95,12 +95,12 @@ def _request_id(context: Context) -> str:
     return logs.request_id(next((v for v in given if isinstance(v, str)), None))
 
 
-async def _abort(context: Context, error: ProtoserveError) -> None:
+async def _abort(context: Context, error: ProtoserveError, *more: tuple[str, str | bytes]) -> None:
     status = to_rpc_status(error)
     await context.abort(
         error.code,
         error.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()), *more),
     )
 
 
@@ -118,12 +118,17 @@ class _Headers:
     the trip it saves.
     """
 
-    __slots__ = ("_coro", "_error", "_future")
+    __slots__ = ("_coro", "_error", "_future", "_waiting")
 
-    def __init__(self, context: Context, rid: str) -> None:
+    def __init__(self, context: Context, rid: str, *, now: bool = True) -> None:
         self._error: Exception | None = None
         self._future: Any = None
-        self._coro: Any = context.send_initial_metadata((("x-request-id", rid),))
+        self._coro: Any = None
+        #: ``now`` False: what :meth:`sent` sends, not started until then.
+        self._waiting = None if now else (context, rid)
+        if not now:
+            return
+        self._coro = context.send_initial_metadata((("x-request-id", rid),))
         try:
             self._future = self._coro.send(None)
         except StopIteration:
@@ -141,6 +146,11 @@ class _Headers:
     async def sent(self) -> None:
         """Return once the metadata is sent (at once when it already is); raises what
         sending it raised."""
+        if self._waiting is not None:
+            context, rid = self._waiting
+            self._waiting = None
+            await context.send_initial_metadata((("x-request-id", rid),))
+            return
         coro = self._coro
         if coro is None:
             if self._error is not None:
@@ -167,12 +177,18 @@ class _Headers:
     def drop(self) -> None:
         """Give up on it (the call ended without its response or status): its
         coroutine is closed, and its batch's outcome read when it comes."""
+        self._waiting = None
         coro, self._coro = self._coro, None
         if coro is None:
             return
         coro.close()
         if self._future is not None:
             self._future.add_done_callback(_retrieved)
+
+    @property
+    def begun(self) -> bool:
+        """Whether sending them has begun: false until :meth:`sent` for ``now`` False."""
+        return self._waiting is None
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -203,13 +219,16 @@ def framed(method: Callable[..., Any]) -> bool:
     return getattr(method, "_protoserve_framed", False)
 
 
-def begin(context: Context) -> None:
+def begin(context: Context, *, headers: bool = True) -> None:
     """Begin the frame of the call being served, whose method is :func:`framed`,
     before its request is read (:class:`~protoserve.server.transport.WholeRequest`):
     its request id is decided and its headers' batch started, to end while the
-    request is read. The frame takes them over when the method runs."""
+    request is read. The frame takes them over when the method runs.
+
+    ``headers`` False (a draining server): they wait for the answer, so that a
+    refusal goes out without them (Trailers-Only, which clients may retry)."""
     rid = _request_id(context)
-    _BEGUN.set((rid, _Headers(context, rid)))
+    _BEGUN.set((rid, _Headers(context, rid, now=headers)))
 
 
 def abandon() -> None:
@@ -275,8 +294,12 @@ class _Frame:
             self.code = grpc.StatusCode.INTERNAL
             log.error("%s failed", self.method, exc_info=error)
             error = Internal(self.rid)
-        await self.headers.sent()
-        await _abort(self.context, error)
+        if self.headers.begun:
+            await self.headers.sent()
+            await _abort(self.context, error)
+        else:  # nothing sent yet (begin): Trailers-Only, the request id in the trailers
+            self.headers.drop()
+            await _abort(self.context, error, ("x-request-id", self.rid))
 
     def close(self) -> None:
         """The call ended: its metrics and access line."""

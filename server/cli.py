@@ -39,6 +39,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = from_arguments(args)
     if config.workers < 1:
         parser.error(f"--workers must be 1 or more, not {config.workers}")
+    if config.max_connection_age is not None and config.max_connection_age <= 0:
+        parser.error(f"--max-connection-age must be above 0, not {config.max_connection_age:g}")
+    if config.max_connection_age_grace is not None:
+        if config.max_connection_age is None:
+            parser.error("--max-connection-age-grace needs --max-connection-age")
+        if config.max_connection_age_grace < 0:
+            parser.error(
+                "--max-connection-age-grace must be 0 or more, "
+                f"not {config.max_connection_age_grace:g}"
+            )
     configure_logging(config.log_level, config.log_format)
     try:
         # A bad TLS or token file: one line before any model loads.

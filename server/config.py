@@ -83,6 +83,13 @@ class ServerConfig:
     keepalive_max_ping_strikes: int = 2
     #: Accept client pings on a connection with no calls (off: each is a strike).
     keepalive_permit_without_calls: bool = False
+    #: Seconds a connection may live; then it gets GOAWAY and its client connects
+    #: again, resolving the server's name anew (so that clients spread over servers
+    #: added since). None: connections live as long as their clients keep them.
+    max_connection_age: float | None = None
+    #: Seconds the calls in flight on a connection that reached its age get to end
+    #: before it closes; None: as long as they take.
+    max_connection_age_grace: float | None = None
     #: Seconds that calls in flight get to finish after SIGTERM/SIGINT.
     shutdown_grace: float = 10.0
     #: Per model, most requests waiting to run; more get RESOURCE_EXHAUSTED.
@@ -183,6 +190,10 @@ _HELP = {
     "ENHANCE_YOUR_CALM (too_many_pings) (default %(default)s)",
     "keepalive_permit_without_calls": "accept client pings on a connection with no calls "
     "(default: off: each one is a strike)",
+    "max_connection_age": "seconds a connection may live before it gets GOAWAY, so that "
+    "clients connect again and re-resolve the server's name (default: no limit)",
+    "max_connection_age_grace": "seconds the calls on a connection past its age get to end "
+    "before it closes (default: no limit)",
     "shutdown_grace": "seconds calls in flight get to finish on SIGTERM/SIGINT "
     "(default %(default)s)",
     "max_queue": "per model, most requests waiting before RESOURCE_EXHAUSTED (default %(default)s)",
@@ -224,6 +235,8 @@ _OPTIONAL: dict[str, type] = {
     "max_batch_size": int,
     "max_batch_delay_ms": float,
     "torch_threads": int,
+    "max_connection_age": float,
+    "max_connection_age_grace": float,
 }
 _CHOICES = {"log_format": ("text", "json")}
 _METAVARS = {
@@ -240,6 +253,8 @@ _METAVARS = {
     "keepalive_time": "SECONDS",
     "keepalive_timeout": "SECONDS",
     "keepalive_min_ping_interval": "SECONDS",
+    "max_connection_age": "SECONDS",
+    "max_connection_age_grace": "SECONDS",
 }
 #: Switches that are None unless given: something else decides (see ServerConfig).
 _UNDECIDED = frozenset({"model_control"})

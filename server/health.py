@@ -1,4 +1,9 @@
-"""The server's Health service: grpcio-health-checking's, with ``List`` answered.
+"""The server's Health service: grpcio-health-checking's, with ``List`` answered and
+a liveness name.
+
+``liveness`` (:data:`LIVENESS`) is SERVING from the start until the process ends, a
+drain included: a liveness probe asks it, where asking ``""`` (NOT_SERVING while
+models load and while draining) would get a draining or reloading server killed.
 
 grpc.health.v1 added ``List`` (every service's status in one call); grpcio's
 asyncio servicer (1.85) leaves it to the generated base class, which answers
@@ -14,7 +19,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-__all__ = ["MAX_LISTED", "HealthServicer"]
+__all__ = ["LIVENESS", "MAX_LISTED", "HealthServicer"]
+
+#: The health name that stays SERVING while the process runs, a drain included.
+LIVENESS = "liveness"
 
 #: Services ``List`` answers at most; past it, RESOURCE_EXHAUSTED, as health.proto says.
 #: The server has one per model plus three: a repository of thousands of models would
@@ -23,7 +31,21 @@ MAX_LISTED = 4096
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
-    """grpcio's asyncio Health servicer, plus ``List``."""
+    """grpcio's asyncio Health servicer, plus ``List`` and :data:`LIVENESS`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._server_status[LIVENESS] = health_pb2.HealthCheckResponse.SERVING
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every status but :data:`LIVENESS` turns NOT_SERVING for good (grpcio's, which
+        would turn that one too)."""
+        if self._gracefully_shutting_down:
+            return
+        self._gracefully_shutting_down = True
+        for service in list(self._server_status):
+            if service != LIVENESS:
+                await self._set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -59,6 +59,7 @@ def _ms(seconds: float) -> int:
 def transport_options(config: ServerConfig) -> list[tuple[str, int]]:
     """grpc core's channel arguments for ``config``'s transport limits."""
     return [
+        *_connection_age(config),
         # Per connection; grpc core advertises it in SETTINGS and refuses a stream past
         # it (RST_STREAM REFUSED_STREAM). The process-wide bound on streaming calls is
         # the runtime's max_streams; this one bounds what a single connection can hold.
@@ -74,6 +75,20 @@ def transport_options(config: ServerConfig) -> list[tuple[str, int]]:
         # Pings on a connection without calls: allowed only when asked for.
         ("grpc.keepalive_permit_without_calls", int(config.keepalive_permit_without_calls)),
     ]
+
+
+def _connection_age(config: ServerConfig) -> list[tuple[str, int]]:
+    """A connection's most age, then GOAWAY: its client connects again and resolves the
+    server's name anew, reaching servers added since (docs/deploy.md). Its calls in
+    flight go on for the grace; grpc core's defaults are no age and no grace limit."""
+    options = []
+    if config.max_connection_age is not None:
+        options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age)))
+        if config.max_connection_age_grace is not None:
+            options.append(
+                ("grpc.max_connection_age_grace_ms", _ms(config.max_connection_age_grace))
+            )
+    return options
 
 
 class RequestTimedOut(ProtoserveError):
@@ -121,9 +136,17 @@ class WholeRequest(_ServerInterceptor):
     Handlers whose request is a stream, and synchronous handlers, are left as they are.
     """
 
-    def __init__(self, read_timeout: float, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        read_timeout: float,
+        metrics: Metrics | None = None,
+        admit: Callable[[], bool] | None = None,
+    ) -> None:
         self.read_timeout = read_timeout
         self.metrics = metrics
+        #: Whether the server takes a call arriving now (Runtime.admit, in the call's
+        #: context): when not, its headers wait, so that a refusal goes without them.
+        self.admit = admit or (lambda: True)
 
     async def intercept_service(
         self,
@@ -161,7 +184,7 @@ class WholeRequest(_ServerInterceptor):
 
             async def unary(requests: object, context: Context) -> object:
                 # The frame begins first: its headers go out while the request is read.
-                begin(context)
+                begin(context, headers=self.admit())
                 try:
                     request = await self._request(context, handler, name)
                 except BaseException:
@@ -187,7 +210,7 @@ class WholeRequest(_ServerInterceptor):
 
             async def responses(requests: object, context: Context) -> AsyncIterator[object]:
                 if began:
-                    begin(context)  # as for a unary method
+                    begin(context, headers=self.admit())  # as for a unary method
                 try:
                     request = await self._request(context, handler, name)
                 except BaseException:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -32,6 +33,7 @@ import torch
 from protoserve.server.runtime.batching import embed_batch, predict_batch, predict_batch_key
 from protoserve.server.runtime.decoding import DecodingChoice, choose_decoder
 from protoserve.server.runtime.errors import (
+    Draining,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -58,6 +60,11 @@ from protoserve.server.runtime.tensors import RawTensor, check_declared, from_ra
 __all__ = ["GenerateResult", "IndexEntry", "ModelEntry", "ModelState", "Runtime"]
 
 log = logging.getLogger("protoserve.server")
+
+#: Set in a call's context when it arrived while the server took calls (Runtime.admit).
+_ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "protoserve_admitted", default=False
+)
 
 T = TypeVar("T")
 
@@ -293,8 +300,19 @@ class Runtime:
         """Requests being served now."""
         return self._in_flight
 
+    def admit(self) -> bool:
+        """Whether the server takes new calls now (it is not draining), said when a call
+        arrives: a call admitted is served although the drain begins before it reaches
+        its model (its answer may have begun); one that arrives during the drain gets
+        :class:`Draining`. For the call's own context (the transport's, per call)."""
+        if self._draining:
+            return False
+        _ADMITTED.set(True)
+        return True
+
     def begin_drain(self) -> None:
-        """Refuse new requests with UNAVAILABLE; those in flight go on."""
+        """Refuse new requests with UNAVAILABLE (:class:`Draining`); those in flight go on,
+        and so do those admitted before (:meth:`admit`)."""
         self._draining = True
         self._on_change()
 
@@ -427,8 +445,8 @@ class Runtime:
                 entry.idle.set()
 
     def _serving(self, name: str, task: Task, version: str) -> ModelEntry:
-        if self._draining:
-            raise Unavailable("the server is shutting down; retry on another instance")
+        if self._draining and not _ADMITTED.get():
+            raise Draining("the server is shutting down; retry on another instance")
         if not name:
             raise InvalidArgument.field("model", "must name a model")
         entry = self.get_model(name, version)

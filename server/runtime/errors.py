@@ -137,6 +137,12 @@ class Unavailable(ProtoserveError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Draining(Unavailable):
+    """The server is shutting down and refused the call before any work on it: another
+    server may take it. Answered without headers (Trailers-Only), which gRPC clients
+    with a retry policy on UNAVAILABLE retry (docs/deploy.md, "Many servers")."""
+
+
 class ResourceExhausted(ProtoserveError):
     """A bounded queue or limit is full; retry after ``retry_after`` seconds."""
 

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.e2e
 SLOW = "tests.server.models_for_tests:Slow"
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
 SIGNALS = [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGINT, id="SIGINT")]
 #: Seconds a call may take before the test calls it hung.
 CALL_TIMEOUT = 30.0
@@ -131,18 +132,27 @@ def test_signal_during_stream_drains_then_exits(
 
             server.process.send_signal(signum)
 
-            # 1. Health turns NOT_SERVING while the stream goes on.
+            # 1. Health turns NOT_SERVING while the stream goes on; "liveness" does not
+            #    (a liveness probe must not kill a draining server).
             wait_until(lambda: health_status(channel) == NOT_SERVING, "health NOT_SERVING")
             assert health_status(channel, INFERENCE_SERVICE) == NOT_SERVING
+            assert health_status(channel, "liveness") == SERVING
             assert stream.is_alive(), "the stream ended before the grace period"
             seen = len(stream.messages)
 
-            # 2. New calls are refused with UNAVAILABLE.
+            # 2. New calls are refused with UNAVAILABLE, before any header (Trailers-Only:
+            #    a client's retry policy may send them to another server), the request id
+            #    in the trailers.
             with pytest.raises(grpc.RpcError) as refused:
                 pb_grpc.InferenceServiceStub(channel).Generate(
-                    pb.GenerateRequest(model="bytelm", inputs="def "), timeout=5
+                    pb.GenerateRequest(model="bytelm", inputs="def "),
+                    timeout=5,
+                    metadata=(("x-request-id", "drained-1"),),
                 )
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (refused.value.details() or "")
+            assert not refused.value.initial_metadata()
+            assert ("x-request-id", "drained-1") in refused.value.trailing_metadata()
 
             # 3. The stream in flight keeps going, then ends: Slow never ends by itself, so
             #    the server ends it, in order, shortly before the grace runs out.

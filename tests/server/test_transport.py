@@ -10,7 +10,10 @@ broken run), never on a clock.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,7 +24,13 @@ from protoserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from protoserve.server import ServerConfig
 from protoserve.server.config import add_arguments, from_arguments
 from protoserve.server.transport import transport_options
-from tests._h2frames import ENHANCE_YOUR_CALM, REFUSED_STREAM, RawConnection, grpc_message
+from tests._h2frames import (
+    ENHANCE_YOUR_CALM,
+    NO_ERROR,
+    REFUSED_STREAM,
+    RawConnection,
+    grpc_message,
+)
 from tests.e2e.conftest import ServerProcess, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -231,3 +240,59 @@ def test_the_flags_set_grpc_core_options() -> None:
     assert options["grpc.keepalive_permit_without_calls"] == 1
     assert options["grpc.http2.min_ping_interval_without_data_ms"] == 300_000
     assert options["grpc.http2.max_ping_strikes"] == 2
+
+
+def test_a_connection_past_its_age_gets_goaway_and_its_call_ends(tmp_path: Path) -> None:
+    """``--max-connection-age``: the connection gets GOAWAY (NO_ERROR) once its age is
+    reached, and a call in flight on it still ends with its status; its client then
+    connects again (resolving the server's name anew)."""
+    server = start_server(tmp_path, "--max-connection-age", "1", "--request-read-timeout", "3600")
+    try:
+        with connect(server) as connection:
+            # A call held open across the age: its request has not ended yet.
+            connection.send(connection.headers(1, LIST_MODELS))
+            connection.until(lambda: connection.goaway is not None, "a GOAWAY", within=30)
+            assert connection.goaway is not None
+            assert connection.goaway.error_code == NO_ERROR
+            assert connection.goaway.additional_data == b"max_age"
+            # The call in flight on it is kept: it ends with its status.
+            connection.send(connection.data(1, grpc_message(b""), end_stream=True))
+            assert connection.answered(1).grpc_status == OK
+        assert_serves(server)
+    finally:
+        stop_server(server)
+
+
+def test_max_connection_age_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, {})
+    assert "grpc.max_connection_age_ms" not in dict(
+        transport_options(from_arguments(parser.parse_args([]), {}))
+    )
+    config = from_arguments(
+        parser.parse_args(["--max-connection-age", "30", "--max-connection-age-grace", "2.5"]), {}
+    )
+    options = dict(transport_options(config))
+    assert options["grpc.max_connection_age_ms"] == 30_000
+    assert options["grpc.max_connection_age_grace_ms"] == 2_500
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--max-connection-age-grace", "5"],
+            "--max-connection-age-grace needs --max-connection-age",
+        ),
+        (["--max-connection-age", "0"], "--max-connection-age must be above 0, not 0"),
+    ],
+)
+def test_max_connection_age_mistakes_are_named(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "protoserve.clients.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
