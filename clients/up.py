@@ -4,13 +4,20 @@ Two processes, as they would run in production: a gateway problem cannot take
 the models down, and each can be restarted alone. ``up`` starts the server,
 waits until it is listening, starts the gateway against it, and forwards
 SIGTERM/SIGINT to both. If either exits, the other is stopped too.
+
+``--replicas N`` starts N servers instead, on N consecutive ports, and one gateway
+balancing over them (``gateway/_balancing.py``), to try locally what many pods do
+(docs/deploy.md, "Many servers"): a server that exits, for a signal sent to it alone,
+is started again on its port a second later; the gateway and the others go on.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +28,9 @@ from pathlib import Path
 from protoserve.common.workers import die_with_parent, prepare_die_with_parent, worker_count
 
 __all__ = ["main"]
+
+#: Restarts of one replica (--replicas) before ``up`` gives up and stops them all.
+_RESTARTS = 5
 
 
 def _wait_for_port(
@@ -61,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="serve every model folder of DIR, as for `protoserve serve` (then no "
         "built-in model unless --model bytelm)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=worker_count,
+        metavar="N",
+        default=1,
+        help="gRPC servers, each a process of its own on the next port (--grpc-port, +1, "
+        "...; 0: each a free one), with the gateway balancing over them; one that exits "
+        "alone is started again (default 1)",
     )
     _worker_arguments(parser)
     _tls_arguments(parser)
@@ -182,10 +201,27 @@ def _command(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "protoserve.clients.cli", name, *args]
 
 
-def _serve(args: argparse.Namespace, port_file: Path) -> list[str]:
+def _upstream(host: str, ports: Sequence[int]) -> str:
+    """The gateway's gRPC target for the servers on ``ports`` of ``host``: ``host:port``
+    for one; an address list (``ipv4:``/``ipv6:``), balanced over, for more."""
+    dial = _dial_host(host)
+    if len(ports) == 1:
+        return f"{dial}:{ports[0]}"
+    address = dial.strip("[]")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:  # a name: its first address, as the servers listen on it
+        address = str(socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)[0][4][0])
+    if ipaddress.ip_address(address).version == 4:
+        return "ipv4:" + ",".join(f"{address}:{port}" for port in ports)
+    return "ipv6:" + ",".join(f"[{address}]:{port}" for port in ports)
+
+
+def _serve(args: argparse.Namespace, port_file: Path, port: int | None = None) -> list[str]:
+    port = args.grpc_port if port is None else port
     return _command(
         "serve",
-        *("--host", args.host, "--port", str(args.grpc_port), "--port-file", str(port_file)),
+        *("--host", args.host, "--port", str(port), "--port-file", str(port_file)),
         *(f"--model={m}" for m in args.model),
         *([f"--model-repository={args.model_repository}"] if args.model_repository else []),
         *_serve_tls(args),
@@ -194,10 +230,10 @@ def _serve(args: argparse.Namespace, port_file: Path) -> list[str]:
     )
 
 
-def _gateway(args: argparse.Namespace, grpc_port: int, port_file: Path) -> list[str]:
+def _gateway(args: argparse.Namespace, grpc_ports: Sequence[int], port_file: Path) -> list[str]:
     return _command(
         "gateway",
-        *("--upstream", f"{_dial_host(args.host)}:{grpc_port}", "--host", args.host),
+        *("--upstream", _upstream(args.host, grpc_ports), "--host", args.host),
         *_gateway_tls(args),
         *("--port", str(args.http_port), "--port-file", str(port_file)),
         *([f"--workers={args.gateway_workers}"] if args.gateway_workers else []),
@@ -218,9 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_tls(parser, args)
     with tempfile.TemporaryDirectory(prefix="protoserve-up-") as scratch:
-        grpc_file, http_file = Path(scratch) / "grpc", Path(scratch) / "http"
-        server = _start(_serve(args, grpc_file))
-        children = [server]
+        http_file = Path(scratch) / "http"
+        grpc_files = [Path(scratch) / f"grpc-{i}" for i in range(args.replicas)]
+        servers = [
+            _start(_serve(args, path, _replica_port(args, i))) for i, path in enumerate(grpc_files)
+        ]
+        children = list(servers)
         stopping = False
 
         def forward(signum: int, frame: object) -> None:
@@ -232,24 +271,66 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
-        grpc_port = _wait_for_port(server, grpc_file, "gRPC server", 300)
-        if grpc_port is None:
-            forward(signal.SIGTERM, None)
-            server.wait()
-            return 1
-        gateway = _start(_gateway(args, grpc_port, http_file))
+        grpc_ports: list[int] = []
+        for server, path in zip(servers, grpc_files, strict=True):
+            port = _wait_for_port(server, path, "gRPC server", 300)
+            if port is None:
+                forward(signal.SIGTERM, None)
+                for child in children:
+                    child.wait()
+                return 1
+            grpc_ports.append(port)
+        gateway = _start(_gateway(args, grpc_ports, http_file))
         children.append(gateway)
         http_port = _wait_for_port(gateway, http_file, "gateway", 60)
         if http_port is not None:
+            where = ", ".join(  # and each replica's pid, to try a signal on one
+                f"{args.host}:{port}" + (f" (pid {server.pid})" if args.replicas > 1 else "")
+                for port, server in zip(grpc_ports, servers, strict=True)
+            )
             print(
-                f"protoserve up: gRPC on {args.host}:{grpc_port}, "
+                f"protoserve up: gRPC on {where}, "
                 f"HTTP on http://{args.host}:{http_port} (docs at /docs)",
                 flush=True,
             )
-        # Whichever ends first (a signal, or a crash), the other follows.
-        while all(child.poll() is None for child in children) and http_port is not None:
+        # Whichever ends first (a signal, or a crash), the others follow; but with
+        # replicas, a server that ends alone is started again, on its port (up to
+        # _RESTARTS times each: one that cannot start stops the set).
+        restarts = [0] * args.replicas
+        while http_port is not None and not stopping:
+            if gateway.poll() is not None:
+                break
+            ended = [i for i, s in enumerate(servers) if s.poll() is not None]
+            if ended and (args.replicas == 1 or any(restarts[i] >= _RESTARTS for i in ended)):
+                break
+            for i in ended:
+                restarts[i] += 1
+                servers[i] = _restart(args, servers[i], grpc_ports[i], Path(scratch) / f"again-{i}")
+                children[i] = servers[i]
             time.sleep(0.2)
         if not stopping:
             forward(signal.SIGTERM, None)
         codes = [child.wait() for child in children]
         return 0 if stopping and all(code == 0 for code in codes) else max(1, *codes)
+
+
+def _replica_port(args: argparse.Namespace, index: int) -> int:
+    """Replica ``index``'s port: the next after ``--grpc-port`` for each, or 0 (a free one)."""
+    return args.grpc_port + index if args.grpc_port else 0
+
+
+def _restart(
+    args: argparse.Namespace, ended: subprocess.Popen[bytes], port: int, port_file: Path
+) -> subprocess.Popen[bytes]:
+    """A replica that ended, started again on its port a second later."""
+    print(
+        f"protoserve up: the gRPC server on port {port} (pid {ended.pid}) exited with "
+        f"{ended.returncode}; starting it again",
+        file=sys.stderr,
+        flush=True,
+    )
+    time.sleep(1)
+    port_file.unlink(missing_ok=True)
+    server = _start(_serve(args, port_file, port))
+    print(f"protoserve up: gRPC server on port {port} is pid {server.pid}", flush=True)
+    return server

@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from protoserve.gateway._balancing import channel_options
 from protoserve.gateway._call import Call, answer_error, build_call, grpc_path
 from protoserve.gateway._callmeta import metadata_headers
 from protoserve.gateway._cancel import CLIENT_CLOSED, disconnected, race
@@ -340,6 +341,8 @@ class AppOptions(TypedDict, total=False):
     max_message_bytes: int
     title: str
     channel_credentials: grpc.ChannelCredentials | None
+    upstream_retries: int
+    upstream_health_check: bool
     docs: bool
     metrics: bool
 
@@ -358,6 +361,8 @@ def build_app(
     codecs: Mapping[str, Codec | None] | None = None,
     pages: Mapping[str, Endpoint] | None = None,
     channel_credentials: grpc.ChannelCredentials | None = None,
+    upstream_retries: int = 2,
+    upstream_health_check: bool = True,
     docs: bool = True,
     metrics: bool = True,
 ) -> Starlette:
@@ -367,8 +372,10 @@ def build_app(
     is this plus protoserve's own pieces.
 
     Args:
-        upstream: ``host:port`` of the gRPC server (a channel is opened at startup), or
-            an open ``grpc.aio.Channel``.
+        upstream: a gRPC target (``host:port``, ``dns:///name:port``,
+            ``ipv4:a:p,b:q``; a channel is opened at startup, balanced round robin
+            over its addresses: ``gateway/_balancing.py``), or an open
+            ``grpc.aio.Channel``, used as it is.
         descriptors: what to serve.
         cors_origins: origins allowed by CORS; none (CORS off) by default.
         max_body_bytes: larger request bodies are refused with 413.
@@ -385,6 +392,12 @@ def build_app(
         channel_credentials: TLS (and mTLS) for the channel the gateway opens to a
             ``host:port`` upstream (``grpc.ssl_channel_credentials``); None, the
             default, is plaintext. Not used with an open channel.
+        upstream_retries: retries of a call an upstream server refused with
+            UNAVAILABLE before any header (a draining protoserve), on another
+            server; 0 to 4, 0: none. Not used with an open channel.
+        upstream_health_check: send calls only to upstream servers whose health
+            ``""`` is SERVING (gRPC client-side health checking). Not used with an
+            open channel.
         docs: serve ``/openapi.json`` and the ``/docs`` page; False: both answer 404.
         metrics: serve the gateway's Prometheus ``/metrics``; False: it answers 404
             (the gateway still counts).
@@ -408,6 +421,7 @@ def build_app(
         channel_options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            *channel_options(retries=upstream_retries, health_check=upstream_health_check),
         ],
         channel_credentials=channel_credentials,
     )

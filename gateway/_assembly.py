@@ -36,8 +36,9 @@ def build_gateway(
     """A Starlette app serving every method of ``descriptors`` over HTTP, calling ``upstream``.
 
     Args:
-        upstream: ``host:port`` of the gRPC server (a channel is opened at startup), or
-            an open ``grpc.aio.Channel``.
+        upstream: a gRPC target (``host:port``, ``dns:///name:port``,
+            ``ipv4:a:p,b:q``; a channel is opened at startup, balanced over its
+            servers), or an open ``grpc.aio.Channel``.
         descriptors: what to serve; protoserve's own API (compiled in) by default.
         playground: serve the text-generation playground page at ``/``; by default
             only when ``descriptors`` include ``protoserve.inference.v1.InferenceService``.
@@ -48,7 +49,8 @@ def build_gateway(
             that service.
         options: ``cors_origins``, ``max_body_bytes``, ``keepalive``,
             ``forwarded_headers``, ``use_proto_names``, ``max_message_bytes``, ``title``,
-            ``channel_credentials`` (TLS to the upstream): as ``build_app``
+            ``channel_credentials`` (TLS to the upstream), ``upstream_retries``,
+            ``upstream_health_check``: as ``build_app``
             (``gateway/_app.py``) documents them.
             ``docs`` and ``metrics`` (False turns those pages off) too.
 

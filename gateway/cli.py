@@ -22,6 +22,7 @@ from protoserve.common import workers
 from protoserve.common.hosts import is_loopback
 from protoserve.common.logs import FORMATS
 from protoserve.common.logs import configure as configure_logging
+from protoserve.gateway._balancing import MAX_RETRIES
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -39,6 +40,14 @@ def _env(name: str, default: str) -> str:
     for a Service named protoserve-gateway; ``--port`` must still win over it.)
     """
     return os.environ.get(f"PROTOSERVE_GATEWAY_{name}", default)
+
+
+def _retries(text: str) -> int:
+    """--upstream-retries: 0 to MAX_RETRIES (gRPC's cap: 5 attempts in all)."""
+    value = int(text)
+    if not 0 <= value <= MAX_RETRIES:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_RETRIES}: {text!r}")
+    return value
 
 
 def _grace(text: str) -> float:
@@ -86,7 +95,25 @@ def _upstream_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--upstream",
         default=_flag("--upstream", "127.0.0.1:50051"),
-        help="the gRPC server, HOST:PORT (default %(default)s)",
+        help="the gRPC server: HOST:PORT, or any gRPC target for many servers "
+        "(dns:///NAME:PORT, ipv4:HOST:PORT,HOST:PORT), balanced round robin "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--upstream-retries",
+        type=_retries,
+        metavar="N",
+        default=_flag("--upstream-retries", "2"),
+        help="retries, on another server, of a call an upstream refused with UNAVAILABLE "
+        f"before any header, as a draining server does; 0 to {MAX_RETRIES} "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--upstream-health-check",
+        action=argparse.BooleanOptionalAction,
+        default=_on_unless_off("--upstream-health-check"),
+        help='send calls only to upstream servers whose health "" is SERVING (gRPC '
+        "client-side health checking; default: on)",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
@@ -323,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             docs=args.docs,
             playground=args.playground,
             metrics=args.metrics,
+            upstream_retries=args.upstream_retries,
+            upstream_health_check=args.upstream_health_check,
         )
         if args.certfile:
             # Load the pair now so that a bad file is a one-line error (exit 2), not a

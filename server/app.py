@@ -9,7 +9,9 @@ clients see it coming and no call ends without a status:
    may send to another server; those that arrived before are served.
 2. Calls in flight get ``shutdown_grace`` seconds to finish. Shortly before the
    grace runs out, generations still going are ended at their next step with
-   ``FINISH_REASON_CANCELLED`` (an orderly last message, status OK).
+   ``FINISH_REASON_CANCELLED`` (an orderly last message, status OK). Then, still
+   within the grace, the server waits until no call has arrived for a quarter
+   second: clients watching health have gone elsewhere.
 3. The gRPC server stops and the process exits 0. A second signal skips the wait.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,6 +61,8 @@ def model_health_name(model: str) -> str:
 
 #: Seconds before the end of the grace period at which generations are ended.
 _STOP_MARGIN = 1.0
+#: Seconds without a new call that end a drain once nothing is in flight.
+_QUIET = 0.25
 
 
 class InferenceServer:
@@ -231,12 +236,17 @@ class InferenceServer:
         """Drain and stop, as the module docstring describes."""
         grace = self.config.shutdown_grace if grace is None else grace
         log.info("shutting down: %d calls in flight, %.1fs grace", self.runtime.in_flight, grace)
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         self.runtime.begin_drain()
         if not await self.runtime.wait_idle(max(grace - _STOP_MARGIN, 0.0)):
             log.info("grace nearly over: ending %d calls", self.runtime.in_flight)
             self.runtime.stop_generations()
             await self.runtime.wait_idle(min(_STOP_MARGIN, grace))
+        # Clients watching health (a gateway) stop sending within a round trip; until
+        # then late calls are refused, to be retried elsewhere. grpc's stop would
+        # cancel them instead: it waits until none came for a moment (within the grace).
+        await self.runtime.wait_unasked(_QUIET, max(0.0, deadline - time.monotonic()))
         await self.server.stop(0.5)
         self.runtime.close()
         self._close_metrics()

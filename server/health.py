@@ -33,6 +33,8 @@ MAX_LISTED = 4096
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
     """grpcio's asyncio Health servicer, plus ``List`` and :data:`LIVENESS`."""
 
+    _gracefully_shutting_down: bool  # grpcio's, set in its __init__
+
     def __init__(self) -> None:
         super().__init__()
         self._server_status[LIVENESS] = health_pb2.HealthCheckResponse.SERVING

@@ -157,6 +157,8 @@ class Runtime:
         )
         self._started = False
         self._draining = False
+        #: When the drain last refused a call that arrived (or began): see wait_unasked.
+        self._last_refusal = 0.0
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -306,6 +308,7 @@ class Runtime:
         its model (its answer may have begun); one that arrives during the drain gets
         :class:`Draining`. For the call's own context (the transport's, per call)."""
         if self._draining:
+            self._last_refusal = time.monotonic()
             return False
         _ADMITTED.set(True)
         return True
@@ -314,6 +317,7 @@ class Runtime:
         """Refuse new requests with UNAVAILABLE (:class:`Draining`); those in flight go on,
         and so do those admitted before (:meth:`admit`)."""
         self._draining = True
+        self._last_refusal = time.monotonic()
         self._on_change()
 
     async def wait_idle(self, within: float) -> bool:
@@ -322,6 +326,17 @@ class Runtime:
             await asyncio.wait_for(self._idle.wait(), within)
         except TimeoutError:
             return False
+        return True
+
+    async def wait_unasked(self, quiet: float, within: float) -> bool:
+        """Draining, wait until no call has arrived for ``quiet`` seconds (clients that
+        watch health have gone elsewhere); False when ``within`` seconds passed first."""
+        deadline = time.monotonic() + within
+        while (left := self._last_refusal + quiet - time.monotonic()) > 0:
+            if time.monotonic() + left > deadline:
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                return False
+            await asyncio.sleep(left)
         return True
 
     def stop_generations(self) -> None:

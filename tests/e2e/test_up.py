@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests._observe import wait_until
 from tests._sse import events
 
 pytestmark = pytest.mark.e2e
@@ -70,3 +73,58 @@ def test_up_serves_http_and_grpc_and_stops_cleanly(tmp_path: Path) -> None:
         code = process.wait(30)
     assert code == 0, log.read_text()
     assert "stopped" in log.read_text()
+
+
+def test_up_replicas_balance_and_restart_a_server_that_ends(tmp_path: Path) -> None:
+    """``up --replicas 2``: two servers and a gateway over both; a server killed alone is
+    started again on its port, and the gateway goes on calling both."""
+    log = tmp_path / "up.log"
+    model = "tests.server.models_for_tests:Doubler"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "protoserve.clients.cli", "up", "--replicas", "2"),
+                *("--grpc-port", "0", "--http-port", "0", "--model", model),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    line = re.compile(
+        r"gRPC on [\d.]+:(\d+) \(pid (\d+)\), [\d.]+:(\d+) \(pid (\d+)\), HTTP on (http://[\d.:]+)"
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not (found := line.search(log.read_text())):
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        first_port, first_pid, second_port, _, base = found.groups()
+        assert first_port != second_port
+        with httpx.Client(base_url=base, timeout=30) as http:
+            assert http.get("/v1/models/doubler").status_code == 200
+            subprocess.run(["kill", "-KILL", first_pid], check=True)
+            deadline = time.monotonic() + 60
+            again = re.compile(rf"gRPC server on port {first_port} is pid (\d+)")
+            while not again.search(log.read_text()):
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            assert f"on port {first_port} (pid {first_pid}) exited with -9" in log.read_text()
+            with grpc.insecure_channel(f"127.0.0.1:{first_port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                request = health_pb2.HealthCheckRequest()
+                wait_until(
+                    lambda: (
+                        health.Check(request, timeout=60, wait_for_ready=True).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ),
+                    "the restarted server serving",
+                )
+            # Calls keep being answered throughout (the other server takes them).
+            for _ in range(20):
+                assert http.get("/v1/models/doubler").status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    assert code == 0, log.read_text()
