@@ -21,6 +21,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -50,7 +51,7 @@ PERF_ANALYZER_LIBS_ENV = "PROTOSERVE_PERF_ANALYZER_LD_LIBRARY_PATH"
 SERVICE = "/protoserve.inference.v1.InferenceService/"
 GROUPS = {
     "suite": ("gateway", "streams", "limit", "batching", "paths", "echo", "peers", "workers",
-              "memory"),
+              "replicas", "memory"),
     "runtime": ("embed", "generate", "overload"),
     "decoding": ("decoding",),
     "openai": ("openai",),
@@ -59,7 +60,7 @@ SCENARIOS = tuple(name for names in GROUPS.values() for name in names)
 #: The external load generators each scenario runs (ADR 0014).
 TOOLS = {"gateway": ("perf_analyzer", "wrk", "h2load"), "limit": ("perf_analyzer", "h2load"),
          "batching": ("h2load",), "peers": ("wrk", "h2load"), "embed": ("h2load",),
-         "echo": ("h2load",), "workers": ("h2load",)}  # fmt: skip
+         "echo": ("h2load",), "workers": ("h2load",), "replicas": ("wrk",)}  # fmt: skip
 #: protoserve as shipped: the default log level, INFO, writes one access line per call
 #: (the suite's other servers run at --log-level WARNING, as they always have).
 ACCESS_LOGS = ("--log-level", "INFO")
@@ -159,6 +160,7 @@ class Plan:
     echo_calls: int = 20000  # h2load -n of each echo-floor run (-c 1 -m 16)
     workers_connections: int = 8  # h2load -c of the workers scenario
     workers_streams: int = 8  # h2load -m (calls in flight per connection)
+    replicas_connections: int = 16  # wrk -c of the replicas scenario
     stream_tokens: int = 64
     stream_counts: tuple[tuple[int, int], ...] = ((1, 16), (16, 64))  # concurrency, streams
     limit_batch: int = 64
@@ -920,6 +922,107 @@ async def scenario_workers(s: Suite) -> dict[str, Any]:
         targets=[target(f"ModelInfer throughput, --workers 2 / --workers 1 ({conns} "
                         f"connections x {per} calls; reported, no target)", value, "reported",
                         None, f"{fig(rate[2])} vs {fig(rate[1])} req/s", issue=18)],
+    )  # fmt: skip
+
+
+REPLICAS = 3
+
+
+def predict_body() -> bytes:
+    """The v1 REST body of one Predict of the MLP: one row of float32."""
+    row = struct.pack(f"<{_model.FEATURES}f", *_model.sample_rows(1)[0])
+    message = pb.PredictRequest(model=MLP, inputs=[pb.Tensor(
+        name="INPUT0", data_type=pb.DATA_TYPE_FLOAT32, shape=[1, _model.FEATURES],
+        raw_data=row)])  # fmt: skip
+    return json.dumps(as_json(message)).encode()
+
+
+async def scenario_replicas(s: Suite) -> dict[str, Any]:
+    """One gateway over 1 server against over 3 (issue #19): throughput, spread, a drain."""
+    p = s.plan
+    c = p.replicas_connections
+    description = (
+        f"`protoserve gateway --upstream ipv4:A,B,C` over {REPLICAS} `protoserve serve` "
+        "processes (round robin, client-side health checking, retries of calls refused "
+        "before any header: gateway/_balancing.py) against the same gateway flags over one "
+        f"server. wrk POSTs v1 Predict of one row on `{MLP}` over {c} keep-alive "
+        f"connections, {fig(p.seconds)} s a window, {p.rounds} round(s) alternating. On "
+        f"this machine's {os.cpu_count()} cores the extra servers share the cores with the "
+        "gateway and wrk: the ratio says what balancing costs here, not what more machines "
+        "give. Then one server gets SIGTERM in the middle of a window: every call must still "
+        "be answered 200.")  # fmt: skip
+    servers = [await s.server(f"replica-{i}", "--shutdown-grace", "10") for i in range(REPLICAS)]
+    upstream = "ipv4:" + ",".join(proc.target for proc in servers)
+    gateways = {}
+    for n, dial in ((1, servers[0].target), (REPLICAS, upstream)):
+        name = f"gateway-over-{n}"
+        proc = srv.launch(s.python, s.tmp, name, "gateway", ["--upstream", dial])
+        s.procs.append(proc)
+        await srv.wait_ready(proc, time.monotonic() + 120, paths=["/v1/models"])
+        gateways[n] = proc
+    body = predict_body()
+    found: dict[int, list[lg.Point]] = {n: [] for n in gateways}
+    counts_before = [lg.value(lg.scrape(x.metrics_url), "protoserve_requests_total",
+                              method="Predict") for x in servers]  # fmt: skip
+    with s.peak_rss([*servers, *gateways.values()], "replicas"):
+        for r in range(p.rounds):
+            for n in (1, REPLICAS) if r % 2 == 0 else (REPLICAS, 1):
+                url = f"http://{gateways[n].target}/v1/models/{MLP}:predict"
+                point = lg.wrk(url, body, "application/json", c, p.seconds, s.tmp,
+                               f"gateway over {n}")  # fmt: skip
+                found[n].append(s.check(point, "replicas"))
+        counts = [lg.value(lg.scrape(x.metrics_url), "protoserve_requests_total",
+                           method="Predict") - b for x, b in zip(servers, counts_before,
+                                                                 strict=True)]  # fmt: skip
+        # Over 1 the first server took its share too: the spread is what the others got
+        # beside it, so compare the two that only the balanced gateway called.
+        over_n = sum(x.ok for x in found[REPLICAS])
+        spread = [counts[0] - sum(x.ok for x in found[1]), *counts[1:]]
+        # The drain: SIGTERM to the last server in the middle of a window.
+        url = f"http://{gateways[REPLICAS].target}/v1/models/{MLP}:predict"
+        drained = servers[-1]
+        window = asyncio.create_task(asyncio.to_thread(
+            lg.wrk, url, body, "application/json", c, p.seconds, s.tmp, "drain"))  # fmt: skip
+        await asyncio.sleep(p.seconds / 2)
+        signalled = time.monotonic()
+        drained.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(drained.proc.wait, 60)
+        drain_s = time.monotonic() - signalled
+        drain = s.check(await window, "replicas: drain")
+    rate = {n: ratio(sum(x.ok for x in pts), sum(x.seconds for x in pts))
+            for n, pts in found.items()}  # fmt: skip
+    value = ratio(rate[REPLICAS], rate[1])
+    even = over_n / REPLICAS
+    worst = max(abs(n - even) / even for n in spread) if even else float("nan")
+    if code != 0:
+        s.failures.append(f"replicas: the drained server exited with {code}")
+    return section(
+        "replicas", f"Many servers: a gateway over 1 against over {REPLICAS}", description,
+        {"connections": c, "window_s": p.seconds, "rounds": p.rounds},
+        series=[series(f"gateway over {n}", pts) for n, pts in found.items()],
+        tables=[
+            table("Throughput (req/s over all rounds)",
+                  ["servers", "req/s", "p50 ms", "p99 ms", "/ over 1"],
+                  [[n, fig(rate[n]), fig(lg.percentile([x.p50_ms for x in found[n]], 50)),
+                    fig(max(x.p99_ms for x in found[n])), fig(ratio(rate[n], rate[1]))]
+                   for n in found]),
+            table(f"Calls per server, gateway over {REPLICAS} (each server's own counter)",
+                  ["server", "Predict calls", "/ even share"],
+                  [[x.name, int(n), fig(ratio(n, even))] for x, n in zip(servers, spread,
+                                                                          strict=True)]),
+            table("SIGTERM to one server in the middle of a window",
+                  ["calls answered 200", "calls failed", "server exit", "SIGTERM to exit s"],
+                  [[drain.ok, drain.failed, code, fig(drain_s)]]),
+        ],
+        targets=[
+            target(f"Predict throughput through the gateway, {REPLICAS} servers / 1 "
+                   "(reported, no target on one machine)", value, "reported", None,
+                   f"{fig(rate[REPLICAS])} vs {fig(rate[1])} req/s", issue=19),
+            target("Largest distance of a server's calls from an even share", worst,
+                   "<= 0.20", worst <= 0.2, f"{[int(n) for n in spread]} calls", issue=19),
+            target("Calls failed while one server drained (SIGTERM) under load", drain.failed,
+                   "0", drain.failed == 0, f"{drain.ok} answered 200", issue=19),
+        ],
     )  # fmt: skip
 
 
