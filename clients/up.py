@@ -14,6 +14,7 @@ is started again on its port a second later; the gateway and the others go on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import signal
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from protoserve.common.workers import die_with_parent, prepare_die_with_parent, worker_count
@@ -31,6 +32,8 @@ __all__ = ["main"]
 
 #: Restarts of one replica (--replicas) before ``up`` gives up and stops them all.
 _RESTARTS = 5
+#: The signals ``up`` forwards to its children.
+_HELD = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 def _wait_for_port(
@@ -243,9 +246,16 @@ def _gateway(args: argparse.Namespace, grpc_ports: Sequence[int], port_file: Pat
 def _start(command: list[str]) -> subprocess.Popen[bytes]:
     """A child in a process group of its own, so that a terminal's Ctrl-C reaches `up`
     alone, which passes it on once (reaching the child too, it would be its second: no
-    drain); and it gets SIGTERM if `up` dies (on Linux)."""
+    drain); and it gets SIGTERM if `up` dies (on Linux). Its signals are not held, as
+    `up`'s may be while it starts one (:func:`_signals_held`): a child keeps the mask."""
     prepare_die_with_parent()
-    return subprocess.Popen(command, process_group=0, preexec_fn=die_with_parent)
+    return subprocess.Popen(command, process_group=0, preexec_fn=_child_setup)
+
+
+def _child_setup() -> None:
+    """In the child, before exec."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+    die_with_parent()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -305,9 +315,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             for i in ended:
                 restarts[i] += 1
-                servers[i] = _restart(args, servers[i], grpc_ports[i], Path(scratch) / f"again-{i}")
-                children[i] = servers[i]
-            time.sleep(0.2)
+                _say_ended(servers[i], grpc_ports[i])
+            time.sleep(1 if ended else 0.2)
+            # Signals wait while a replica starts: a stop then reaches it too.
+            with _signals_held():
+                if stopping:
+                    break
+                for i in ended:
+                    servers[i] = children[i] = _start_again(
+                        args, grpc_ports[i], Path(scratch) / f"again-{i}"
+                    )
         if not stopping:
             forward(signal.SIGTERM, None)
         codes = [child.wait() for child in children]
@@ -319,18 +336,28 @@ def _replica_port(args: argparse.Namespace, index: int) -> int:
     return args.grpc_port + index if args.grpc_port else 0
 
 
-def _restart(
-    args: argparse.Namespace, ended: subprocess.Popen[bytes], port: int, port_file: Path
-) -> subprocess.Popen[bytes]:
-    """A replica that ended, started again on its port a second later."""
+def _say_ended(server: subprocess.Popen[bytes], port: int) -> None:
     print(
-        f"protoserve up: the gRPC server on port {port} (pid {ended.pid}) exited with "
-        f"{ended.returncode}; starting it again",
+        f"protoserve up: the gRPC server on port {port} (pid {server.pid}) exited with "
+        f"{server.returncode}; starting it again",
         file=sys.stderr,
         flush=True,
     )
-    time.sleep(1)
+
+
+def _start_again(args: argparse.Namespace, port: int, port_file: Path) -> subprocess.Popen[bytes]:
+    """A replica that ended, started again on its port."""
     port_file.unlink(missing_ok=True)
     server = _start(_serve(args, port_file, port))
     print(f"protoserve up: gRPC server on port {port} is pid {server.pid}", flush=True)
     return server
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT wait (pending) inside the block, and are handled after it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)

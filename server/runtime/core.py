@@ -157,8 +157,8 @@ class Runtime:
         )
         self._started = False
         self._draining = False
-        #: When the drain last refused a call that arrived (or began): see wait_unasked.
-        self._last_refusal = 0.0
+        #: When a call last arrived during the drain (or the drain began): wait_unasked.
+        self._last_late_call = 0.0
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -308,7 +308,7 @@ class Runtime:
         its model (its answer may have begun); one that arrives during the drain gets
         :class:`Draining`. For the call's own context (the transport's, per call)."""
         if self._draining:
-            self._last_refusal = time.monotonic()
+            self._last_late_call = time.monotonic()
             return False
         _ADMITTED.set(True)
         return True
@@ -317,7 +317,7 @@ class Runtime:
         """Refuse new requests with UNAVAILABLE (:class:`Draining`); those in flight go on,
         and so do those admitted before (:meth:`admit`)."""
         self._draining = True
-        self._last_refusal = time.monotonic()
+        self._last_late_call = time.monotonic()
         self._on_change()
 
     async def wait_idle(self, within: float) -> bool:
@@ -332,7 +332,7 @@ class Runtime:
         """Draining, wait until no call has arrived for ``quiet`` seconds (clients that
         watch health have gone elsewhere); False when ``within`` seconds passed first."""
         deadline = time.monotonic() + within
-        while (left := self._last_refusal + quiet - time.monotonic()) > 0:
+        while (left := self._last_late_call + quiet - time.monotonic()) > 0:
             if time.monotonic() + left > deadline:
                 await asyncio.sleep(max(0.0, deadline - time.monotonic()))
                 return False
