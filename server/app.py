@@ -11,7 +11,7 @@ clients see it coming and no call ends without a status:
    grace runs out, generations still going are ended at their next step with
    ``FINISH_REASON_CANCELLED`` (an orderly last message, status OK). Then, still
    within the grace, the server waits until no call has arrived for a quarter
-   second: clients watching health have gone elsewhere.
+   second (a second at most): clients watching health have gone elsewhere.
 3. The gRPC server stops and the process exits 0. A second signal skips the wait.
 """
 
@@ -61,8 +61,10 @@ def model_health_name(model: str) -> str:
 
 #: Seconds before the end of the grace period at which generations are ended.
 _STOP_MARGIN = 1.0
-#: Seconds without a new call that end a drain once nothing is in flight.
+#: Seconds without a new call that end a drain once nothing is in flight ...
 _QUIET = 0.25
+#: ... waited for this long at most.
+_QUIET_MOST = 1.0
 
 
 class InferenceServer:
@@ -125,7 +127,7 @@ class InferenceServer:
             interceptors=[
                 # First, so that every handler below it, a refusal too, reads its request
                 # whole or answers: grpcio's own reading leaves such calls open (ADR 17).
-                WholeRequest(config.request_read_timeout, self.metrics, self.runtime.admit),
+                WholeRequest(config.request_read_timeout, self.metrics, self.runtime),
                 # One check for every call of every service (docs/adr/0016).
                 *([AuthInterceptor(self.auth, self.metrics)] if self.auth.intercepts else []),
             ],
@@ -245,8 +247,10 @@ class InferenceServer:
             await self.runtime.wait_idle(min(_STOP_MARGIN, grace))
         # Clients watching health (a gateway) stop sending within a round trip; until
         # then late calls are refused, to be retried elsewhere. grpc's stop would
-        # cancel them instead: it waits until none came for a moment (within the grace).
-        await self.runtime.wait_unasked(_QUIET, max(0.0, deadline - time.monotonic()))
+        # cancel them instead: it waits until none came for a moment, for a second at
+        # most (clients that do not watch health would keep it waiting; they reconnect).
+        left = max(0.0, deadline - time.monotonic())
+        await self.runtime.wait_unasked(_QUIET, min(_QUIET_MOST, left))
         await self.server.stop(0.5)
         self.runtime.close()
         self._close_metrics()

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -91,6 +91,28 @@ def _connection_age(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+class Admission(Protocol):
+    """Who decides, as a call arrives, whether the server takes it (the Runtime)."""
+
+    def admit(self) -> bool:
+        """Whether the call arriving now is taken; True obliges one :meth:`release`."""
+        ...
+
+    def release(self) -> None:
+        """A call taken has ended."""
+        ...
+
+
+class _Always:
+    """Every call is taken (no runtime behind the interceptor)."""
+
+    def admit(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
 class RequestTimedOut(ProtoserveError):
     """The whole request did not arrive within the server's ``--request-read-timeout``."""
 
@@ -140,13 +162,14 @@ class WholeRequest(_ServerInterceptor):
         self,
         read_timeout: float,
         metrics: Metrics | None = None,
-        admit: Callable[[], bool] | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.read_timeout = read_timeout
         self.metrics = metrics
-        #: Whether the server takes a call arriving now (Runtime.admit, in the call's
-        #: context): when not, its headers wait, so that a refusal goes without them.
-        self.admit = admit or (lambda: True)
+        #: Whether the server takes a call arriving now (the Runtime, asked in the
+        #: call's context): when not, its headers wait, so that a refusal goes without
+        #: them; when so, it is released as the call ends.
+        self.admission = admission or _Always()
 
     async def intercept_service(
         self,
@@ -184,13 +207,18 @@ class WholeRequest(_ServerInterceptor):
 
             async def unary(requests: object, context: Context) -> object:
                 # The frame begins first: its headers go out while the request is read.
-                begin(context, headers=self.admit())
+                admitted = self.admission.admit()
+                begin(context, headers=admitted)
                 try:
-                    request = await self._request(context, handler, name)
-                except BaseException:
-                    abandon()
-                    raise
-                return await inner(request, context)
+                    try:
+                        request = await self._request(context, handler, name)
+                    except BaseException:
+                        abandon()
+                        raise
+                    return await inner(request, context)
+                finally:
+                    if admitted:
+                        self.admission.release()
 
         else:
 
@@ -209,17 +237,22 @@ class WholeRequest(_ServerInterceptor):
             began = framed(inner)
 
             async def responses(requests: object, context: Context) -> AsyncIterator[object]:
+                admitted = began and self.admission.admit()
                 if began:
-                    begin(context, headers=self.admit())  # as for a unary method
+                    begin(context, headers=admitted)  # as for a unary method
                 try:
-                    request = await self._request(context, handler, name)
-                except BaseException:
-                    abandon()
-                    raise
-                # Closed at once when the call ends early, as the method's own would be.
-                async with contextlib.aclosing(inner(request, context)) as items:
-                    async for item in items:
-                        yield item
+                    try:
+                        request = await self._request(context, handler, name)
+                    except BaseException:
+                        abandon()
+                        raise
+                    # Closed at once when the call ends early, as the method's own would be.
+                    async with contextlib.aclosing(inner(request, context)) as items:
+                        async for item in items:
+                            yield item
+                finally:
+                    if admitted:
+                        self.admission.release()
 
             method: Callable[..., Any] = responses
         elif inspect.iscoroutinefunction(inner):  # writes with context.write (health's Watch)

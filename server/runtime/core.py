@@ -160,6 +160,9 @@ class Runtime:
         #: When a call last arrived during the drain (or the drain began): wait_unasked.
         self._last_late_call = 0.0
         self._in_flight = 0
+        #: Calls admitted (admit) and not yet ended (release), reading their request or
+        #: served: wait_idle waits for them too.
+        self._arriving = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -303,15 +306,24 @@ class Runtime:
         return self._in_flight
 
     def admit(self) -> bool:
-        """Whether the server takes new calls now (it is not draining), said when a call
-        arrives: a call admitted is served although the drain begins before it reaches
-        its model (its answer may have begun); one that arrives during the drain gets
-        :class:`Draining`. For the call's own context (the transport's, per call)."""
+        """Whether the server takes a call arriving now (it is not draining): a call
+        admitted is served although the drain begins before it reaches its model (its
+        answer may have begun), and the drain waits for it until :meth:`release`; one
+        that arrives during the drain gets :class:`Draining`, and counts as a late call
+        for :meth:`wait_unasked`. Called in the call's own context (the transport's)."""
         if self._draining:
             self._last_late_call = time.monotonic()
             return False
         _ADMITTED.set(True)
+        self._arriving += 1  # counted until release(): a drain waits for it
+        self._idle.clear()
         return True
+
+    def release(self) -> None:
+        """A call :meth:`admit` took has ended (its transport says so, once)."""
+        self._arriving -= 1
+        if self._arriving == 0 and self._in_flight == 0:
+            self._idle.set()
 
     def begin_drain(self) -> None:
         """Refuse new requests with UNAVAILABLE (:class:`Draining`); those in flight go on,
@@ -321,7 +333,8 @@ class Runtime:
         self._on_change()
 
     async def wait_idle(self, within: float) -> bool:
-        """Wait until no request is in flight; False when ``within`` seconds passed first."""
+        """Wait until no request is in flight and no admitted call is still going (its
+        request still being read, say); False when ``within`` seconds passed first."""
         try:
             await asyncio.wait_for(self._idle.wait(), within)
         except TimeoutError:
@@ -453,7 +466,7 @@ class Runtime:
         finally:
             self._streams -= slots
             self._in_flight -= 1
-            if self._in_flight == 0:
+            if self._in_flight == 0 and self._arriving == 0:
                 self._idle.set()
             entry.in_flight -= 1
             if entry.in_flight == 0:
