@@ -9,7 +9,6 @@ options including the retry policy of :func:`service_config`.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +16,8 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
+from protoserve.common import balancing
 
 from ._api import AsyncTransport, BaseClient, Metadata, Transport
 from ._errors import from_grpc_error
@@ -26,64 +27,11 @@ __all__ = ["CallStream", "ChannelSettings", "GrpcClientBase", "service_config"]
 _SERVICE = "protoserve.inference.v1.InferenceService"
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
-def _target(target: str | Sequence[str]) -> tuple[str, bool]:
-    """The channel target for one endpoint or several, and whether it balances.
-
-    Several ``host:port`` endpoints become one ``ipv4:`` (or ``ipv6:``) target,
-    gRPC's static address list, so round robin sees each as a backend. Names
-    cannot be listed that way: one ``dns:///name:port`` target with several
-    addresses does the same.
-    """
-    if isinstance(target, str):
-        return target, target.startswith("dns:")
-    endpoints = list(target)
-    if not endpoints:
-        raise ValueError("target: give at least one endpoint")
-    if len(endpoints) == 1:
-        return endpoints[0], endpoints[0].startswith("dns:")
-    hosts = [endpoint.rpartition(":")[0] for endpoint in endpoints]
-    if not all(_is_ip(host) for host in hosts):
-        raise ValueError(
-            "several endpoints must be IP addresses ('10.0.0.1:50051'); "
-            "for names use one 'dns:///name:port' target"
-        )
-    scheme = "ipv6" if all(host.startswith("[") for host in hosts) else "ipv4"
-    return f"{scheme}:{','.join(endpoints)}", True
-
-
 def service_config(retries: int, balance: bool) -> dict[str, Any]:
-    """The gRPC service config the clients use.
-
-    Calls that end UNAVAILABLE (server down, restarting, model loading) are
-    retried up to ``retries`` times with exponential backoff. gRPC retries a
-    stream only until its first response arrives, so a stream is never
-    replayed after text has reached the caller.
-    """
-    config: dict[str, Any] = {}
-    if balance:
-        config["loadBalancingConfig"] = [{"round_robin": {}}]
-    if retries > 0:
-        config["methodConfig"] = [
-            {
-                "name": [{"service": _SERVICE}],
-                "retryPolicy": {
-                    "maxAttempts": retries + 1,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    return config
+    """The gRPC service config the clients use (:func:`protoserve.common.balancing.
+    service_config`): round robin when balancing, and calls that end UNAVAILABLE (server
+    down, restarting, model loading) retried up to ``retries`` times."""
+    return balancing.service_config(retries=retries, balance=balance, services=[_SERVICE])
 
 
 class ChannelSettings:
@@ -105,7 +53,7 @@ class ChannelSettings:
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be 0 or more")
-        self.target, balance = _target(target)
+        self.target, balance = balancing.target_of(target)
         self.timeout = timeout
         if (certificate_chain is None) != (private_key is None):
             raise ValueError("certificate_chain and private_key go together")

@@ -342,7 +342,7 @@ class AppOptions(TypedDict, total=False):
     title: str
     channel_credentials: grpc.ChannelCredentials | None
     upstream_retries: int
-    upstream_health_check: bool
+    upstream_health_check: bool | None
     docs: bool
     metrics: bool
 
@@ -362,7 +362,7 @@ def build_app(
     pages: Mapping[str, Endpoint] | None = None,
     channel_credentials: grpc.ChannelCredentials | None = None,
     upstream_retries: int = 2,
-    upstream_health_check: bool = True,
+    upstream_health_check: bool | None = None,
     docs: bool = True,
     metrics: bool = True,
 ) -> Starlette:
@@ -396,8 +396,9 @@ def build_app(
             UNAVAILABLE before any header (a draining protoserve), on another
             server; 0 to 4, 0: none. Not used with an open channel.
         upstream_health_check: send calls only to upstream servers whose health
-            ``""`` is SERVING (gRPC client-side health checking). Not used with an
-            open channel.
+            ``""`` is SERVING (gRPC client-side health checking); None, the default:
+            when ``upstream`` may name several servers (``dns:``, an address list).
+            Not used with an open channel.
         docs: serve ``/openapi.json`` and the ``/docs`` page; False: both answer 404.
         metrics: serve the gateway's Prometheus ``/metrics``; False: it answers 404
             (the gateway still counts).
@@ -421,7 +422,16 @@ def build_app(
         channel_options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            *channel_options(retries=upstream_retries, health_check=upstream_health_check),
+            *(
+                channel_options(
+                    upstream,
+                    retries=upstream_retries,
+                    health_check=upstream_health_check,
+                    max_message_bytes=max_message_bytes,
+                )
+                if isinstance(upstream, str)
+                else ()
+            ),
         ],
         channel_credentials=channel_credentials,
     )

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, cast
 import uvicorn
 
 from protoserve.common import workers
+from protoserve.common.balancing import MAX_RETRIES
 from protoserve.common.hosts import is_loopback
 from protoserve.common.logs import FORMATS
 from protoserve.common.logs import configure as configure_logging
-from protoserve.gateway._balancing import MAX_RETRIES
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -40,14 +40,6 @@ def _env(name: str, default: str) -> str:
     for a Service named protoserve-gateway; ``--port`` must still win over it.)
     """
     return os.environ.get(f"PROTOSERVE_GATEWAY_{name}", default)
-
-
-def _retries(text: str) -> int:
-    """--upstream-retries: 0 to MAX_RETRIES (gRPC's cap: 5 attempts in all)."""
-    value = int(text)
-    if not 0 <= value <= MAX_RETRIES:
-        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_RETRIES}: {text!r}")
-    return value
 
 
 def _grace(text: str) -> float:
@@ -101,19 +93,21 @@ def _upstream_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--upstream-retries",
-        type=_retries,
+        type=int,
         metavar="N",
         default=_flag("--upstream-retries", "2"),
         help="retries, on another server, of a call an upstream refused with UNAVAILABLE "
         f"before any header, as a draining server does; 0 to {MAX_RETRIES} "
         "(default %(default)s)",
     )
+    health_check = _flag("--upstream-health-check", "").strip().lower()
     parser.add_argument(
         "--upstream-health-check",
         action=argparse.BooleanOptionalAction,
-        default=_on_unless_off("--upstream-health-check"),
+        default=None if not health_check else health_check in ("1", "true", "yes", "on"),
         help='send calls only to upstream servers whose health "" is SERVING (gRPC '
-        "client-side health checking; default: on)",
+        "client-side health checking; default: when --upstream may name several servers: "
+        "dns:, or an address list)",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(

@@ -340,3 +340,37 @@ def test_up_refuses_mtls_without_a_certificate_for_the_gateway(pki: PKI) -> None
     done = _cli("up", *_server_tls(pki), f"--client-ca={pki.ca}")
     assert done.returncode == 2
     assert "give it one with --upstream-certfile and --upstream-keyfile" in done.stderr
+
+
+def test_up_replicas_over_tls_check_each_server_against_its_host(pki: PKI, tmp_path: Path) -> None:
+    """``up --replicas 2 --certfile``: the gateway's address list is checked against the
+    host the certificate names (``gateway/_balancing.py``), not the list itself."""
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            _protoserve(
+                "up",
+                *("--replicas", "2", "--grpc-port", "0", "--http-port", "0"),
+                *("--model", "tests.server.models_for_tests:Doubler"),
+                f"--certfile={pki.self_signed_cert}",
+                f"--keyfile={pki.self_signed_key}",
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"HTTP on (http://[\d.:]+)", log.read_text())):
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        with httpx.Client(base_url=found.group(1), timeout=30) as http:
+            assert http.get("/readyz").json() == {"status": "SERVING"}
+            for _ in range(4):  # both servers, round robin
+                assert http.get("/v1/models/doubler").status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    assert code == 0, log.read_text()
