@@ -426,10 +426,7 @@ async def scenario_gateway(s: Suite) -> dict[str, Any]:
                 else:
                     http_pts.append(s.perf(gateway.target, "http", c, "REST via gateway"))
         if s.plan.both_generators:
-            row = struct.pack(f"<{_model.FEATURES}f", *_model.sample_rows(1)[0])
-            message = pb.PredictRequest(model=MLP, inputs=[pb.Tensor(
-                name="INPUT0", data_type=pb.DATA_TYPE_FLOAT32, shape=[1, _model.FEATURES],
-                raw_data=row)])  # fmt: skip
+            message = predict_message()
             body = json.dumps(as_json(message)).encode()
             url = f"http://{gateway.target}/v1/models/{MLP}:predict"
             for c in s.plan.levels:
@@ -928,13 +925,12 @@ async def scenario_workers(s: Suite) -> dict[str, Any]:
 REPLICAS = 3
 
 
-def predict_body() -> bytes:
-    """The v1 REST body of one Predict of the MLP: one row of float32."""
+def predict_message() -> pb.PredictRequest:
+    """One v1 Predict of the MLP: one row of float32."""
     row = struct.pack(f"<{_model.FEATURES}f", *_model.sample_rows(1)[0])
-    message = pb.PredictRequest(model=MLP, inputs=[pb.Tensor(
+    return pb.PredictRequest(model=MLP, inputs=[pb.Tensor(
         name="INPUT0", data_type=pb.DATA_TYPE_FLOAT32, shape=[1, _model.FEATURES],
         raw_data=row)])  # fmt: skip
-    return json.dumps(as_json(message)).encode()
 
 
 async def scenario_replicas(s: Suite) -> dict[str, Any]:
@@ -960,7 +956,7 @@ async def scenario_replicas(s: Suite) -> dict[str, Any]:
         s.procs.append(proc)
         await srv.wait_ready(proc, time.monotonic() + 120, paths=["/v1/models"])
         gateways[n] = proc
-    body = predict_body()
+    body = json.dumps(as_json(predict_message())).encode()
     found: dict[int, list[lg.Point]] = {n: [] for n in gateways}
     counts_before = [lg.value(lg.scrape(x.metrics_url), "protoserve_requests_total",
                               method="Predict") for x in servers]  # fmt: skip

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import os
 import signal
 import socket
@@ -26,6 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from protoserve.common.balancing import is_ip, target_of
 from protoserve.common.workers import die_with_parent, prepare_die_with_parent, worker_count
 
 __all__ = ["main"]
@@ -211,13 +211,11 @@ def _upstream(host: str, ports: Sequence[int]) -> str:
     if len(ports) == 1:
         return f"{dial}:{ports[0]}"
     address = dial.strip("[]")
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:  # a name: its first address, as the servers listen on it
+    if not is_ip(address):  # a name: its first address, as the servers listen on it
         address = str(socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)[0][4][0])
-    if ipaddress.ip_address(address).version == 4:
-        return "ipv4:" + ",".join(f"{address}:{port}" for port in ports)
-    return "ipv6:" + ",".join(f"[{address}]:{port}" for port in ports)
+    if ":" in address:
+        address = f"[{address}]"
+    return target_of([f"{address}:{port}" for port in ports])[0]
 
 
 def _serve(args: argparse.Namespace, port_file: Path, port: int | None = None) -> list[str]:
@@ -328,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not stopping:
             forward(signal.SIGTERM, None)
         codes = [child.wait() for child in children]
-        return 0 if stopping and all(code == 0 for code in codes) else max(1, *codes)
+        # Stopped by a signal, a replica that was still starting ends by it, not by its
+        # own drain (its handlers were not installed yet): no failure either.
+        stopped = {0, -signal.SIGTERM, -signal.SIGINT} if stopping else {0}
+        return 0 if stopping and all(code in stopped for code in codes) else max(1, *codes)
 
 
 def _replica_port(args: argparse.Namespace, index: int) -> int:

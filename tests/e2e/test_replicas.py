@@ -215,7 +215,9 @@ def test_a_killed_server_fails_only_its_own_streams(cluster: Cluster) -> None:
         assert stream.first.wait(30), "a stream never began"
     on_killed = sample(cluster.metrics_ports[1], "protoserve_streams_in_flight")
     on_kept = sample(cluster.metrics_ports[2], "protoserve_streams_in_flight")
-    assert (on_killed, on_kept) == (3, 3)
+    # Round robin: every other on each, unless gRPC rebuilt its list in between (it
+    # then starts at a random place). Both have some, which is what the test needs.
+    assert on_killed > 0 and on_kept > 0 and on_killed + on_kept == len(streams)
 
     with Load(cluster.http) as load:
         load.wait_for(50)

@@ -14,6 +14,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests._observe import wait_until
 from tests._sse import events
@@ -85,6 +86,7 @@ def test_up_replicas_balance_and_restart_a_server_that_ends(tmp_path: Path) -> N
             [
                 *(sys.executable, "-m", "protoserve.clients.cli", "up", "--replicas", "2"),
                 *("--grpc-port", "0", "--http-port", "0", "--model", model),
+                *("--", "--metrics-port", "0"),  # each replica logs its own
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -121,9 +123,21 @@ def test_up_replicas_balance_and_restart_a_server_that_ends(tmp_path: Path) -> N
                     ),
                     "the restarted server serving",
                 )
-            # Calls keep being answered throughout (the other server takes them).
-            for _ in range(20):
+            # Calls are answered throughout, and the gateway, untouched, sends the
+            # restarted server its share again (its own /metrics counts them).
+            metrics = re.findall(r"serving metrics on (http://[\d.:]+/metrics)", log.read_text())
+            assert len(metrics) == 3, log.read_text()
+
+            def served_by_the_restarted() -> float:
                 assert http.get("/v1/models/doubler").status_code == 200
+                return sum(
+                    s.value
+                    for family in text_string_to_metric_families(httpx.get(metrics[-1]).text)
+                    for s in family.samples
+                    if s.name == "protoserve_requests_total" and s.labels["method"] == "GetModel"
+                )
+
+            wait_until(lambda: served_by_the_restarted() > 0, "a call on the restarted server")
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(60)
