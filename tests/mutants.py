@@ -327,6 +327,22 @@ MUTANTS = (
         ("tests/server/test_coalescing.py",),
         "a stream that fell behind once stays paused for ever: its tokens read are not counted",
     ),
+    Mutant(
+        "drain-refusal-with-headers",
+        "server/transport.py",
+        "begin(context, headers=admitted)\n",
+        "begin(context, headers=True)\n",
+        ("tests/e2e/test_shutdown.py",),
+        "a call refused while draining has response headers: no client retries it elsewhere",
+    ),
+    Mutant(
+        "drain-forgets-admitted-calls",
+        "server/runtime/core.py",
+        "        self._arriving += 1  # counted until release(): a drain waits for it\n",
+        "",
+        ("tests/server/test_admission.py",),
+        "a drain stops while a call it took is still arriving: grpc's stop cancels it",
+    ),
 )
 
 

@@ -28,8 +28,9 @@ X = [RawTensor("x", "float32", (1,), struct.pack("<f", 1.0))]
 def test_an_admitted_call_is_served_across_the_drain_and_the_drain_waits_for_it() -> None:
     async def main() -> None:
         async with started(Doubler()) as runtime:
-            admitted = contextvars.copy_context()
+            admitted, other = contextvars.copy_context(), contextvars.copy_context()
             assert admitted.run(runtime.admit)  # the call arrives; its request is read...
+            assert other.run(runtime.admit)  # (and another one)
             runtime.begin_drain()  # ... while the drain begins
             assert not await runtime.wait_idle(0.05), "the drain did not wait for the call"
 
@@ -40,8 +41,11 @@ def test_an_admitted_call_is_served_across_the_drain_and_the_drain_waits_for_it(
                 finally:
                     runtime.release()
 
-            task = asyncio.get_running_loop().create_task(served(), context=admitted)
-            assert await task == struct.pack("<f", 2.0)
+            loop = asyncio.get_running_loop()
+            # The other call is served and ends: the first is still arriving.
+            assert await loop.create_task(served(), context=other) == struct.pack("<f", 2.0)
+            assert not await runtime.wait_idle(0.05), "the drain forgot the arriving call"
+            assert await loop.create_task(served(), context=admitted) == struct.pack("<f", 2.0)
             assert await runtime.wait_idle(1)
 
             late = contextvars.copy_context()
