@@ -29,6 +29,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "OutOfMemory",
     "PermissionDenied",
     "ProtoserveError",
     "ResourceExhausted",
@@ -153,6 +154,16 @@ class ResourceExhausted(ProtoserveError):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(retry_after * 1e9))
         super().__init__(message, details=[error_details_pb2.RetryInfo(retry_delay=delay)])
+
+
+class OutOfMemory(ResourceExhausted):
+    """The model's device ran out of memory for the batch this request was in: the model
+    goes on serving with smaller batches (:class:`~protoserve.server.runtime.scheduler.
+    Scheduler`); retry. ``ErrorInfo`` reason ``OUT_OF_MEMORY`` tells it from a full queue."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.details.append(_error_info("OUT_OF_MEMORY"))
 
 
 class FailedPrecondition(ProtoserveError):

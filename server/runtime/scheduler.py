@@ -23,6 +23,13 @@ at most ``max_queue + max_active`` (beyond that ResourceExhausted at once),
 and each job's unread output at most ``buffer`` items (a slow reader pauses
 its own job, not the others).
 
+Running out of memory (a CUDA out-of-memory error, or the CPU allocator's) is not the
+requests' fault, nor the end of the model: the requests of that batch (or decode step)
+end with :class:`OutOfMemory` (RESOURCE_EXHAUSTED, retry), and the model goes on with
+batches of half that size (dynamic batches) or half as many sequences decoded together;
+after ``OOM_RECOVERY`` good rounds at the smaller size it tries twice as many again, up
+to its own limit.
+
 A generation's reader that falls behind is not sent its chunks one by one: when
 it asks for the next, every chunk already delivered and not yet read comes as one
 (:meth:`Chunk.joined`). Nothing waits to be joined: a reader that keeps up gets
@@ -32,13 +39,14 @@ each token's chunk as soon as it is made, and one that lags catches up in one re
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, ClassVar, Generic, TypeVar
 
-from protoserve.server.runtime.errors import ResourceExhausted, Unavailable
+from protoserve.server.runtime.errors import OutOfMemory, ResourceExhausted, Unavailable
 from protoserve.server.runtime.generation import Chunk, TextAssembly, run_generation
 from protoserve.server.runtime.meter import Meter
 from protoserve.server.runtime.model import BatchDecoder, GenerationParams, Model
@@ -48,7 +56,12 @@ __all__ = ["Job", "Scheduler"]
 T = TypeVar("T")
 J = TypeVar("J", bound="Job[Any]")
 
+log = logging.getLogger("protoserve.server")
+
 _ITEM, _DONE, _ERROR = range(3)
+#: Good rounds (batches, decode steps) at a size an out-of-memory error imposed before
+#: the scheduler tries twice that size again.
+OOM_RECOVERY = 32
 #: Prompt tokens prefilled per round at most (but always one sequence): a burst of
 #: new requests must not stall the running sequences for all their prefills at once.
 PREFILL_TOKENS_PER_ROUND = 512
@@ -155,10 +168,16 @@ class _StepJob(Job[T]):
                     self._scheduler._observe_queue(self)
                 self._iterator = iter(self._factory())
             item = next(self._iterator)
+            if self.request:
+                self._scheduler._oom_active.went_well()
         except StopIteration:
             out.append((self, _DONE, None))
             return False
         except Exception as exc:  # model code failed: the request ends with an error
+            scheduler = self._scheduler
+            if self.request:  # out of memory: fewer requests at once (a load fails as is)
+                running = len(scheduler._active)
+                exc = scheduler._out_of_memory(exc, scheduler._oom_active, running, "requests")
             out.append((self, _ERROR, exc))
             return False
         out.append((self, _ITEM, item))
@@ -279,6 +298,11 @@ class Scheduler:
         self._batches: dict[Hashable, deque[_BatchItem[Any]]] = {}
         self._active: list[Job[Any]] = []
         self._closed = False
+        #: After an out-of-memory error: the most items in one dynamic batch, and the most
+        #: sequences decoded together, for now (None: the configured limit), and the good
+        #: rounds since (OOM_RECOVERY of them double the limit back). Worker thread only.
+        self._oom_batch: _Backoff = _Backoff(self.max_batch_size)
+        self._oom_active: _Backoff = _Backoff(self.max_active)
         self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
         self._thread.start()
 
@@ -459,16 +483,17 @@ class Scheduler:
         """
         taken: list[list[_BatchItem[Any]]] = []
         next_due = float("inf")
+        limit = self._oom_batch.limit
         for key in list(self._batches):
             queue = self._batches[key]
             total = sum(item.weight for item in queue)
             due_at = queue[0].submitted + self.max_batch_delay
-            if idle and total < self.max_batch_size and now < due_at:
+            if idle and total < limit and now < due_at:
                 next_due = min(next_due, due_at)
                 continue
             batch = [queue.popleft()]
             size = batch[0].weight
-            while queue and size + queue[0].weight <= self.max_batch_size:
+            while queue and size + queue[0].weight <= limit:
                 size += queue[0].weight
                 batch.append(queue.popleft())
             if not queue:
@@ -480,7 +505,7 @@ class Scheduler:
         while True:
             with self._lock:
                 while True:
-                    while self._waiting and len(self._active) < self.max_active:
+                    while self._waiting and len(self._active) < self._oom_active.limit:
                         self._active.append(self._waiting.popleft())
                     dropped = [j for j in self._active if j.cancelled]
                     for job in dropped:
@@ -545,8 +570,11 @@ class Scheduler:
             if len(results) != len(live):
                 raise RuntimeError(f"a batch of {len(live)} requests gave {len(results)} results")
         except Exception as exc:  # the model failed: every request of the batch ends with it
-            out.extend((item, _ERROR, exc) for item in live)
+            size = sum(item.weight for item in live)
+            error = self._out_of_memory(exc, self._oom_batch, size, "batched items")
+            out.extend((item, _ERROR, error) for item in live)
         else:
+            self._oom_batch.went_well()
             for item, result in zip(live, results, strict=True):
                 out.append((item, _ITEM, result))
                 out.append((item, _DONE, None))
@@ -579,8 +607,11 @@ class Scheduler:
                 try:
                     job.state, token = decoder.prefill(job.text, job.params)
                 except Exception as exc:
+                    # Out of memory: fewer sequences at once (this one's and theirs).
+                    running = len(self._active)
+                    error = self._out_of_memory(exc, self._oom_active, running, "sequences")
                     self._finish([job])
-                    self._deliver([(job, _ERROR, exc)])
+                    self._deliver([(job, _ERROR, error)])
                     continue
                 job.prefilled = True
                 out.append((job, _ITEM, job.assembly.push(token)))
@@ -609,16 +640,36 @@ class Scheduler:
                         f"a decode step of {len(stepping)} sequences gave {len(tokens)} tokens"
                     )
             except Exception as exc:  # the model failed: every sequence in the step ends
+                error = self._out_of_memory(exc, self._oom_active, len(stepping), "sequences")
                 for job in stepping:
                     self._release(job)
-                    out.append((job, _ERROR, exc))
+                    out.append((job, _ERROR, error))
                 self._finish(list(stepping))
             else:
+                self._oom_active.went_well()
                 for job, token in zip(stepping, tokens, strict=True):
                     out.append((job, _ITEM, job.assembly.push(token)))
                     if job.assembly.done:
                         self._end(job, out)
         self._deliver(out)
+
+    def _out_of_memory(
+        self, error: Exception, backoff: _Backoff, size: int, unit: str
+    ) -> Exception:
+        """What the requests of a failed round of ``size`` ``unit`` get: ``error`` itself,
+        or, when it is the device (or the CPU allocator) out of memory,
+        :class:`OutOfMemory`, with ``backoff`` halved and the device's cached blocks
+        given back."""
+        if not _is_out_of_memory(error):
+            return error
+        limit = backoff.halve(size)
+        _empty_device_cache()
+        message = (
+            f"model {self.name!r} ran out of memory with {size} {unit} at once; it now "
+            f"takes at most {limit} at once; retry"
+        )
+        log.warning("%s (%s)", message, error)
+        return OutOfMemory(message, retry_after=1.0)
 
     def _end(self, job: _Sequence, out: list[_Delivery]) -> None:
         """A sequence's last chunk is in ``out``: end its stream and free its place."""
@@ -626,6 +677,53 @@ class Scheduler:
         if job.prefilled:
             self._release(job)
         self._finish([job])
+
+
+class _Backoff:
+    """A limit (batch size, sequences at once) that out-of-memory errors halve and
+    good rounds restore: doubled after ``OOM_RECOVERY`` of them, up to ``ceiling``."""
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.limit = ceiling
+        self._good = 0
+
+    def halve(self, size: int) -> int:
+        """The new limit after ``size`` things at once did not fit: half of that."""
+        self.limit = max(1, min(self.limit, size // 2))
+        self._good = 0
+        return self.limit
+
+    def went_well(self) -> None:
+        if self.limit >= self.ceiling:
+            return
+        self._good += 1
+        if self._good >= OOM_RECOVERY:
+            self.limit, self._good = min(self.ceiling, self.limit * 2), 0
+            log.info("batch limit raised back to %d", self.limit)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """A device out of memory (torch's ``OutOfMemoryError``, CUDA or other), or the CPU
+    allocator's failure (a RuntimeError that says so), or Python's MemoryError."""
+    if isinstance(error, MemoryError):
+        return True
+    import torch  # the model's worker has it loaded
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in str(error) or "can't allocate memory" in str(error)
+    )
+
+
+def _empty_device_cache() -> None:
+    """Give the blocks torch's CUDA allocator keeps cached back to the device, so the
+    next, smaller, batch finds them."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.empty_cache()
 
 
 def _post(deliveries: list[_Delivery]) -> None:
