@@ -113,6 +113,8 @@ class InferenceServer:
             model_control=config.model_control_on,
             # An unloaded model's calls in flight get the grace a shutdown gives them.
             unload_grace=config.shutdown_grace,
+            device=config.device,
+            dtype=config.dtype,
         )
         self.server = grpc.aio.server(
             options=[

@@ -14,6 +14,13 @@ from protoserve.common.logs import configure as configure_logging
 from protoserve.server.app import InferenceServer
 from protoserve.server.auth import Auth, TokenFileError
 from protoserve.server.config import ServerConfig, add_arguments, from_arguments
+from protoserve.server.runtime.devices import (
+    DEVICE_FORMS,
+    DeviceError,
+    check_device,
+    place,
+    resolve_device,
+)
 from protoserve.server.runtime.loader import ModelSpecError, load_model_spec
 from protoserve.server.tls import TLSFileError, server_credentials
 
@@ -49,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--max-connection-age-grace must be 0 or more, "
                 f"not {config.max_connection_age_grace:g}"
             )
+    try:
+        check_device(config.device)
+    except DeviceError:
+        parser.error(f"--device: {config.device!r} is not one of {DEVICE_FORMS}")
     configure_logging(config.log_level, config.log_format)
     try:
         # A bad TLS or token file: one line before any model loads.
@@ -62,11 +73,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The whole repository missing is a mistake in the command, not a broken model.
         _fail(config.log_format, ValueError(f"model repository {repository!r} is not a folder"))
         return 2
+    try:
+        # A device this machine lacks: one line before any model loads (a repository
+        # model's own device is checked as it loads, and fails that model alone).
+        resolve_device(config.device)
+    except DeviceError as exc:
+        _fail(config.log_format, exc)
+        return 2
     if config.workers > 1:  # the workers load the models, each its own copy
         return _supervise(config, argv)
     try:
         models = [load_model_spec(spec) for spec in config.models]
-    except ModelSpecError as exc:
+        for name, model in models:
+            try:
+                place(model, config.device, config.dtype)
+            except DeviceError as exc:
+                raise DeviceError(f"model {name}: {exc}") from exc
+    except (ModelSpecError, DeviceError) as exc:
         _fail(config.log_format, exc)
         return 2
 

@@ -111,6 +111,13 @@ class ServerConfig:
     max_batch_delay_ms: float | None = None
     #: Most streaming calls in flight on the whole server; more get RESOURCE_EXHAUSTED.
     max_streams: int = 256
+    #: Where models run unless one says otherwise (its ``model.toml``, its class):
+    #: ``auto`` (the GPU when torch sees one, else the CPU), ``cpu``, ``cuda`` (the
+    #: current CUDA device) or ``cuda:N``.
+    device: str = "auto"
+    #: The dtype models compute in unless one says otherwise: ``float32``,
+    #: ``float16`` or ``bfloat16``.
+    dtype: str = "float32"
     #: Threads torch uses inside one model call (``torch.set_num_threads``);
     #: None: torch's default, one per core.
     torch_threads: int | None = None
@@ -207,6 +214,10 @@ _HELP = {
     "(default: each model's own; 1 turns dynamic batching off)",
     "max_batch_delay_ms": "milliseconds an idle model waits for more requests to fill "
     "a batch (default: each model's own)",
+    "device": "where models run unless their model.toml or class says otherwise: auto (the "
+    "GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default %(default)s)",
+    "dtype": "the dtype models compute in unless their model.toml or class says otherwise "
+    "(default %(default)s)",
     "torch_threads": "threads torch uses inside one model call (default: one per core)",
     "max_streams": "most streaming calls in flight on the server before "
     "RESOURCE_EXHAUSTED (default %(default)s)",
@@ -238,7 +249,10 @@ _OPTIONAL: dict[str, type] = {
     "max_connection_age": float,
     "max_connection_age_grace": float,
 }
-_CHOICES = {"log_format": ("text", "json")}
+_CHOICES = {
+    "log_format": ("text", "json"),
+    "dtype": ("float32", "float16", "bfloat16"),
+}
 _METAVARS = {
     "model_repository": "DIR",
     "certfile": "PEM",
@@ -247,6 +261,7 @@ _METAVARS = {
     "auth_token_file": "FILE",
     "admin_token_file": "FILE",
     "workers": "N",
+    "device": "DEVICE",
     # gRPC transport limits
     "request_read_timeout": "SECONDS",
     "max_streams_per_connection": "STREAMS",

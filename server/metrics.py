@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -26,7 +26,10 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from protoserve.server.runtime.devices import MemoryReader, cuda_memory
 from protoserve.server.runtime.meter import GenerationMeter, Meter
 
 __all__ = ["Metrics", "MetricsEndpoint"]
@@ -39,9 +42,15 @@ _MODEL = ("model",)
 
 
 class Metrics(Meter):
-    """The server's metrics, all in :attr:`registry`."""
+    """The server's metrics, all in :attr:`registry`.
 
-    def __init__(self) -> None:
+    Args:
+        memory: reads torch's CUDA memory per device for the ``protoserve_cuda_memory_*``
+            gauges, at each scrape (:func:`~protoserve.server.runtime.devices.cuda_memory`,
+            which reads none without CUDA).
+    """
+
+    def __init__(self, memory: MemoryReader = cuda_memory) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         counter = functools.partial(Counter, registry=self.registry)
         gauge = functools.partial(Gauge, registry=self.registry)
@@ -112,6 +121,9 @@ class Metrics(Meter):
             "Requests refused with RESOURCE_EXHAUSTED because the model was at capacity.",
             _MODEL,
         )
+        # Where models run, and torch's memory per CUDA device: read at each scrape.
+        self.devices = _Devices(memory)
+        self.registry.register(self.devices)
 
     def called(self, method: str, code: str, seconds: float) -> None:
         """A call of ``method`` ended with ``code`` after ``seconds`` (the calls' frame).
@@ -145,6 +157,9 @@ class Metrics(Meter):
         self.streams_in_flight.labels(name)
         for counter in (self.tokens, self.cancellations, self.rejections):
             counter.labels(name)
+
+    def add_placement(self, name: str, placement: Callable[[], tuple[str, str] | None]) -> None:
+        self.devices.placements[name] = placement
 
     def queued(self, model: str, seconds: float) -> None:
         self.queue_seconds.labels(model).observe(seconds)
@@ -184,6 +199,59 @@ class _GenerationSeries(GenerationMeter):
         self._in_flight.dec()
         if cancelled:
             self._cancellations.inc()
+
+
+class _Devices(Collector):
+    """``protoserve_model_device`` (an info gauge: one series per served model, 1, its
+    device and dtype as labels) and torch's CUDA memory per device, read when scraped.
+    The labels are bounded: the models, and this machine's devices."""
+
+    def __init__(self, memory: MemoryReader) -> None:
+        #: Per model name, what reads ``(device, dtype)`` of its served version.
+        self.placements: dict[str, Callable[[], tuple[str, str] | None]] = {}
+        self._memory = memory
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        info, allocated, reserved = self._families()
+        for name, read in list(self.placements.items()):
+            found = read()
+            if found is not None:
+                info.add_metric([name, *found], 1.0)
+        yield info
+        rows = self._memory()
+        if rows:  # absent without CUDA
+            for device, used, held in rows:
+                allocated.add_metric([device], float(used))
+                reserved.add_metric([device], float(held))
+            yield allocated
+            yield reserved
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "protoserve_model_device",
+                "1 for each served model, labelled with the device it runs on (cpu, "
+                "cuda:N) and the dtype it computes in; absent while none of its versions "
+                "is ready.",
+                labels=("model", "device", "dtype"),
+            ),
+            GaugeMetricFamily(
+                "protoserve_cuda_memory_allocated_bytes",
+                "Bytes of CUDA memory torch's allocator holds in tensors now, per device; "
+                "absent without CUDA.",
+                labels=("device",),
+            ),
+            GaugeMetricFamily(
+                "protoserve_cuda_memory_reserved_bytes",
+                "Bytes of CUDA memory torch's caching allocator has reserved now (in "
+                "tensors or cached for reuse), per device; absent without CUDA.",
+                labels=("device",),
+            ),
+        )
 
 
 def _is(read: Callable[[], str | None], value: str) -> Callable[[], float]:

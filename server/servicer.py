@@ -112,6 +112,8 @@ def model_message(entry: ModelEntry) -> pb.Model:
         inputs=[_tensor_spec(i) for i in model.describe_inputs()],
         outputs=[_tensor_spec(o) for o in model.describe_outputs()],
         parameters=[_parameter_spec(p) for p in model.parameters()],
+        device=entry.device_name,
+        dtype=entry.dtype_name,
     )
 
 

@@ -50,7 +50,13 @@ class ByteLMModel(Model):
     def load(self) -> None:
         # Inference threads: the worker thread owns the model; intra-op threads
         # are torch's default (one per core).
-        self._model = bytelm.load_pretrained(self._weights)
+        model = bytelm.load_pretrained(self._weights)
+        # The runtime has set the device and dtype (docs/devices.md); a model loaded
+        # without one stays on the CPU in float32. The KV caches, the batched
+        # decoder's store and every input follow the weights' device and dtype.
+        device = self.device if isinstance(self.device, torch.device) else None
+        dtype = self.dtype if isinstance(self.dtype, torch.dtype) else None
+        self._model = model.to(device=device, dtype=dtype)
         self.metadata = bytelm.read_metadata(self._weights)
 
     @property
@@ -91,7 +97,9 @@ class ByteLMModel(Model):
         # token (measured: 64 texts of ~80 bytes, 150 texts/s in one pass,
         # 199 in passes of 1024 tokens). Rows never affect each other.
         order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
-        vectors = torch.empty(len(batch), config.d_model)
+        # Gathered on the model's device; the runtime copies them to the CPU at once.
+        device = next(self.model.parameters()).device
+        vectors = torch.empty(len(batch), config.d_model, device=device)
         start = 0
         while start < len(order):
             end = start + 1
@@ -100,7 +108,7 @@ class ByteLMModel(Model):
             ):
                 end += 1
             rows = order[start:end]
-            vectors[rows] = bytelm.embed(self.model, [batch[i] for i in rows])
+            vectors[rows] = bytelm.embed(self.model, [batch[i] for i in rows], on_device=True)
             start = end
         return vectors
 
@@ -117,6 +125,7 @@ class _ByteLMDecoder(BatchDecoder):
         self.max_sequences = max_sequences
         self._batch = bytelm.BatchedDecoding(model, max_sequences, exact=exact)
         difference = self._batch.probe_difference
+        dtype = _weights_dtype(model)
         if not self._batch.batched:
             self.decoding = Decoding.SEQUENTIAL
             self.decoding_note = (
@@ -124,9 +133,9 @@ class _ByteLMDecoder(BatchDecoder):
                 f"{difference:.1e} of its largest logit)"
                 if exact
                 else f"a batched step is off by {difference:.1e} of the largest logit, more "
-                f"than float32 rounding allows ({bytelm.ROUNDING_TOLERANCE:.0e}): the model's "
+                f"than {dtype} rounding allows ({self._batch.tolerance:.0e}): the model's "
                 "forward is not what the batched step computes (overridden?), or rounds "
-                "coarser than float32"
+                f"coarser than {dtype}"
             )
         else:
             self.decoding = Decoding.BATCHED_EXACT if exact else Decoding.BATCHED
@@ -155,6 +164,11 @@ class _ByteLMDecoder(BatchDecoder):
         if token_id is None:
             return None
         return _token(token_id, self._batch.logprobs(handle))
+
+
+def _weights_dtype(model: bytelm.ByteLM) -> str:
+    """The dtype of a model's weights, by name (``float32``)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _token(token_id: int, scored: bytelm.TokenLogprobs | None) -> Token:

@@ -58,6 +58,7 @@ __all__ = [
     "load_pretrained",
     "read_metadata",
     "rounding_difference",
+    "rounding_tolerance",
     "sample_next",
     "save_pretrained",
     "token_logprobs",
@@ -477,6 +478,20 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
+def _on_host(logits: Tensor) -> Tensor:
+    """Logits as float32 on the CPU, where sampling and log probabilities run (with a
+    CPU generator, so that a seed gives the same tokens on every device): one copy
+    per step, none for float32 logits already there."""
+    return logits.detach().to("cpu", torch.float32)
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``: to a GPU from pinned memory, without waiting."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def generate_tokens(
     model: ByteLM,
     prompt_ids: list[int],
@@ -577,8 +592,9 @@ def generate_scored(
             else:
                 ids, history = _next_ids(cache, history, token, keep)
             logits, _ = model(torch.tensor([ids], dtype=torch.long, device=device), cache=cache)
+            last = _on_host(logits[0, -1])
             token = sample_next(
-                logits[0, -1],
+                last,
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
@@ -586,7 +602,7 @@ def generate_scored(
             )
             if token == config.eot_id:
                 return
-            scored = None if logprobs is None else token_logprobs(logits[0, -1], token, logprobs)
+            scored = None if logprobs is None else token_logprobs(last, token, logprobs)
         yield token, scored
 
 
@@ -629,6 +645,17 @@ _PROBE_ROWS = 64
 #: docs/adr/0015-batch-invariance.md). A step that mixed up rows, or a model whose
 #: ``forward`` the batched step does not reproduce, is off by far more than this.
 ROUNDING_TOLERANCE = 1e-4
+#: The same for a model in a 16-bit dtype, in units of its rounding (its ``eps``): each
+#: activation is rounded to 8 (bfloat16) or 11 (float16) bits, so a batched row may be
+#: a few units off where float32 is not; a mixed-up row is off by the whole logit.
+_HALF_ROUNDING_UNITS = 8
+
+
+def rounding_tolerance(dtype: torch.dtype) -> float:
+    """How far a batched step may be from a lone step for a model in ``dtype``:
+    :data:`ROUNDING_TOLERANCE` for float32, 8 units of rounding for 16-bit dtypes
+    (6e-2 for bfloat16, 8e-3 for float16)."""
+    return max(ROUNDING_TOLERANCE, _HALF_ROUNDING_UNITS * torch.finfo(dtype).eps)
 
 
 def rounding_difference(alone: Tensor, batched: Tensor) -> float:
@@ -863,9 +890,11 @@ class BatchedDecoding:
         self._free = list(range(max_sequences))
         self._sequences: dict[int, _Sequence] = {}
         self._next_handle = 0
+        #: How far a batched row may be from its lone step in the default mode.
+        self.tolerance = rounding_tolerance(dtype)
         self.probe_difference = self._probe_batched_step()
         self.batched = (
-            self.probe_difference == 0.0 if exact else self.probe_difference <= ROUNDING_TOLERANCE
+            self.probe_difference == 0.0 if exact else self.probe_difference <= self.tolerance
         )
 
     @property
@@ -986,9 +1015,12 @@ class BatchedDecoding:
                 else:
                     idx = torch.tensor([[seq.token]], dtype=torch.long, device=self._device)
                     logits, _ = self.model(idx, cache=seq.cache)
-                    results[i] = self._sample(seq, logits[0, -1])
+                    results[i] = self._sample(seq, _on_host(logits[0, -1]))
             if rows:
-                logits = self._forward([seqs[i].token for i in rows], [seqs[i].cache for i in rows])
+                # The whole batch's logits come to the CPU in one copy.
+                logits = _on_host(
+                    self._forward([seqs[i].token for i in rows], [seqs[i].cache for i in rows])
+                )
                 greedy = [j for j, i in enumerate(rows) if seqs[i].temperature == 0]
                 if greedy:
                     # One argmax for all greedy rows: per row, the same first
@@ -1033,7 +1065,7 @@ class BatchedDecoding:
         seq.cache.reset()
         idx = torch.tensor([seq.history], dtype=torch.long, device=self._device)
         logits, _ = self.model(idx, cache=seq.cache)
-        return self._sample(seq, logits[0, -1])
+        return self._sample(seq, _on_host(logits[0, -1]))
 
     def _sample(self, seq: _Sequence, logits: Tensor) -> int | None:
         token = sample_next(
@@ -1143,7 +1175,7 @@ class BatchedDecoding:
         return worst
 
 
-def embed(model: ByteLM, batch_ids: list[list[int]]) -> Tensor:
+def embed(model: ByteLM, batch_ids: list[list[int]], *, on_device: bool = False) -> Tensor:
     """Returns mean-pooled final hidden states for a batch of token sequences.
 
     Sequences are right-padded and masked, so each row's result does not
@@ -1156,6 +1188,9 @@ def embed(model: ByteLM, batch_ids: list[list[int]]) -> Tensor:
         model: The model.
         batch_ids: ``N`` lists of token ids.
 
+        on_device: Leave the result on the model's device (the caller gathers
+            several passes and copies them to the CPU at once); else on the CPU.
+
     Returns:
         ``Tensor[N, d_model]``, float32, not normalised. ``N == 0`` gives an
         empty ``[0, d_model]`` tensor.
@@ -1163,7 +1198,9 @@ def embed(model: ByteLM, batch_ids: list[list[int]]) -> Tensor:
     config = model.config
     device, _ = _model_device_dtype(model)
     if not batch_ids:
-        return torch.zeros(0, config.d_model, dtype=torch.float32)
+        return torch.zeros(
+            0, config.d_model, dtype=torch.float32, device=device if on_device else None
+        )
     rows = [list(ids[: config.context_length]) or [config.eot_id] for ids in batch_ids]
     width = max(len(r) for r in rows)
     idx = torch.full((len(rows), width), config.eot_id, dtype=torch.long)
@@ -1171,12 +1208,12 @@ def embed(model: ByteLM, batch_ids: list[list[int]]) -> Tensor:
     for i, r in enumerate(rows):
         idx[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         real[i, : len(r)] = True
-    idx, real = idx.to(device), real.to(device)
+    idx, real = _to_device(idx, device), _to_device(real, device)
     with torch.inference_mode():
         _, hidden = model(idx, attention_mask=real)
         weights = real.to(torch.float32).unsqueeze(-1)
         pooled: Tensor = (hidden.to(torch.float32) * weights).sum(dim=1) / weights.sum(dim=1)
-    return pooled.cpu()
+    return pooled if on_device else pooled.cpu()
 
 
 def default_weights_dir() -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from torch.export.passes import move_to_device_pass
 
 from protoserve.server.runtime.errors import FailedPrecondition
 from protoserve.server.runtime.model import Model, TensorInfo
@@ -38,6 +39,13 @@ class TorchFileModel(Model):
     named by them in order (a dict's keys must be the declared names). A result
     that does not fit the declared outputs fails the request with
     FAILED_PRECONDITION naming the mismatch: the declaration needs fixing.
+
+    The file loads onto the model's :attr:`~Model.device` (``map_location`` for
+    TorchScript; a ``torch.export`` program is moved there, its graph's device
+    constants too). With a :attr:`~Model.dtype` other than float32, its floating
+    parameters and buffers are cast to it, and so are floating inputs; floating
+    outputs come back as their declared dtype, or float32 when none is declared.
+    With float32 (the default) inputs and outputs pass as they are.
     """
 
     name = "torchfile"
@@ -48,23 +56,37 @@ class TorchFileModel(Model):
         self._module: Any = None
 
     def load(self) -> None:
+        device = self.device if isinstance(self.device, torch.device) else torch.device("cpu")
         if self.path.suffix == ".pt2":
             # torch.export.load keeps its deserializer in a global: two worker threads
             # loading at once (models, or versions of one model) must take turns.
             with _EXPORT_LOAD:
-                self._module = torch.export.load(str(self.path)).module()
+                program = torch.export.load(str(self.path))
+            if device.type != "cpu":
+                # Parameters, buffers and the device constants the graph holds.
+                program = move_to_device_pass(program, device)
+            self._module = program.module()
         else:
             # torch 2.13 deprecates TorchScript but users still have such files: load
             # them quietly, and say once in the log that .pt2 (torch.export) is the way on.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                self._module = torch.jit.load(str(self.path), map_location="cpu")  # type: ignore[no-untyped-call]
+                self._module = torch.jit.load(str(self.path), map_location=device)  # type: ignore[no-untyped-call]
             log.info(
                 "%s is TorchScript, which torch deprecates; torch.export (.pt2) "
                 "files are served too",
                 self.path,
             )
             self._module.eval()
+        if self._cast is not None:
+            # Floating parameters and buffers only: integer ones (indices) stay.
+            self._module.to(self._cast)
+
+    @property
+    def _cast(self) -> torch.dtype | None:
+        """The dtype floating tensors are cast to: the model's, when not float32."""
+        dtype = self.dtype
+        return dtype if isinstance(dtype, torch.dtype) and dtype != torch.float32 else None
 
     def warmup(self) -> None:
         # The input shapes are the model's own business: nothing generic to run.
@@ -76,8 +98,13 @@ class TorchFileModel(Model):
         # The runtime has checked the inputs against the declared ones, names included.
         names = [spec.name for spec in self.inputs] if self.inputs else sorted(inputs)
         args = [inputs[name] for name in names]
+        cast = self._cast
+        if cast is not None:
+            args = [t.to(cast) if t.is_floating_point() else t for t in args]
         with torch.inference_mode():
             result = self._module(*args)
+        if cast is not None:
+            result = self._uncast(result)
         if self.outputs:
             return self._declared_outputs(result, self.outputs)
         if isinstance(result, torch.Tensor):
@@ -87,6 +114,25 @@ class TorchFileModel(Model):
         if isinstance(result, tuple | list):
             return {f"output{i}": v for i, v in enumerate(result)}
         raise TypeError(f"the model returned {type(result).__name__}, not tensors")
+
+    def _uncast(self, result: object) -> object:
+        """Floating outputs of a model cast to 16 bits, back in what the API declares:
+        each declared output's dtype (in the declared order, or by a dict's keys), else
+        float32. Anything else is left for the checks that follow."""
+        declared = {spec.name: DTYPES.get(spec.dtype) for spec in self.outputs}
+        order = list(declared.values())
+
+        def back(value: object, want: torch.dtype | None) -> object:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                want = want if want is not None and want.is_floating_point else torch.float32
+                return value.to(want)
+            return value
+
+        if isinstance(result, dict):
+            return {k: back(v, declared.get(str(k))) for k, v in result.items()}
+        if isinstance(result, tuple | list):
+            return [back(v, order[i] if i < len(order) else None) for i, v in enumerate(result)]
+        return back(result, order[0] if order else None)
 
     def _declared_outputs(
         self, result: object, declared: Sequence[TensorInfo]

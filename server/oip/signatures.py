@@ -215,6 +215,21 @@ def _dynamic_batching(entry: ModelEntry) -> pb.ModelDynamicBatching | None:
     return None
 
 
+def _instance_group(entry: ModelEntry) -> pb.ModelInstanceGroup | None:
+    """Where the version runs, as Triton says it: one copy, on the CPU or on one GPU;
+    None before it is placed."""
+    device = entry.device
+    if device is None:
+        return None
+    group = pb.ModelInstanceGroup(name=entry.name, count=1)
+    if device.type == "cuda":
+        group.kind = pb.ModelInstanceGroup.KIND_GPU
+        group.gpus.append(int(entry.device_name.partition(":")[2]))
+    else:
+        group.kind = pb.ModelInstanceGroup.KIND_CPU
+    return group
+
+
 def model_config(entry: ModelEntry) -> pb.ModelConfig:
     """ModelConfig in Triton's terms, consistent with :func:`model_metadata`.
 
@@ -254,6 +269,9 @@ def model_config(entry: ModelEntry) -> pb.ModelConfig:
         ],
         model_transaction_policy=pb.ModelTransactionPolicy(decoupled=False),
     )
+    group = _instance_group(entry)
+    if group is not None:
+        config.instance_group.append(group)
     batching = _dynamic_batching(entry)
     if batching is not None:
         config.dynamic_batching.CopyFrom(batching)

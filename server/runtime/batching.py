@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from protoserve.server.runtime.devices import to_device, to_host
 from protoserve.server.runtime.model import Model
 from protoserve.server.runtime.tensors import RawTensor, to_raw
 
-__all__ = ["embed_batch", "predict_batch", "predict_batch_key"]
+__all__ = ["embed_batch", "predict_batch", "predict_batch_key", "predict_on_device"]
 
 
 def embed_batch(model: Model, payloads: list[tuple[list[str], bool]]) -> list[torch.Tensor]:
@@ -46,6 +47,19 @@ def _embeddings(model: Model, texts: list[str]) -> torch.Tensor:
     return vectors.detach().to("cpu", torch.float32).reshape(len(texts), -1)
 
 
+def predict_on_device(
+    model: Model, inputs: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """``model.predict`` with its inputs moved to the model's device and its outputs
+    back on the CPU: one copy of each tensor each way per model call. Dtypes are left
+    as they are (the model casts to its own: docs/devices.md)."""
+    device = model.device
+    if isinstance(device, torch.device):  # placed (a model not run by a runtime is not)
+        inputs = to_device(inputs, device)
+    outputs = model.predict(inputs, params)
+    return to_host(outputs)
+
+
 def predict_batch_key(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Hashable:
     """What requests must share to be run together: input dtypes and shapes but the
     first dimension, and the parameters. None when this request cannot be batched."""
@@ -70,7 +84,7 @@ def predict_batch(
         joined = batch[0]
     else:
         joined = {name: torch.cat([tensors[name] for tensors in batch]) for name in batch[0]}
-    outputs = model.predict(joined, params)
+    outputs = predict_on_device(model, joined, params)
     results: list[list[RawTensor]] = [[] for _ in batch]
     for name, value in outputs.items():
         if value.ndim == 0 or value.shape[0] != sum(rows):

@@ -30,8 +30,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from protoserve.server.runtime.batching import embed_batch, predict_batch, predict_batch_key
+from protoserve.server.runtime.batching import (
+    embed_batch,
+    predict_batch,
+    predict_batch_key,
+    predict_on_device,
+)
 from protoserve.server.runtime.decoding import DecodingChoice, choose_decoder
+from protoserve.server.runtime.devices import check_device, check_dtype, place
 from protoserve.server.runtime.errors import (
     Draining,
     InvalidArgument,
@@ -119,6 +125,11 @@ class Runtime:
         model_control: allow :meth:`load_model` and :meth:`unload_model`.
         unload_grace: seconds the requests in flight on an unloaded (or replaced)
             version get before its generations are ended and its thread stopped.
+        device, dtype: where models run and the dtype they compute in, unless a
+            model says otherwise (its ``model.toml``, its class): ``auto``, ``cpu``,
+            ``cuda`` or ``cuda:N``; ``float32``, ``float16`` or ``bfloat16``. Each
+            model's is resolved before it loads; a device this machine lacks fails
+            that model's load (:class:`~protoserve.server.runtime.devices.DeviceError`).
     """
 
     def __init__(
@@ -137,8 +148,13 @@ class Runtime:
         repository: str | Path | None = None,
         model_control: bool = True,
         unload_grace: float = 30.0,
+        device: str = "auto",
+        dtype: str = "float32",
     ) -> None:
         self.metrics = metrics if metrics is not None else Meter()
+        #: The server's device and dtype for models that name none (module docstring of
+        #: :mod:`~protoserve.server.runtime.devices`); checked for their form here.
+        self.device, self.dtype = check_device(device), check_dtype(dtype)
         self.batching = batching
         self.batch_invariant = batch_invariant
         self.max_streams = max_streams
@@ -190,6 +206,7 @@ class Runtime:
             self._metered.add(name)
             decodings = [d.value for d in Decoding]
             self.metrics.add_model(name, self._depth_of(name), self._decoding_of(name), decodings)
+            self.metrics.add_placement(name, self._placement_of(name))
         return ModelEntry(
             name, model, scheduler, version=version, batching=batching, batch_invariant=invariant
         )
@@ -205,6 +222,19 @@ class Runtime:
             served = self._models.versions_of(name)
             decoding = served[-1].decoding if served else None
             return None if decoding is None else decoding.value
+
+        return read
+
+    def _placement_of(self, name: str) -> Callable[[], tuple[str, str] | None]:
+        """Where the latest version served under ``name`` runs, ``(device, dtype)``, read
+        when scraped; None while none is served (loading, failed, unloaded)."""
+
+        def read() -> tuple[str, str] | None:
+            served = self._models.versions_of(name)
+            entry = served[-1] if served else None
+            if entry is None or entry.device is None or entry.state is not ModelState.READY:
+                return None
+            return entry.device_name, entry.dtype_name
 
         return read
 
@@ -250,6 +280,8 @@ class Runtime:
         scheduler, model = entry.scheduler, entry.model
 
         def load() -> DecodingChoice:
+            # Resolved here, in the worker thread: asking torch about CUDA may take time.
+            entry.device, entry.dtype = place(model, self.device, self.dtype)
             model.load()
             model.warmup()
             if warmup is not None:
@@ -646,7 +678,7 @@ class Runtime:
             if key is None:
 
                 def run() -> list[RawTensor]:
-                    outputs = model_.predict(tensors, params)
+                    outputs = predict_on_device(model_, tensors, params)
                     return [to_raw(name, value) for name, value in outputs.items()]
 
                 return await entry.scheduler.run(run)

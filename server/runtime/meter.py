@@ -43,6 +43,11 @@ class Meter:
         queue depth, ``decoding`` how its served version decodes (one of ``decodings``,
         or None), whenever the series are read."""
 
+    def add_placement(self, name: str, placement: Callable[[], tuple[str, str] | None]) -> None:
+        """A model is served under ``name`` (called once per name): ``placement`` reads
+        where its served version runs, ``(device, dtype)`` (``("cuda:0", "bfloat16")``),
+        or None while none is served, whenever the series are read."""
+
     def queued(self, model: str, seconds: float) -> None:
         """A request of ``model`` waited ``seconds`` in its queue before its first step."""
 

@@ -358,6 +358,20 @@ class Model:
     #: (its ``decoding`` is BATCHED) is not used; generations then take turns.
     batch_invariant: bool = False
 
+    #: Where the model runs. A class may ask for one (``"cpu"``, ``"cuda"``,
+    #: ``"cuda:1"``, ``"auto"``); None (the default) takes the server's ``--device``,
+    #: and a repository's ``model.toml`` ``device`` wins over both. Before
+    #: :meth:`load`, the runtime sets the concrete :class:`torch.device` on the
+    #: instance (``cpu``, ``cuda:0``): load the weights there, and put there the
+    #: tensors the model makes. :meth:`predict` gets its inputs on it already.
+    device: torch.device | str | None = None
+    #: The floating-point dtype the model computes in: ``"float32"``, ``"float16"``
+    #: or ``"bfloat16"``; None takes the server's ``--dtype`` (float32 by default);
+    #: ``model.toml``'s ``dtype`` wins. Set on the instance as a :class:`torch.dtype`
+    #: before :meth:`load`. The API's tensors keep their declared dtypes: casting
+    #: inputs to this dtype and outputs back is the model's (docs/devices.md).
+    dtype: torch.dtype | str | None = None
+
     #: How :meth:`chat_prompt` turns a conversation into a prompt, and the stop
     #: sequences every chat generation gets. A model repository's ``[chat_template]``
     #: sets it on the instance.

@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
+from protoserve.server.runtime.devices import device_name, dtype_name
 from protoserve.server.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -100,6 +103,10 @@ class ModelEntry:
     batch_invariant: bool = False
     #: How its generations decode, once loaded (None: it does not generate text).
     decoding: Decoding | None = None
+    #: Where it runs and the dtype it computes in, once placed before its load
+    #: (:func:`~protoserve.server.runtime.devices.place`); None before.
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
     #: When it became READY, in Unix seconds (None before); OpenAI's model ``created``.
     ready_at: int | None = field(default=None, init=False)
     #: Requests using this version now; it is unloaded once none is left.
@@ -116,10 +123,10 @@ class ModelEntry:
     def described(self, kind: str, build: Callable[[ModelEntry], T], extra: Any = None) -> T:
         """``build(self)``, built once and kept (a face's description of the version: its
         GetModel or ModelMetadata response), rebuilt when the version's state, its
-        message or its decoding changes, or ``extra`` (what else the value shows,
+        message, its decoding or its placement changes, or ``extra`` (what else the value shows,
         hashable) does. A change of the model's configuration makes new entries.
         The value is shared: whoever takes it must not change it."""
-        key = (self.state, self.state_message, self.decoding, extra)
+        key = (self.state, self.state_message, self.decoding, self.device, self.dtype, extra)
         held = self._described.get(kind)
         if held is not None and held[0] == key:
             value: T = held[1]
@@ -127,6 +134,16 @@ class ModelEntry:
         value = build(self)
         self._described[kind] = (key, value)
         return value
+
+    @property
+    def device_name(self) -> str:
+        """Where it runs, as reported: ``cpu``, ``cuda:0``; "" before it is placed."""
+        return device_name(self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype it computes in, as reported: ``float32``; "" before it is placed."""
+        return dtype_name(self.dtype)
 
     def mark_ready(self) -> None:
         """The version loaded and warmed: READY from now on."""

@@ -16,6 +16,8 @@
     name = "doubler"          # optional; the folder's name by default
     source = "model.pt2"      # "bytelm", "package.module:Class", or a file in each version folder
     versions = "latest"       # "latest" (the highest numbered folder), "all", or [1, 3]
+    device = "cuda:1"         # optional: auto, cpu, cuda or cuda:N; the server's --device
+    dtype = "bfloat16"        # optional: float32, float16 or bfloat16; the server's --dtype
 
     [batching]                # optional; overrides the server's flags for this model
     enabled = true
@@ -72,6 +74,14 @@ from typing import Any
 
 import torch
 
+from protoserve.server.runtime.batching import predict_on_device
+from protoserve.server.runtime.devices import (
+    DEVICE_FORMS,
+    DTYPE_NAMES,
+    DeviceError,
+    check_device,
+    check_dtype,
+)
 from protoserve.server.runtime.loader import (
     ModelSpecError,
     check_model_name,
@@ -112,6 +122,8 @@ _TOP_KEYS = {
     "inputs",
     "outputs",
     "chat_template",
+    "device",
+    "dtype",
 }
 _BATCHING_KEYS = {
     "enabled",
@@ -185,7 +197,7 @@ class Warmup:
         if self.inputs:
             if Task.TENSOR_PREDICTION not in tasks:
                 raise ValueError("warmup.inputs is set, but the model does not predict")
-            model.predict({t.name: t.tensor() for t in self.inputs}, {})
+            predict_on_device(model, {t.name: t.tensor() for t in self.inputs}, {})
 
 
 @dataclass(frozen=True)
@@ -205,6 +217,13 @@ class ModelConfig:
     #: The ``[chat_template]`` keys set, as ``(field, value)`` pairs: they replace
     #: those of the model's own :attr:`Model.chat_template`.
     chat_template: tuple[tuple[str, Any], ...] = ()
+    #: Where the model runs and the dtype it computes in (set on each model built, over
+    #: its class's :attr:`Model.device` and :attr:`Model.dtype`); None keeps the class's,
+    #: or the server's ``--device`` and ``--dtype``. Resolved when the model loads
+    #: (:func:`~protoserve.server.runtime.devices.place`): a device this machine does
+    #: not have fails the load, not the folder.
+    device: str | None = None
+    dtype: str | None = None
 
     def version_folder(self, version: int) -> Path:
         return _version_folders(self.folder)[version]
@@ -232,6 +251,16 @@ class ModelConfig:
             ) from exc
         self._declare(model)
         self._chat(model)
+        for key in ("device", "dtype"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            try:
+                setattr(model, key, value)
+            except AttributeError as exc:  # a property or __slots__ in the user's class
+                raise RepositoryError(
+                    f"{key}: {type(model).__name__} does not let it be set: {exc}"
+                ) from exc
         return model
 
     def _chat(self, model: Model) -> None:
@@ -398,6 +427,7 @@ def read_config(folder: Path, *, reserved: frozenset[str] = frozenset()) -> Mode
     if warmup is not None and inputs:
         _check_warmup_inputs(warmup, inputs)
     chat_template = _chat_template(raw["chat_template"]) if "chat_template" in raw else ()
+    device, dtype = _placement(raw)
     return ModelConfig(
         name=name,
         folder=folder,
@@ -408,7 +438,29 @@ def read_config(folder: Path, *, reserved: frozenset[str] = frozenset()) -> Mode
         inputs=inputs,
         outputs=outputs,
         chat_template=chat_template,
+        device=device,
+        dtype=dtype,
     )
+
+
+def _placement(raw: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``device`` and ``dtype``, checked for their form (not whether this machine has
+    the device: that is the load's to find, and a reload may find it)."""
+    device, dtype = raw.get("device"), raw.get("dtype")
+    if device is not None:
+        try:
+            check_device(device)
+        except DeviceError:
+            raise RepositoryError(
+                f"device: must be one of {DEVICE_FORMS}, not {device!r}"
+            ) from None
+    if dtype is not None:
+        try:
+            check_dtype(dtype)
+        except DeviceError:
+            names = ", ".join(DTYPE_NAMES)
+            raise RepositoryError(f"dtype: must be one of {names}, not {dtype!r}") from None
+    return device, dtype
 
 
 def _version_folders(folder: Path) -> dict[int, Path]:

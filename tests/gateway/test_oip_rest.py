@@ -190,6 +190,7 @@ def test_model_config_is_tritons_json(http: httpx.Client, state: State) -> None:
         "max_batch_size": 8,
         "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [4], "optional": False}],
         "output": [{"name": "OUT_INPUT0", "data_type": "TYPE_FP32", "dims": [4]}],
+        "instance_group": [],  # this upstream says none
         "dynamic_batching": {"preferred_batch_size": [4], "max_queue_delay_microseconds": 100},
         "backend": "python",
         "model_transaction_policy": {"decoupled": False},

@@ -372,3 +372,27 @@ class Counted(Model):
     def generate(self, text: str, params: GenerationParams) -> Iterator[Token]:
         type(self).calls += 1
         yield from (Token(byte, bytes((byte,))) for byte in b"ok")
+
+
+class PlacedDoubler(Doubler):
+    """A Doubler that asks for its own dtype and records what it was given at load."""
+
+    name = "placed"
+    dtype = "bfloat16"
+    seen: ClassVar[list[tuple[object, object]]] = []
+
+    def load(self) -> None:
+        type(self).seen.append((self.device, self.dtype))
+
+    def predict(
+        self, inputs: Mapping[str, torch.Tensor], parameters: Mapping[str, Any]
+    ) -> Mapping[str, torch.Tensor]:
+        assert all(t.device == self.device for t in inputs.values())
+        return {"y": (inputs["x"].to(self.dtype) * 2).float()}
+
+
+class OnCuda(Doubler):
+    """A Doubler whose class asks for the GPU."""
+
+    name = "oncuda"
+    device = "cuda"

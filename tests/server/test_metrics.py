@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from protoserve.inference.v1 import inference_service_pb2 as pb
@@ -128,8 +129,12 @@ def test_metrics_count_calls_tokens_cancellations_and_rejections(served) -> None
     assert completion == 8
     assert value(s, "protoserve_generated_tokens_total", model="scripted") == completion
     assert value(s, "protoserve_time_to_first_token_seconds_count", model="scripted") == 3
-    # The scripted model yields one token per chunk: a gap before every token but the first.
-    assert value(s, "protoserve_inter_token_latency_seconds_count", model="scripted") == 5
+    # A gap between successive chunks read: the scripted model yields one token per
+    # chunk, so at most one before every token but each generation's first (5); a reader
+    # that fell behind reads several tokens as one chunk (ADR 20), as a busy machine
+    # makes happen, and then there are fewer.
+    gaps = value(s, "protoserve_inter_token_latency_seconds_count", model="scripted")
+    assert 0 < gaps <= completion - 3
     assert value(s, "protoserve_queue_duration_seconds_count", model="scripted") == 3
     # The waiting stream was cancelled in the queue: it never started, so no queue time.
     assert value(s, "protoserve_queue_duration_seconds_count", model="slow") == 1
@@ -141,7 +146,16 @@ def test_metrics_count_calls_tokens_cancellations_and_rejections(served) -> None
 
     # Labels come from bounded sets only: never a request id or an unknown model's name.
     decodings = {d.value for d in Decoding}
-    allowed = {"method": METHODS, "code": CODES, "model": MODELS, "decoding": decodings}
+    # Where each model runs (protoserve_model_device): this machine's devices, 3 dtypes.
+    devices = {"cpu"} | {f"cuda:{i}" for i in range(torch.cuda.device_count())}
+    allowed = {
+        "method": METHODS,
+        "code": CODES,
+        "model": MODELS,
+        "decoding": decodings,
+        "device": devices,
+        "dtype": {"float32", "float16", "bfloat16"},
+    }
     seen = {(key, label) for _, series in s for key, label in series if key != "le"}
     assert {key for key, _ in seen} == set(allowed)
     assert {(key, label) for key, label in seen if label not in allowed[key]} == set()

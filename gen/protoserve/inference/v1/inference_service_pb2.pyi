@@ -98,7 +98,7 @@ DECODING_BATCHED_EXACT: Decoding
 DECODING_SEQUENTIAL: Decoding
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "tasks", "state", "description", "inputs", "outputs", "parameters", "state_message", "decoding")
+    __slots__ = ("name", "version", "tasks", "state", "description", "inputs", "outputs", "parameters", "state_message", "decoding", "device", "dtype")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,8 @@ class Model(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     STATE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DECODING_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     tasks: _containers.RepeatedScalarFieldContainer[Task]
@@ -119,7 +121,9 @@ class Model(_message.Message):
     parameters: _containers.RepeatedCompositeFieldContainer[ParameterSpec]
     state_message: str
     decoding: Decoding
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., state: _Optional[_Union[ModelState, str]] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ..., state_message: _Optional[str] = ..., decoding: _Optional[_Union[Decoding, str]] = ...) -> None: ...
+    device: str
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., state: _Optional[_Union[ModelState, str]] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ..., state_message: _Optional[str] = ..., decoding: _Optional[_Union[Decoding, str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "data_type", "shape", "description")
