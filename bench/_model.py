@@ -102,7 +102,8 @@ def predict(batch: int, seconds: float, model_file: str) -> dict[str, Any]:
 
 
 def plain_decode(batch: int, tokens: int, prompts: list[str], temperature: float = 0.8,
-                 first_seed: int = 1000, repeats: int = 3) -> dict[str, Any]:  # fmt: skip
+                 first_seed: int = 1000, repeats: int = 3, device: str = "cpu",
+                 dtype: str = "float32") -> dict[str, Any]:  # fmt: skip
     """The generation limit: ``batch`` sequences of bytelm (the server's weights) decoded
     by the model's own ``forward`` on a ``[batch, 1]`` input over one batched ``KVCache``,
     ``tokens`` tokens each, as tokens/s of the steps and of it all (with the prefill).
@@ -116,10 +117,11 @@ def plain_decode(batch: int, tokens: int, prompts: list[str], temperature: float
     (top-k 0, top-p 1); an end of text is fed back like any token, so every row steps
     ``tokens - 1`` times after its first token. The run of median decode time of
     ``repeats`` (after an untimed one); ``sample_seconds``: the part of its steps spent
-    sampling."""
+    sampling. ``device`` and ``dtype`` (a torch dtype's name) place the model, as the
+    server's ``--device`` and ``--dtype`` do (the GPU bench, bench/gpu.py)."""
     from protoserve.server.models import bytelm
 
-    model = bytelm.load_pretrained()
+    model = bytelm.load_pretrained().to(device=device, dtype=getattr(torch, dtype))
     config = model.config
     ids = [bytelm.encode(prompts[i % len(prompts)]) or [config.eot_id] for i in range(batch)]
     length = max(1, round(statistics.mean(len(row) for row in ids)))
@@ -135,16 +137,18 @@ def plain_decode(batch: int, tokens: int, prompts: list[str], temperature: float
         generators = [torch.Generator().manual_seed(first_seed + i) for i in range(batch)]
         with torch.inference_mode():
             started = time.perf_counter()
-            cache = bytelm.KVCache(config, batch, capacity=length + tokens)
-            logits, _ = model(torch.tensor(rows, dtype=torch.long), cache=cache)
-            next_ids = sample(logits, generators)
+            cache = bytelm.KVCache(config, batch, capacity=length + tokens, device=device,
+                                   dtype=getattr(torch, dtype))  # fmt: skip
+            logits, _ = model(torch.tensor(rows, dtype=torch.long, device=device), cache=cache)
+            next_ids = sample(logits.cpu(), generators)
             prefilled = time.perf_counter()
             sampling = 0.0
             for _ in range(tokens - 1):
-                logits, _ = model(torch.tensor(next_ids, dtype=torch.long).view(batch, 1),
-                                  cache=cache)  # fmt: skip
+                step = torch.tensor(next_ids, dtype=torch.long, device=device).view(batch, 1)
+                logits, _ = model(step, cache=cache)
                 before = time.perf_counter()
-                next_ids = sample(logits, generators)
+                # One copy of the step's logits to the host, as the server's decoder makes.
+                next_ids = sample(logits.float().cpu(), generators)
                 sampling += time.perf_counter() - before
         return prefilled - started, time.perf_counter() - prefilled, sampling
 
