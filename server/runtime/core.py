@@ -207,9 +207,17 @@ class Runtime:
             decodings = [d.value for d in Decoding]
             self.metrics.add_model(name, self._depth_of(name), self._decoding_of(name), decodings)
             self.metrics.add_placement(name, self._placement_of(name))
-        return ModelEntry(
+        entry = ModelEntry(
             name, model, scheduler, version=version, batching=batching, batch_invariant=invariant
         )
+        scheduler.on_device_failure = functools.partial(self._device_failed, entry)
+        return entry
+
+    def _device_failed(self, entry: ModelEntry, error: BaseException) -> None:
+        """A CUDA error in the model's work (scheduler.py): the device is not to be
+        trusted, and the version is FAILED (health NOT_SERVING) until loaded again."""
+        entry.state, entry.state_message = ModelState.FAILED, f"its device failed: {error}"
+        self._on_change()
 
     def _depth_of(self, name: str) -> Callable[[], int]:
         return lambda: sum(e.scheduler.depth for e in self._models.versions_of(name))

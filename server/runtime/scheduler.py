@@ -28,7 +28,9 @@ requests' fault, nor the end of the model: the requests of that batch (or decode
 end with :class:`OutOfMemory` (RESOURCE_EXHAUSTED, retry), and the model goes on with
 batches of half that size (dynamic batches) or half as many sequences decoded together;
 after ``OOM_RECOVERY`` good rounds at the smaller size it tries twice as many again, up
-to its own limit.
+to its own limit. Any other CUDA error leaves the device not to be trusted: the round's
+requests end UNAVAILABLE and the runtime turns the model FAILED (health NOT_SERVING)
+until it is loaded again; the server and its other models go on.
 
 A generation's reader that falls behind is not sent its chunks one by one: when
 it asks for the next, every chunk already delivered and not yet read comes as one
@@ -177,7 +179,7 @@ class _StepJob(Job[T]):
             scheduler = self._scheduler
             if self.request:  # out of memory: fewer requests at once (a load fails as is)
                 running = len(scheduler._active)
-                exc = scheduler._out_of_memory(exc, scheduler._oom_active, running, "requests")
+                exc = scheduler._failed(exc, scheduler._oom_active, running, "requests", self)
             out.append((self, _ERROR, exc))
             return False
         out.append((self, _ITEM, item))
@@ -302,6 +304,10 @@ class Scheduler:
         #: sequences decoded together, for now (None: the configured limit), and the good
         #: rounds since (OOM_RECOVERY of them double the limit back). Worker thread only.
         self._oom_batch: _Backoff = _Backoff(self.max_batch_size)
+        #: Called on the event loop, once, when the model's device failed for good (a
+        #: CUDA error): the runtime turns the model FAILED. Set by the runtime.
+        self.on_device_failure: Callable[[BaseException], None] | None = None
+        self._device_failed = False
         self._oom_active: _Backoff = _Backoff(self.max_active)
         self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
         self._thread.start()
@@ -571,7 +577,7 @@ class Scheduler:
                 raise RuntimeError(f"a batch of {len(live)} requests gave {len(results)} results")
         except Exception as exc:  # the model failed: every request of the batch ends with it
             size = sum(item.weight for item in live)
-            error = self._out_of_memory(exc, self._oom_batch, size, "batched items")
+            error = self._failed(exc, self._oom_batch, size, "batched items", live[0])
             out.extend((item, _ERROR, error) for item in live)
         else:
             self._oom_batch.went_well()
@@ -609,7 +615,7 @@ class Scheduler:
                 except Exception as exc:
                     # Out of memory: fewer sequences at once (this one's and theirs).
                     running = len(self._active)
-                    error = self._out_of_memory(exc, self._oom_active, running, "sequences")
+                    error = self._failed(exc, self._oom_active, running, "sequences", job)
                     self._finish([job])
                     self._deliver([(job, _ERROR, error)])
                     continue
@@ -640,7 +646,7 @@ class Scheduler:
                         f"a decode step of {len(stepping)} sequences gave {len(tokens)} tokens"
                     )
             except Exception as exc:  # the model failed: every sequence in the step ends
-                error = self._out_of_memory(exc, self._oom_active, len(stepping), "sequences")
+                error = self._failed(exc, self._oom_active, len(stepping), "sequences", job)
                 for job in stepping:
                     self._release(job)
                     out.append((job, _ERROR, error))
@@ -653,23 +659,34 @@ class Scheduler:
                         self._end(job, out)
         self._deliver(out)
 
-    def _out_of_memory(
-        self, error: Exception, backoff: _Backoff, size: int, unit: str
+    def _failed(
+        self, error: Exception, backoff: _Backoff, size: int, unit: str, job: Job[Any]
     ) -> Exception:
-        """What the requests of a failed round of ``size`` ``unit`` get: ``error`` itself,
-        or, when it is the device (or the CPU allocator) out of memory,
-        :class:`OutOfMemory`, with ``backoff`` halved and the device's cached blocks
-        given back."""
-        if not _is_out_of_memory(error):
-            return error
-        limit = backoff.halve(size)
-        _empty_device_cache()
-        message = (
-            f"model {self.name!r} ran out of memory with {size} {unit} at once; it now "
-            f"takes at most {limit} at once; retry"
-        )
-        log.warning("%s (%s)", message, error)
-        return OutOfMemory(message, retry_after=1.0)
+        """What the requests of a round of ``size`` ``unit`` that raised ``error`` get:
+        :class:`OutOfMemory` when the device (or the CPU allocator) ran out of memory, with
+        ``backoff`` halved and the device's cached blocks given back; :class:`Unavailable`
+        when the device failed for good (a CUDA error), the runtime told (on ``job``'s
+        loop) to turn the model FAILED; else ``error`` itself."""
+        if _is_out_of_memory(error):
+            limit = backoff.halve(size)
+            _empty_device_cache()
+            message = (
+                f"model {self.name!r} ran out of memory with {size} {unit} at once; it now "
+                f"takes at most {limit} at once; retry"
+            )
+            log.warning("%s (%s)", message, error)
+            return OutOfMemory(message, retry_after=1.0)
+        if _is_device_failure(error):
+            if not self._device_failed:
+                self._device_failed = True
+                log.error("model %r: its device failed: %s", self.name, error)
+                if self.on_device_failure is not None:
+                    job._loop.call_soon_threadsafe(self.on_device_failure, error)
+            return Unavailable(
+                f"model {self.name!r} cannot serve: its device failed ({error}); it serves "
+                "again once it is loaded again"
+            )
+        return error
 
     def _end(self, job: _Sequence, out: list[_Delivery]) -> None:
         """A sequence's last chunk is in ``out``: end its stream and free its place."""
@@ -715,6 +732,18 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and (
         "out of memory" in str(error) or "can't allocate memory" in str(error)
     )
+
+
+def _is_device_failure(error: BaseException) -> bool:
+    """A CUDA (or other accelerator) error, after which the device's context is not to be
+    trusted: torch's ``AcceleratorError`` (torch 2.8 and later), or a RuntimeError that
+    begins "CUDA error" (earlier ones). An out-of-memory error is not one."""
+    import torch
+
+    accelerator = getattr(torch, "AcceleratorError", None)
+    if accelerator is not None and isinstance(error, accelerator):
+        return True
+    return isinstance(error, RuntimeError) and str(error).startswith("CUDA error")
 
 
 def _empty_device_cache() -> None:
