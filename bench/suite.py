@@ -51,7 +51,7 @@ PERF_ANALYZER_LIBS_ENV = "PROTOSERVE_PERF_ANALYZER_LD_LIBRARY_PATH"
 SERVICE = "/protoserve.inference.v1.InferenceService/"
 GROUPS = {
     "suite": ("gateway", "streams", "limit", "batching", "paths", "echo", "peers", "workers",
-              "replicas", "memory"),
+              "replicas", "instances", "memory"),
     "runtime": ("embed", "generate", "overload"),
     "decoding": ("decoding",),
     "openai": ("openai",),
@@ -60,7 +60,8 @@ SCENARIOS = tuple(name for names in GROUPS.values() for name in names)
 #: The external load generators each scenario runs (ADR 0014).
 TOOLS = {"gateway": ("perf_analyzer", "wrk", "h2load"), "limit": ("perf_analyzer", "h2load"),
          "batching": ("h2load",), "peers": ("wrk", "h2load"), "embed": ("h2load",),
-         "echo": ("h2load",), "workers": ("h2load",), "replicas": ("wrk",)}  # fmt: skip
+         "echo": ("h2load",), "workers": ("h2load",), "replicas": ("wrk",),
+         "instances": ("h2load",)}  # fmt: skip
 #: protoserve as shipped: the default log level, INFO, writes one access line per call
 #: (the suite's other servers run at --log-level WARNING, as they always have).
 ACCESS_LOGS = ("--log-level", "INFO")
@@ -1019,6 +1020,57 @@ async def scenario_replicas(s: Suite) -> dict[str, Any]:
             target("Calls failed while one server drained (SIGTERM) under load", drain.failed,
                    "0", drain.failed == 0, f"{drain.ok} answered 200", issue=19),
         ],
+    )  # fmt: skip
+
+
+INSTANCES = (1, 2)
+
+
+async def scenario_instances(s: Suite) -> dict[str, Any]:
+    """``serve --instances 1`` against ``--instances 2`` (issue #20): the peers' ModelInfer."""
+    p = s.plan
+    conns, per = p.workers_connections, p.workers_streams
+    c = conns * per
+    description = (
+        "`protoserve serve --instances N` (N copies of each model in one process, each with "
+        f"a worker thread of its own) with N = {' and '.join(map(str, INSTANCES))}: OIP "
+        f"ModelInfer of one row on `{MLP}`, h2load on {conns} connections x {per} calls, "
+        f"{fig(p.seconds)} s per window, {p.rounds} round(s) alternating. One process, one "
+        "event loop: what a second copy buys a small model whose calls do not use every "
+        f"core, on this machine's {os.cpu_count()} cores (torch's intra-op threads per "
+        "copy as set; the load generator shares the cores). Reported, not targeted.")  # fmt: skip
+    grpc_body, _ = srv.write_load_bodies(s.tmp / "oip-bodies", MLP)
+    message = grpc_body.read_bytes()[5:]
+    procs = {n: await s.server(f"instances-{n}", "--instances", str(n)) for n in INSTANCES}
+    found: dict[int, list[lg.Point]] = {n: [] for n in INSTANCES}
+    with s.peak_rss(list(procs.values()), "instances"):
+        frames = {n: srv.grpc_reply_frame_size(proc.port, grpc_body) for n, proc in procs.items()}
+        for r in range(p.rounds):
+            for n in INSTANCES if r % 2 == 0 else INSTANCES[::-1]:
+                url, label = f"http://{procs[n].target}", f"--instances {n}"
+                point = lg.h2load_grpc(url, srv.GRPC_PATH, message, c, p.seconds, s.tmp, label,
+                                       connections=conns)  # fmt: skip
+                if problem := srv.check_reply_bytes(point.extra, frames[n]):
+                    s.failures.append(f"instances: h2load {label}: {problem}")
+                found[n].append(s.check(point, "instances"))
+    for proc in procs.values():
+        proc.stop()
+    rate = {n: ratio(sum(x.ok for x in pts), sum(x.seconds for x in pts))
+            for n, pts in found.items()}  # fmt: skip
+    value = ratio(rate[2], rate[1])
+    return section(
+        "instances", "Model instances: --instances 1 against 2", description,
+        {"connections": conns, "streams_per_connection": per, "window_s": p.seconds,
+         "rounds": p.rounds},
+        series=[series(f"--instances {n}", pts) for n, pts in found.items()],
+        tables=[table("Throughput (req/s over all rounds)",
+                      ["instances", "req/s", "p50 ms", "p99 ms", "/ --instances 1"],
+                      [[n, fig(rate[n]), fig(lg.percentile([x.p50_ms for x in found[n]], 50)),
+                        fig(max(x.p99_ms for x in found[n])), fig(ratio(rate[n], rate[1]))]
+                       for n in INSTANCES])],
+        targets=[target(f"ModelInfer throughput, --instances 2 / 1 ({c} calls in flight; "
+                        "reported, no target)", value, "reported", None,
+                        f"{fig(rate[2])} vs {fig(rate[1])} req/s", issue=20)],
     )  # fmt: skip
 
 

@@ -115,6 +115,7 @@ class InferenceServer:
             unload_grace=config.shutdown_grace,
             device=config.device,
             dtype=config.dtype,
+            instances=config.instances,
         )
         self.server = grpc.aio.server(
             options=[

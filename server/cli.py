@@ -46,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = from_arguments(args)
     if config.workers < 1:
         parser.error(f"--workers must be 1 or more, not {config.workers}")
+    if config.instances < 1:
+        parser.error(f"--instances must be 1 or more, not {config.instances}")
     if config.max_connection_age is not None and config.max_connection_age <= 0:
         parser.error(f"--max-connection-age must be above 0, not {config.max_connection_age:g}")
     if config.max_connection_age_grace is not None:

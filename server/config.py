@@ -90,6 +90,9 @@ class ServerConfig:
     #: Seconds the calls in flight on a connection that reached its age get to end
     #: before it closes; None: as long as they take.
     max_connection_age_grace: float | None = None
+    #: Copies of each model run at once, each with its own worker thread (a model's
+    #: own ``instances`` wins): for small models on a machine with cores to spare.
+    instances: int = 1
     #: Seconds that calls in flight get to finish after SIGTERM/SIGINT.
     shutdown_grace: float = 10.0
     #: Per model, most requests waiting to run; more get RESOURCE_EXHAUSTED.
@@ -201,6 +204,8 @@ _HELP = {
     "clients connect again and re-resolve the server's name (default: no limit)",
     "max_connection_age_grace": "seconds the calls on a connection past its age get to end "
     "before it closes (default: no limit)",
+    "instances": "copies of each model run at once, each in a worker thread of its own; "
+    "a request goes to the least busy (default %(default)s; model.toml's instances wins)",
     "shutdown_grace": "seconds calls in flight get to finish on SIGTERM/SIGINT "
     "(default %(default)s)",
     "max_queue": "per model, most requests waiting before RESOURCE_EXHAUSTED (default %(default)s)",
@@ -261,6 +266,7 @@ _METAVARS = {
     "auth_token_file": "FILE",
     "admin_token_file": "FILE",
     "workers": "N",
+    "instances": "N",
     "device": "DEVICE",
     # gRPC transport limits
     "request_read_timeout": "SECONDS",

@@ -121,6 +121,11 @@ class Metrics(Meter):
             "Requests refused with RESOURCE_EXHAUSTED because the model was at capacity.",
             _MODEL,
         )
+        self.instance_requests = counter(
+            "protoserve_instance_requests",
+            "Requests sent to each instance of a model that runs several (instances = N).",
+            ("model", "instance"),
+        )
         # Where models run, and torch's memory per CUDA device: read at each scrape.
         self.devices = _Devices(memory)
         self.registry.register(self.devices)
@@ -169,6 +174,9 @@ class Metrics(Meter):
 
     def rejected(self, model: str) -> None:
         self.rejections.labels(model).inc()
+
+    def instance_used(self, model: str, instance: int) -> None:
+        self.instance_requests.labels(model, str(instance)).inc()
 
     def generation(self, model: str, submitted: float) -> GenerationMeter:
         return _GenerationSeries(self, model, submitted)

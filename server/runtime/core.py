@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import functools
 import logging
 import time
@@ -58,7 +59,13 @@ from protoserve.server.runtime.model import (
     check_messages,
 )
 from protoserve.server.runtime.params import check_logprobs, validate_generation
-from protoserve.server.runtime.registry import IndexEntry, ModelEntry, ModelRegistry, ModelState
+from protoserve.server.runtime.registry import (
+    IndexEntry,
+    Instance,
+    ModelEntry,
+    ModelRegistry,
+    ModelState,
+)
 from protoserve.server.runtime.repository import Batching, Warmup
 from protoserve.server.runtime.scheduler import Scheduler
 from protoserve.server.runtime.tensors import RawTensor, check_declared, from_raw, to_raw
@@ -130,6 +137,9 @@ class Runtime:
             ``cuda`` or ``cuda:N``; ``float32``, ``float16`` or ``bfloat16``. Each
             model's is resolved before it loads; a device this machine lacks fails
             that model's load (:class:`~protoserve.server.runtime.devices.DeviceError`).
+        instances: copies of each model that says no number of its own
+            (``Model.instances``, ``instances`` in ``model.toml``), each loaded and run
+            by a worker thread of its own; a request goes to the least busy.
     """
 
     def __init__(
@@ -150,11 +160,16 @@ class Runtime:
         unload_grace: float = 30.0,
         device: str = "auto",
         dtype: str = "float32",
+        instances: int = 1,
     ) -> None:
         self.metrics = metrics if metrics is not None else Meter()
         #: The server's device and dtype for models that name none (module docstring of
         #: :mod:`~protoserve.server.runtime.devices`); checked for their form here.
         self.device, self.dtype = check_device(device), check_dtype(dtype)
+        #: Instances of each model that says none of its own (``Model.instances``).
+        if instances < 1:
+            raise ValueError(f"instances must be 1 or more, not {instances}")
+        self.instances = instances
         self.batching = batching
         self.batch_invariant = batch_invariant
         self.max_streams = max_streams
@@ -192,14 +207,26 @@ class Runtime:
         invariant = self.batch_invariant if own.batch_invariant is None else own.batch_invariant
         size = _first(own.max_batch_size, max_batch_size, model.max_batch_size)
         own_delay = None if own.max_batch_delay_ms is None else own.max_batch_delay_ms / 1000
-        scheduler = Scheduler(
-            name,
-            max_queue=max_queue,
-            max_active=max_active,
-            max_batch_size=size if batching else 1,
-            max_batch_delay=_first(own_delay, max_batch_delay, model.max_batch_delay),
-            metrics=self.metrics,
-        )
+
+        def scheduler_for(index: int) -> Scheduler:
+            return Scheduler(
+                name,
+                max_queue=max_queue,
+                max_active=max_active,
+                max_batch_size=size if batching else 1,
+                max_batch_delay=_first(own_delay, max_batch_delay, model.max_batch_delay),
+                metrics=self.metrics,
+                instance=index,
+            )
+
+        # Instances: copies of the model made before it loads, each loaded in a worker
+        # thread of its own (and on its own device of ``devices``, in turn).
+        count = model.instances or self.instances
+        devices = list(model.devices or ())
+        copies = [model, *(copy.deepcopy(model) for _ in range(count - 1))]
+        for index, copied in enumerate(copies if devices else ()):
+            copied.device = devices[index % len(devices)]
+        scheduler = scheduler_for(0)
         if name not in self._metered:
             # Once per name: a reload or another version adds no series, and the depth
             # read sums the versions served at the time (0 once unloaded).
@@ -208,10 +235,24 @@ class Runtime:
             self.metrics.add_model(name, self._depth_of(name), self._decoding_of(name), decodings)
             self.metrics.add_placement(name, self._placement_of(name))
         entry = ModelEntry(
-            name, model, scheduler, version=version, batching=batching, batch_invariant=invariant
+            name,
+            model,
+            scheduler,
+            version=version,
+            batching=batching,
+            batch_invariant=invariant,
+            others=[Instance(c, scheduler_for(i), i) for i, c in enumerate(copies) if i],
         )
-        scheduler.on_device_failure = functools.partial(self._device_failed, entry)
+        for instance_scheduler in entry.schedulers:
+            instance_scheduler.on_device_failure = functools.partial(self._device_failed, entry)
         return entry
+
+    def _pick(self, entry: ModelEntry) -> Instance:
+        """The instance of ``entry`` a request goes to, counted (``instance`` label)."""
+        instance = entry.pick()
+        if entry.others:
+            self.metrics.instance_used(entry.name, instance.index)
+        return instance
 
     def _device_failed(self, entry: ModelEntry, error: BaseException) -> None:
         """A CUDA error in the model's work (scheduler.py): the device is not to be
@@ -220,7 +261,7 @@ class Runtime:
         self._on_change()
 
     def _depth_of(self, name: str) -> Callable[[], int]:
-        return lambda: sum(e.scheduler.depth for e in self._models.versions_of(name))
+        return lambda: sum(s.depth for e in self._models.versions_of(name) for s in e.schedulers)
 
     def _decoding_of(self, name: str) -> Callable[[], str | None]:
         """How the latest version served under ``name`` decodes, read when scraped: a
@@ -284,12 +325,24 @@ class Runtime:
         self._on_change()
 
     async def _warm(self, entry: ModelEntry, warmup: Warmup | None) -> None:
-        """Load and warm up one version in its worker thread; raises what the model raised."""
-        scheduler, model = entry.scheduler, entry.model
+        """Load and warm up one version, each instance in its worker thread, all at once;
+        raises what a model raised."""
+        choices = await asyncio.gather(*(self._warm_one(entry, i, warmup) for i in entry.instances))
+        choice = choices[0]
+        entry.decoding = choice.decoding
+        if choice.message:
+            log.log(choice.level, "%s", choice.message)
+
+    async def _warm_one(
+        self, entry: ModelEntry, instance: Instance, warmup: Warmup | None
+    ) -> DecodingChoice:
+        scheduler, model = instance.scheduler, instance.model
 
         def load() -> DecodingChoice:
             # Resolved here, in the worker thread: asking torch about CUDA may take time.
-            entry.device, entry.dtype = place(model, self.device, self.dtype)
+            placed = place(model, self.device, self.dtype)
+            if instance.index == 0:  # what GetModel and /metrics report
+                entry.device, entry.dtype = placed
             model.load()
             model.warmup()
             if warmup is not None:
@@ -306,10 +359,7 @@ class Runtime:
                 scheduler.decoder = choice.decoder
             return choice
 
-        choice = await scheduler.run(load, request=False)
-        entry.decoding = choice.decoding
-        if choice.message:
-            log.log(choice.level, "%s", choice.message)
+        return await scheduler.run(load, request=False)
 
     @property
     def ready(self) -> bool:
@@ -395,13 +445,15 @@ class Runtime:
     def stop_generations(self) -> None:
         """End every generation in flight at its next step, with FinishReason.CANCELLED."""
         for entry in self._models.everything():
-            entry.scheduler.request_stop()
+            for scheduler in entry.schedulers:
+                scheduler.request_stop()
 
     def close(self) -> None:
         """Stop loads and unloads under way, and every model version's worker thread."""
         self._models.cancel()
         for entry in self._models.everything():
-            entry.scheduler.close()
+            for scheduler in entry.schedulers:
+                scheduler.close()
 
     # Models.
     def list_models(self) -> list[ModelEntry]:
@@ -466,7 +518,7 @@ class Runtime:
             NotFound: no such model.
         """
         entry = self.get_model(name)
-        held = entry.scheduler.max_queue + entry.scheduler.max_active
+        held = sum(s.max_queue + s.max_active for s in entry.schedulers)
         return min(held, self.max_streams) if stream else held
 
     @contextlib.contextmanager
@@ -603,7 +655,8 @@ class Runtime:
             text, params, prompt_tokens = self._generation_request(
                 entry, prompt, parameters, logprobs
             )
-            job = entry.scheduler.submit_generation(entry.model, text, params, prompt_tokens)
+            instance = self._pick(entry)
+            job = instance.scheduler.submit_generation(instance.model, text, params, prompt_tokens)
             meter: GenerationMeter | None = None
             finished = cancelled = False
             try:
@@ -662,8 +715,11 @@ class Runtime:
                 )
             tokens = sum(self._prompt_tokens(entry, t, f"inputs[{i}]") for i, t in enumerate(texts))
             payload = (list(texts), normalize)
-            run_batch = functools.partial(embed_batch, entry.model)
-            vectors = await entry.scheduler.run_batched("embed", (), payload, len(texts), run_batch)
+            instance = self._pick(entry)
+            run_batch = functools.partial(embed_batch, instance.model)
+            vectors = await instance.scheduler.run_batched(
+                "embed", (), payload, len(texts), run_batch
+            )
             return vectors, Usage(tokens, 0)
 
     async def predict(
@@ -679,9 +735,10 @@ class Runtime:
             tensors = from_raw(inputs)
             check_declared(entry.model.inputs, tensors)
             params = dict(parameters)
-            model_ = entry.model
+            instance = self._pick(entry)
+            model_, scheduler = instance.model, instance.scheduler
             key = None
-            if model_.predict_batches and entry.scheduler.max_batch_size > 1:
+            if model_.predict_batches and scheduler.max_batch_size > 1:
                 key = predict_batch_key(tensors, params)
             if key is None:
 
@@ -689,9 +746,9 @@ class Runtime:
                     outputs = predict_on_device(model_, tensors, params)
                     return [to_raw(name, value) for name, value in outputs.items()]
 
-                return await entry.scheduler.run(run)
+                return await scheduler.run(run)
             rows = next(iter(tensors.values())).shape[0]
-            return await entry.scheduler.run_batched(
+            return await scheduler.run_batched(
                 "predict",
                 key,
                 tensors,

@@ -55,6 +55,9 @@ class Meter:
         """One model call served ``size`` items: texts (``embed``), rows (``predict``), or
         sequences of one decode step (``generate``)."""
 
+    def instance_used(self, model: str, instance: int) -> None:
+        """A request went to instance ``instance`` of a model that has several."""
+
     def rejected(self, model: str) -> None:
         """A request of ``model`` was refused with RESOURCE_EXHAUSTED: no room."""
 

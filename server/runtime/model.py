@@ -371,6 +371,14 @@ class Model:
     #: before :meth:`load`. The API's tensors keep their declared dtypes: casting
     #: inputs to this dtype and outputs back is the model's (docs/devices.md).
     dtype: torch.dtype | str | None = None
+    #: Copies of the model the server runs at once, each loaded and run by a worker
+    #: thread of its own (a request goes to the least busy); None takes the server's
+    #: ``--instances`` (1 by default); ``model.toml``'s ``instances`` wins. The copies
+    #: are made before :meth:`load` (``copy.deepcopy``), so each loads its own weights.
+    instances: int | None = None
+    #: Devices the instances take in turn (``["cuda:0", "cuda:1"]``); None: each takes
+    #: :attr:`device`. ``model.toml``'s ``devices`` wins.
+    devices: Sequence[str] | None = None
 
     #: How :meth:`chat_prompt` turns a conversation into a prompt, and the stop
     #: sequences every chat generation gets. A model repository's ``[chat_template]``

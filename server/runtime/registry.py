@@ -58,6 +58,7 @@ __all__ = [
     "UNLOADED",
     "UNLOADING",
     "IndexEntry",
+    "Instance",
     "ModelEntry",
     "ModelRegistry",
     "ModelState",
@@ -84,8 +85,19 @@ class ModelState(enum.Enum):
 
 
 @dataclass(eq=False)
+class Instance:
+    """One copy of a version's model with its own worker thread (``instances = N``)."""
+
+    model: Model
+    scheduler: Scheduler
+    #: Its place among the version's instances, 0 first: the ``instance`` label.
+    index: int
+
+
+@dataclass(eq=False)
 class ModelEntry:
-    """A model version as the runtime holds it."""
+    """A model version as the runtime holds it: its first instance's model and
+    scheduler, and its other instances (:attr:`others`) when it has several."""
 
     name: str
     model: Model
@@ -107,11 +119,16 @@ class ModelEntry:
     #: (:func:`~protoserve.server.runtime.devices.place`); None before.
     device: torch.device | None = None
     dtype: torch.dtype | None = None
+    #: Its instances past the first (``instances = N``): copies of :attr:`model`, each
+    #: with a scheduler of its own; a request goes to the least busy (:meth:`pick`).
+    others: list[Instance] = field(default_factory=list)
     #: When it became READY, in Unix seconds (None before); OpenAI's model ``created``.
     ready_at: int | None = field(default=None, init=False)
     #: Requests using this version now; it is unloaded once none is left.
     in_flight: int = field(default=0, init=False)
     idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    #: Requests :meth:`pick` placed: it takes turns among equally busy instances.
+    _turn: int = field(default=0, init=False, repr=False, compare=False)
     #: What :meth:`described` built, by kind: (the key it was built for, the value).
     _described: dict[str, tuple[Any, Any]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -119,6 +136,26 @@ class ModelEntry:
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    @property
+    def instances(self) -> list[Instance]:
+        """Every instance, the first (:attr:`model`, :attr:`scheduler`) first."""
+        return [Instance(self.model, self.scheduler, 0), *self.others]
+
+    @property
+    def schedulers(self) -> list[Scheduler]:
+        return [self.scheduler, *(i.scheduler for i in self.others)]
+
+    def pick(self) -> Instance:
+        """The instance a new request goes to: the one with the fewest requests queued
+        and running, in turn among equals (a generation stays on it to its end)."""
+        if not self.others:
+            return Instance(self.model, self.scheduler, 0)
+        instances = self.instances
+        loads = [i.scheduler.depth + i.scheduler.active for i in instances]
+        least = [i for i, load in zip(instances, loads, strict=True) if load == min(loads)]
+        self._turn += 1
+        return least[self._turn % len(least)]
 
     def described(self, kind: str, build: Callable[[ModelEntry], T], extra: Any = None) -> T:
         """``build(self)``, built once and kept (a face's description of the version: its
@@ -551,7 +588,8 @@ class ModelRegistry:
                     self.unload_grace,
                 )
                 for entry in entries:
-                    entry.scheduler.request_stop()
+                    for scheduler in entry.schedulers:
+                        scheduler.request_stop()
                 await _all_idle(entries, 1.0)
             await asyncio.to_thread(_close_all, entries)
         finally:
@@ -584,4 +622,5 @@ async def _all_idle(entries: Sequence[ModelEntry], within: float) -> bool:
 def _close_all(entries: Sequence[ModelEntry]) -> None:
     """Stop the versions' worker threads (this joins them: call it from a worker thread)."""
     for entry in entries:
-        entry.scheduler.close()
+        for scheduler in entry.schedulers:
+            scheduler.close()

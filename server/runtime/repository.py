@@ -18,6 +18,8 @@
     versions = "latest"       # "latest" (the highest numbered folder), "all", or [1, 3]
     device = "cuda:1"         # optional: auto, cpu, cuda or cuda:N; the server's --device
     dtype = "bfloat16"        # optional: float32, float16 or bfloat16; the server's --dtype
+    instances = 2             # optional: copies run at once, a thread each; --instances
+    devices = ["cuda:0", "cuda:1"]   # optional: the devices the instances take in turn
 
     [batching]                # optional; overrides the server's flags for this model
     enabled = true
@@ -124,6 +126,8 @@ _TOP_KEYS = {
     "chat_template",
     "device",
     "dtype",
+    "instances",
+    "devices",
 }
 _BATCHING_KEYS = {
     "enabled",
@@ -224,6 +228,10 @@ class ModelConfig:
     #: not have fails the load, not the folder.
     device: str | None = None
     dtype: str | None = None
+    #: Copies of the model run at once, and the devices they take in turn (set on the
+    #: model built, over its class's :attr:`Model.instances` and :attr:`Model.devices`).
+    instances: int | None = None
+    devices: tuple[str, ...] | None = None
 
     def version_folder(self, version: int) -> Path:
         return _version_folders(self.folder)[version]
@@ -251,7 +259,7 @@ class ModelConfig:
             ) from exc
         self._declare(model)
         self._chat(model)
-        for key in ("device", "dtype"):
+        for key in ("device", "dtype", "instances", "devices"):
             value = getattr(self, key)
             if value is None:
                 continue
@@ -428,6 +436,7 @@ def read_config(folder: Path, *, reserved: frozenset[str] = frozenset()) -> Mode
         _check_warmup_inputs(warmup, inputs)
     chat_template = _chat_template(raw["chat_template"]) if "chat_template" in raw else ()
     device, dtype = _placement(raw)
+    instances, devices = _instances(raw)
     return ModelConfig(
         name=name,
         folder=folder,
@@ -440,6 +449,8 @@ def read_config(folder: Path, *, reserved: frozenset[str] = frozenset()) -> Mode
         chat_template=chat_template,
         device=device,
         dtype=dtype,
+        instances=instances,
+        devices=devices,
     )
 
 
@@ -461,6 +472,35 @@ def _placement(raw: Mapping[str, Any]) -> tuple[str | None, str | None]:
             names = ", ".join(DTYPE_NAMES)
             raise RepositoryError(f"dtype: must be one of {names}, not {dtype!r}") from None
     return device, dtype
+
+
+#: Instances of one model at most: each is a full copy of it with a thread of its own.
+MAX_INSTANCES = 64
+
+
+def _instances(raw: Mapping[str, Any]) -> tuple[int | None, tuple[str, ...] | None]:
+    """``instances`` (1 to MAX_INSTANCES) and ``devices`` (a list of device forms)."""
+    instances, devices = raw.get("instances"), raw.get("devices")
+    if instances is not None and (
+        isinstance(instances, bool)
+        or not isinstance(instances, int)
+        or not 1 <= instances <= MAX_INSTANCES
+    ):
+        raise RepositoryError(
+            f"instances: must be a whole number from 1 to {MAX_INSTANCES}, not {instances!r}"
+        )
+    if devices is None:
+        return instances, None
+    if not isinstance(devices, list) or not devices:
+        raise RepositoryError(f"devices: must be a list of devices, not {devices!r}")
+    for device in devices:
+        try:
+            check_device(device)
+        except DeviceError:
+            raise RepositoryError(
+                f"devices: each must be one of {DEVICE_FORMS}, not {device!r}"
+            ) from None
+    return instances, tuple(devices)
 
 
 def _version_folders(folder: Path) -> dict[int, Path]:

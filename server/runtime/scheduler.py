@@ -272,6 +272,7 @@ class Scheduler:
         max_batch_size: most items (texts, rows) in one dynamic batch.
         max_batch_delay: seconds a batch that is not full may wait for more.
         metrics: where queue times, batch sizes and refusals are counted; None: nowhere.
+        instance: which of the model's instances it runs (its thread's name says so).
     """
 
     def __init__(
@@ -284,6 +285,7 @@ class Scheduler:
         max_batch_size: int = 1,
         max_batch_delay: float = 0.0,
         metrics: Meter | None = None,
+        instance: int = 0,
     ) -> None:
         self.name = name
         self.max_queue = max_queue
@@ -309,7 +311,8 @@ class Scheduler:
         self.on_device_failure: Callable[[BaseException], None] | None = None
         self._device_failed = False
         self._oom_active: _Backoff = _Backoff(self.max_active)
-        self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
+        thread = f"model-{name}" if instance == 0 else f"model-{name}-{instance}"
+        self._thread = threading.Thread(target=self._run, name=thread, daemon=True)
         self._thread.start()
 
     @property

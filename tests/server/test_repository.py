@@ -311,6 +311,8 @@ BROKEN = {
     "no-versions": ('source = "bytelm"\n', (), "no version folder"),
     "missing-version": ('source = "bytelm"\nversions = [1, 2]\n', (1,), "no folder for version 2"),
     "no-config": (None, (1,), "model.toml is missing"),
+    "zero-instances": ('source = "bytelm"\ninstances = 0\n', (1,), "instances: must be"),
+    "bad-devices": ('source = "bytelm"\ndevices = ["gpu"]\n', (1,), "devices: each must be"),
     "needs-arguments": (
         f'source = "{REPO_MODELS}:NeedsArguments"\n',
         (1,),
