@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import torch
+
 from protoserve.common.dtypes import BY_OIP, OIP_BYTES, oip_datatype
 from protoserve.oip.v2 import grpc_service_pb2 as pb
 from protoserve.server.runtime.core import ModelEntry
@@ -216,18 +218,27 @@ def _dynamic_batching(entry: ModelEntry) -> pb.ModelDynamicBatching | None:
 
 
 def _instance_group(entry: ModelEntry) -> pb.ModelInstanceGroup | None:
-    """Where the version runs, as Triton says it: one copy, on the CPU or on one GPU;
-    None before it is placed."""
-    device = entry.device
-    if device is None:
+    """Where the version runs, as Triton says it: its copies (``instances``) on the CPU,
+    or ``count`` on each of the GPUs ``gpus``; None before it is placed."""
+    if entry.device is None:
         return None
-    group = pb.ModelInstanceGroup(name=entry.name, count=1)
-    if device.type == "cuda":
-        group.kind = pb.ModelInstanceGroup.KIND_GPU
-        group.gpus.append(int(entry.device_name.partition(":")[2]))
-    else:
-        group.kind = pb.ModelInstanceGroup.KIND_CPU
-    return group
+    # The first copy's placement is the entry's; the others' are their models' own.
+    devices = [entry.device]
+    for other in entry.others:
+        device = getattr(other.model, "device", None)
+        devices.append(device if isinstance(device, torch.device) else entry.device)
+    copies = len(devices)
+    gpus = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    if entry.device.type != "cuda" or not gpus:
+        return pb.ModelInstanceGroup(
+            name=entry.name, count=copies, kind=pb.ModelInstanceGroup.KIND_CPU
+        )
+    return pb.ModelInstanceGroup(
+        name=entry.name,
+        count=max(1, copies // len(gpus)),
+        kind=pb.ModelInstanceGroup.KIND_GPU,
+        gpus=gpus,
+    )
 
 
 def model_config(entry: ModelEntry) -> pb.ModelConfig:

@@ -113,3 +113,21 @@ def test_over_grpc_both_instances_serve_and_each_is_counted_in_metrics(tmp_path:
         assert all(v > 0 for v in counted.values())
     finally:
         stop_grpc_server(thread, server)
+
+
+def test_oip_model_config_counts_the_instances() -> None:
+    from protoserve.oip.v2 import grpc_service_pb2 as oip
+
+    thread, server = start_grpc_server(["tests.server.test_instances:Where"], instances=3)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelConfig",
+                request_serializer=oip.ModelConfigRequest.SerializeToString,
+                response_deserializer=oip.ModelConfigResponse.FromString,
+            )
+            config = call(oip.ModelConfigRequest(name="where"), timeout=10).config
+        (group,) = config.instance_group
+        assert (group.kind, group.count) == (oip.ModelInstanceGroup.KIND_CPU, 3)
+    finally:
+        stop_grpc_server(thread, server)
