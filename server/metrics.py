@@ -29,7 +29,12 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from protoserve.server.runtime.devices import MemoryReader, cuda_memory
+from protoserve.server.runtime.devices import (
+    MemoryReader,
+    UtilizationReader,
+    cuda_memory,
+    gpu_utilization,
+)
 from protoserve.server.runtime.meter import GenerationMeter, Meter
 
 __all__ = ["Metrics", "MetricsEndpoint"]
@@ -50,7 +55,11 @@ class Metrics(Meter):
             which reads none without CUDA).
     """
 
-    def __init__(self, memory: MemoryReader = cuda_memory) -> None:
+    def __init__(
+        self,
+        memory: MemoryReader = cuda_memory,
+        utilization: UtilizationReader = gpu_utilization,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         counter = functools.partial(Counter, registry=self.registry)
         gauge = functools.partial(Gauge, registry=self.registry)
@@ -127,7 +136,7 @@ class Metrics(Meter):
             ("model", "instance"),
         )
         # Where models run, and torch's memory per CUDA device: read at each scrape.
-        self.devices = _Devices(memory)
+        self.devices = _Devices(memory, utilization)
         self.registry.register(self.devices)
 
     def called(self, method: str, code: str, seconds: float) -> None:
@@ -214,16 +223,17 @@ class _Devices(Collector):
     device and dtype as labels) and torch's CUDA memory per device, read when scraped.
     The labels are bounded: the models, and this machine's devices."""
 
-    def __init__(self, memory: MemoryReader) -> None:
+    def __init__(self, memory: MemoryReader, utilization: UtilizationReader) -> None:
         #: Per model name, what reads ``(device, dtype)`` of its served version.
         self.placements: dict[str, Callable[[], tuple[str, str] | None]] = {}
         self._memory = memory
+        self._utilization = utilization
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield from self._families()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        info, allocated, reserved = self._families()
+        info, allocated, reserved, busy = self._families()
         for name, read in list(self.placements.items()):
             found = read()
             if found is not None:
@@ -236,9 +246,16 @@ class _Devices(Collector):
                 reserved.add_metric([device], float(held))
             yield allocated
             yield reserved
+        shares = self._utilization()
+        if shares:  # absent without nvidia-ml-py, CUDA, or an NVML that answers
+            for device, share in shares:
+                busy.add_metric([device], share)
+            yield busy
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[
+        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
+    ]:
         return (
             GaugeMetricFamily(
                 "protoserve_model_device",
@@ -257,6 +274,12 @@ class _Devices(Collector):
                 "protoserve_cuda_memory_reserved_bytes",
                 "Bytes of CUDA memory torch's caching allocator has reserved now (in "
                 "tensors or cached for reuse), per device; absent without CUDA.",
+                labels=("device",),
+            ),
+            GaugeMetricFamily(
+                "protoserve_gpu_utilization_ratio",
+                "Share of NVML's last sample period in which a kernel ran on the GPU (0 to "
+                "1), per device; absent without nvidia-ml-py (protoserve[gpu]) or CUDA.",
                 labels=("device",),
             ),
         )

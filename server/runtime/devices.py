@@ -21,22 +21,27 @@ when the device is a GPU.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+log = logging.getLogger("protoserve.server")
+
 __all__ = [
     "DEVICE_FORMS",
     "DTYPE_NAMES",
     "DeviceError",
     "MemoryReader",
+    "UtilizationReader",
     "check_device",
     "check_dtype",
     "cuda_memory",
     "device_name",
     "dtype_name",
+    "gpu_utilization",
     "place",
     "resolve_device",
     "resolve_dtype",
@@ -185,6 +190,41 @@ def to_host(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """``tensors`` on the CPU (a blocking copy each: the results are read at once); what
     is not a tensor is left for the caller to refuse."""
     return {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in tensors.items()}
+
+
+#: Reads each GPU's utilisation for /metrics (:func:`gpu_utilization`; a test gives another).
+UtilizationReader = Callable[[], list[tuple[str, float]]]
+
+
+def gpu_utilization() -> list[tuple[str, float]]:
+    """``(device, busy share 0..1)`` for every CUDA device, from NVIDIA's management
+    library through ``nvidia-ml-py`` (the optional extra ``protoserve[gpu]``): the share
+    of the last sample period in which a kernel ran. Empty without the package, without
+    CUDA, or when NVML will not answer (the reason is logged once)."""
+    if not torch.cuda.is_available():
+        return []
+    try:
+        import pynvml  # type: ignore[import-not-found]  # nvidia-ml-py
+    except ImportError:
+        return []
+    global _nvml_failed
+    if _nvml_failed:
+        return []
+    try:
+        pynvml.nvmlInit()
+        rows = []
+        for index in range(torch.cuda.device_count()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            rows.append((f"cuda:{index}", pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100))
+        return rows
+    except Exception as error:  # pynvml.NVMLError and its kin: NVML is not there to ask
+        _nvml_failed = True
+        log.warning("GPU utilisation: NVML does not answer (%s); not reported", error)
+        return []
+
+
+#: NVML failed once: not asked again (each scrape would log it).
+_nvml_failed = False
 
 
 def cuda_memory() -> list[tuple[str, int, int]]:

@@ -393,6 +393,19 @@ def test_cuda_memory_reads_nothing_without_cuda() -> None:
     assert devices.cuda_memory() == []
 
 
+def test_gpu_utilization_gauge_per_device() -> None:
+    metrics = Metrics(memory=list, utilization=lambda: [("cuda:0", 0.75)])
+    found = samples(generate_latest(metrics.registry).decode())
+    assert found[("protoserve_gpu_utilization_ratio", frozenset({("device", "cuda:0")}))] == 0.75
+    nothing = samples(generate_latest(Metrics(memory=list, utilization=list).registry).decode())
+    assert not any(name == "protoserve_gpu_utilization_ratio" for name, _ in nothing)
+
+
+@no_cuda
+def test_gpu_utilization_reads_nothing_without_cuda() -> None:
+    assert devices.gpu_utilization() == []
+
+
 # On a GPU.
 @pytest.mark.gpu
 @needs_cuda
