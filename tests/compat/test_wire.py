@@ -25,6 +25,7 @@ CONFIG_SUBSET = {
     ".inference.ModelOutput",
     ".inference.ModelDynamicBatching",
     ".inference.ModelTransactionPolicy",
+    ".inference.ModelInstanceGroup",
 }
 Messages = dict[str, descriptor_pb2.DescriptorProto]
 
