@@ -30,6 +30,8 @@ EMBED_TOKENS_PER_PASS = 1024
 class ByteLMModel(Model):
     """Text generation (token by token, KV cache) and embeddings (mean-pooled hidden states)."""
 
+    follows_device = True  # its weights, caches and tensors go to self.device
+
     name = "bytelm"
     version = "1"
     description = (

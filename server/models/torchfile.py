@@ -48,6 +48,8 @@ class TorchFileModel(Model):
     With float32 (the default) inputs and outputs pass as they are.
     """
 
+    follows_device = True  # its weights, caches and tensors go to self.device
+
     name = "torchfile"
     description = "A TorchScript or torch.export model served for Predict."
 

@@ -343,6 +343,8 @@ class Runtime:
             placed = place(model, self.device, self.dtype)
             if instance.index == 0:  # what GetModel and /metrics report
                 entry.device, entry.dtype = placed
+            if placed[0].type == "cuda":  # this thread's "cuda" is the model's GPU
+                torch.cuda.set_device(placed[0])
             model.load()
             model.warmup()
             if warmup is not None:

@@ -7,6 +7,9 @@ Each model gets a device (``cpu``, ``cuda:N``) and a dtype (``float32``, ``float
    which :class:`~protoserve.server.runtime.repository.ModelConfig` sets on the model;
 2. the model's class: :attr:`Model.device` and :attr:`Model.dtype`;
 3. the server: ``--device`` (``auto`` by default) and ``--dtype`` (``float32``).
+   ``auto`` places on the GPU only the models that say they follow ``self.device``
+   (:attr:`Model.follows_device`: the built-in bytelm and TorchScript/``torch.export``
+   files); a class that does not say so stays on the CPU unless a device is named.
 
 :func:`place` resolves them into a concrete :class:`torch.device` and
 :class:`torch.dtype`, set on the model instance before :meth:`Model.load`, which
@@ -143,6 +146,10 @@ def place(model: Any, default_device: str, default_dtype: str) -> tuple[torch.de
     """
     own_device = getattr(model, "device", None)
     own_dtype = getattr(model, "dtype", None)
+    if own_device is None and default_device == "auto" and not model.follows_device:
+        # A class that never said it places itself may ignore ``self.device``: ``auto``
+        # leaves it on the CPU, as before devices existed; ``--device cuda`` moves it.
+        own_device = "cpu"
     device = resolve_device(default_device if own_device is None else own_device)
     dtype = resolve_dtype(default_dtype if own_dtype is None else own_dtype)
     if device.type == "cuda" and dtype == torch.bfloat16:

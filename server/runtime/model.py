@@ -365,6 +365,11 @@ class Model:
     #: instance (``cpu``, ``cuda:0``): load the weights there, and put there the
     #: tensors the model makes. :meth:`predict` gets its inputs on it already.
     device: torch.device | str | None = None
+    #: The model loads on :attr:`device` and makes its tensors there: the server's
+    #: ``--device auto`` may then put it on a GPU. False (the default for a class of
+    #: yours): ``auto`` leaves it on the CPU; a device named (``--device cuda``, the
+    #: class's or model.toml's ``device``) still places it.
+    follows_device: ClassVar[bool] = False
     #: The floating-point dtype the model computes in: ``"float32"``, ``"float16"``
     #: or ``"bfloat16"``; None takes the server's ``--dtype`` (float32 by default);
     #: ``model.toml``'s ``dtype`` wins. Set on the instance as a :class:`torch.dtype`

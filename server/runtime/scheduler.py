@@ -28,9 +28,10 @@ requests' fault, nor the end of the model: the requests of that batch (or decode
 end with :class:`OutOfMemory` (RESOURCE_EXHAUSTED, retry), and the model goes on with
 batches of half that size (dynamic batches) or half as many sequences decoded together;
 after ``OOM_RECOVERY`` good rounds at the smaller size it tries twice as many again, up
-to its own limit. Any other CUDA error leaves the device not to be trusted: the round's
-requests end UNAVAILABLE and the runtime turns the model FAILED (health NOT_SERVING)
-until it is loaded again; the server and its other models go on.
+to its own limit. A prompt whose prefill runs out fails alone, with no back-off (it
+runs alone whatever the limit). Any other CUDA error leaves the device not to be
+trusted: the round's requests end UNAVAILABLE and the runtime turns the model FAILED
+(health NOT_SERVING) until it is loaded again; the server and its other models go on.
 
 A generation's reader that falls behind is not sent its chunks one by one: when
 it asks for the next, every chunk already delivered and not yet read comes as one
@@ -44,6 +45,7 @@ import asyncio
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, ClassVar, Generic, TypeVar
@@ -170,8 +172,6 @@ class _StepJob(Job[T]):
                     self._scheduler._observe_queue(self)
                 self._iterator = iter(self._factory())
             item = next(self._iterator)
-            if self.request:
-                self._scheduler._oom_active.went_well()
         except StopIteration:
             out.append((self, _DONE, None))
             return False
@@ -583,7 +583,7 @@ class Scheduler:
             error = self._failed(exc, self._oom_batch, size, "batched items", live[0])
             out.extend((item, _ERROR, error) for item in live)
         else:
-            self._oom_batch.went_well()
+            self._oom_batch.went_well(sum(item.weight for item in live))
             for item, result in zip(live, results, strict=True):
                 out.append((item, _ITEM, result))
                 out.append((item, _DONE, None))
@@ -591,6 +591,8 @@ class Scheduler:
         self._deliver(out)
 
     def _step(self, steps: list[_StepJob[Any]]) -> None:
+        requests = sum(1 for job in steps if job.request and not job.cancelled)
+        failed_before = self._oom_active.halvings
         for job in steps:
             if job.cancelled:
                 continue
@@ -599,6 +601,8 @@ class Scheduler:
             if not more:
                 self._finish([job])
             self._deliver(out)
+        if requests and self._oom_active.halvings == failed_before:
+            self._oom_active.went_well(requests)
 
     def _prefill(self, prefills: list[_Sequence]) -> None:
         if not prefills:
@@ -616,9 +620,9 @@ class Scheduler:
                 try:
                     job.state, token = decoder.prefill(job.text, job.params)
                 except Exception as exc:
-                    # Out of memory: fewer sequences at once (this one's and theirs).
-                    running = len(self._active)
-                    error = self._failed(exc, self._oom_active, running, "sequences", job)
+                    # A prefill runs alone: out of memory, fewer sequences at once would
+                    # not help it (its prompt's length decides): no back-off.
+                    error = self._failed(exc, None, 1, "prompt", job)
                     self._finish([job])
                     self._deliver([(job, _ERROR, error)])
                     continue
@@ -655,7 +659,7 @@ class Scheduler:
                     out.append((job, _ERROR, error))
                 self._finish(list(stepping))
             else:
-                self._oom_active.went_well()
+                self._oom_active.went_well(len(stepping))
                 for job, token in zip(stepping, tokens, strict=True):
                     out.append((job, _ITEM, job.assembly.push(token)))
                     if job.assembly.done:
@@ -663,7 +667,7 @@ class Scheduler:
         self._deliver(out)
 
     def _failed(
-        self, error: Exception, backoff: _Backoff, size: int, unit: str, job: Job[Any]
+        self, error: Exception, backoff: _Backoff | None, size: int, unit: str, job: Job[Any]
     ) -> Exception:
         """What the requests of a round of ``size`` ``unit`` that raised ``error`` get:
         :class:`OutOfMemory` when the device (or the CPU allocator) ran out of memory, with
@@ -671,12 +675,19 @@ class Scheduler:
         when the device failed for good (a CUDA error), the runtime told (on ``job``'s
         loop) to turn the model FAILED; else ``error`` itself."""
         if _is_out_of_memory(error):
-            limit = backoff.halve(size)
+            # The failed round's tensors live on in the traceback's frames: let them go
+            # before the cached blocks are given back.
+            if error.__traceback__ is not None:
+                traceback.clear_frames(error.__traceback__)
             _empty_device_cache()
-            message = (
-                f"model {self.name!r} ran out of memory with {size} {unit} at once; it now "
-                f"takes at most {limit} at once; retry"
-            )
+            if backoff is None:
+                message = f"model {self.name!r} ran out of memory for one {unit}; retry"
+            else:
+                limit = backoff.halve(size)
+                message = (
+                    f"model {self.name!r} ran out of memory with {size} {unit} at once; it "
+                    f"now takes at most {limit} at once; retry"
+                )
             log.warning("%s (%s)", message, error)
             return OutOfMemory(message, retry_after=1.0)
         if _is_device_failure(error):
@@ -706,16 +717,19 @@ class _Backoff:
     def __init__(self, ceiling: int) -> None:
         self.ceiling = ceiling
         self.limit = ceiling
+        self.halvings = 0
         self._good = 0
 
     def halve(self, size: int) -> int:
         """The new limit after ``size`` things at once did not fit: half of that."""
         self.limit = max(1, min(self.limit, size // 2))
+        self.halvings += 1
         self._good = 0
         return self.limit
 
-    def went_well(self) -> None:
-        if self.limit >= self.ceiling:
+    def went_well(self, size: int) -> None:
+        """A round of ``size`` went well: it counts when it ran at the limit."""
+        if self.limit >= self.ceiling or size < self.limit:
             return
         self._good += 1
         if self._good >= OOM_RECOVERY:
@@ -732,9 +746,9 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
     if isinstance(error, torch.OutOfMemoryError):
         return True
-    return isinstance(error, RuntimeError) and (
-        "out of memory" in str(error) or "can't allocate memory" in str(error)
-    )
+    # cuBLAS's and cuDNN's allocation failures say so in their own words.
+    words = ("out of memory", "can't allocate memory", "ALLOC_FAILED", "NOT_ENOUGH_WORKSPACE")
+    return isinstance(error, RuntimeError) and any(w in str(error) for w in words)
 
 
 def _is_device_failure(error: BaseException) -> bool:

@@ -108,6 +108,19 @@ def test_cuda_devices_are_resolved_by_index(monkeypatch: pytest.MonkeyPatch) -> 
         resolve_device("cuda:3")
 
 
+def test_auto_moves_only_models_that_follow_their_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A class of yours may ignore ``self.device``: ``auto`` leaves it on the CPU (its
+    inputs would otherwise reach a GPU its weights are not on); a device named moves it."""
+    from protoserve.server.models.builtin import ByteLMModel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert place(Doubler(), "auto", "float32")[0] == torch.device("cpu")
+    assert place(ByteLMModel(), "auto", "float32")[0] == torch.device("cuda", 0)
+    assert place(Doubler(), "cuda", "float32")[0] == torch.device("cuda", 0)
+
+
 def test_the_model_s_own_setting_wins_over_the_server_s() -> None:
     model = PlacedDoubler()  # its class says bfloat16
     assert place(model, "auto", "float32") == (torch.device("cpu"), torch.bfloat16)
