@@ -3,7 +3,8 @@
 # wheels of scripts/device-wheels.sh carried in .whl/. Installs protoserve over the
 # machine's own torch (--no-deps), runs the GPU tests (marker `gpu`) and the GPU bench
 # (bench/gpu.py), and writes what it found under $OUT (or ./device-out here):
-#   device-check.log, gpu-tests.txt, <date>-gpu.md and .json.
+#   device-check.log, gpu-tests.txt, <date>-gpu.md and .json (copy the last two into
+#   bench/results/ from what the device tool returns).
 # One call of the device tool, well inside its 10 minutes:
 #   run(command="bash scripts/device-check.sh", carry=[".whl"], timeout_s=540)
 # Anywhere without CUDA it runs the same steps on the CPU, to check the script itself:
@@ -22,11 +23,13 @@ site=/tmp/protoserve-site
 rm -rf "$site"
 wheels=${PROTOSERVE_WHEELS:-.whl}  # "none": use the packages this Python has (a dry run)
 if [ "$wheels" != none ]; then
+  # protoserve's own wheel among them (scripts/device-wheels.sh builds it): no build here.
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target "$site" "$wheels"/*.whl || exit 2
+else
+  "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
+    --target "$site" . || exit 2
 fi
-"$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
-  --target "$site" . || exit 2
 export PYTHONPATH="$site"
 "$python" - <<'PY' || exit 2
 import grpc, google.protobuf, torch
@@ -44,6 +47,9 @@ echo "== GPU bench (bench/gpu.py)"
 quick=()
 "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || quick=(--quick)
 (cd bench && "$python" gpu.py --out "$out" "${quick[@]}") || status=1
-cp "$out"/*-gpu.md "$out"/*-gpu.json bench/results/ 2>/dev/null || true
 echo "== done: status $status"
+# Only $OUT comes back from the lent machine: commit bench/results/<date>-gpu.md from
+# the files the tool returns. Let tee write the last lines before the script ends.
+exec >&- 2>&-
+wait
 exit $status
