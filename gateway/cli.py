@@ -61,6 +61,13 @@ def _switch(flag: str) -> bool:
     return _flag(flag, "") in ("1", "true", "yes")
 
 
+def _undecided(flag: str) -> bool | None:
+    """A switch whose default something else decides: its variable (on: 1, true, yes or
+    on; anything else off), or None where it is unset."""
+    value = _flag(flag, "").strip().lower()
+    return None if not value else value in ("1", "true", "yes", "on")
+
+
 def _maybe(flag: str) -> str | None:
     """An optional value's default: its variable, or None."""
     return _flag(flag, "") or None
@@ -100,11 +107,10 @@ def _upstream_flags(parser: argparse.ArgumentParser) -> None:
         f"before any header, as a draining server does; 0 to {MAX_RETRIES} "
         "(default %(default)s)",
     )
-    health_check = _flag("--upstream-health-check", "").strip().lower()
     parser.add_argument(
         "--upstream-health-check",
         action=argparse.BooleanOptionalAction,
-        default=None if not health_check else health_check in ("1", "true", "yes", "on"),
+        default=_undecided("--upstream-health-check"),
         help='send calls only to upstream servers whose health "" is SERVING (gRPC '
         "client-side health checking; default: when --upstream may name several servers: "
         "dns:, or an address list)",
@@ -239,11 +245,10 @@ def _exposure_flags(parser: argparse.ArgumentParser) -> None:
         help="serve the OpenAPI document at /openapi.json and the docs page at /docs "
         "(default: on; --no-docs: both answer 404)",
     )
-    playground = _flag("--playground", "").strip().lower()
     parser.add_argument(
         "--playground",
         action=argparse.BooleanOptionalAction,
-        default=None if not playground else playground in ("1", "true", "yes", "on"),
+        default=_undecided("--playground"),
         help="serve the text-generation playground page at / (default: when "
         "protoserve.inference.v1.InferenceService is served; --no-playground: / answers 404)",
     )

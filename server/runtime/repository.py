@@ -261,14 +261,8 @@ class ModelConfig:
         self._chat(model)
         for key in ("device", "dtype", "instances", "devices"):
             value = getattr(self, key)
-            if value is None:
-                continue
-            try:
-                setattr(model, key, value)
-            except AttributeError as exc:  # a property or __slots__ in the user's class
-                raise RepositoryError(
-                    f"{key}: {type(model).__name__} does not let it be set: {exc}"
-                ) from exc
+            if value is not None:
+                _set(model, key, value)
         return model
 
     def _chat(self, model: Model) -> None:
@@ -305,12 +299,7 @@ class ModelConfig:
                 "tensors are declared only for models that do"
             )
         for key, value in overrides.items():
-            try:
-                setattr(model, key, value)
-            except AttributeError as exc:  # a property or __slots__ in the user's class
-                raise RepositoryError(
-                    f"{key}: {type(model).__name__} does not let it be set: {exc}"
-                ) from exc
+            _set(model, key, value)
         if model.predict_batches:
             problem = _rows_problem(model.inputs, model.outputs, require=True)
             if problem is not None:
@@ -472,6 +461,16 @@ def _placement(raw: Mapping[str, Any]) -> tuple[str | None, str | None]:
             names = ", ".join(DTYPE_NAMES)
             raise RepositoryError(f"dtype: must be one of {names}, not {dtype!r}") from None
     return device, dtype
+
+
+def _set(model: Model, key: str, value: Any) -> None:
+    """``model.key = value`` for a key of ``model.toml``, or why it cannot be set."""
+    try:
+        setattr(model, key, value)
+    except AttributeError as exc:  # a property or __slots__ in the user's class
+        raise RepositoryError(
+            f"{key}: {type(model).__name__} does not let it be set: {exc}"
+        ) from exc
 
 
 #: Instances of one model at most: each is a full copy of it with a thread of its own.
