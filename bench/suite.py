@@ -866,6 +866,50 @@ def serve_help(s: Suite) -> str:
     return got.stdout + got.stderr
 
 
+async def one_against_two(
+    s: Suite, flag: str, more: Sequence[str], *, warm_up: bool
+) -> tuple[dict[int, list[lg.Point]], dict[int, float]]:
+    """``protoserve serve --FLAG 1`` against ``--FLAG 2`` (and ``more`` flags): the peers'
+    OIP ModelInfer through h2load, ``workers_connections`` x ``workers_streams`` calls,
+    rounds alternating which goes first, every reply checked by its bytes; ``warm_up``:
+    each connection's first calls, not counted, before the first round. The points of
+    each, and its req/s over all rounds."""
+    p = s.plan
+    conns, c = p.workers_connections, p.workers_connections * p.workers_streams
+    grpc_body, _ = srv.write_load_bodies(s.tmp / "oip-bodies", MLP)
+    message = grpc_body.read_bytes()[5:]
+    procs = {n: await s.server(f"{flag}-{n}", f"--{flag}", str(n), *more) for n in (1, 2)}
+    found: dict[int, list[lg.Point]] = {n: [] for n in (1, 2)}
+    with s.peak_rss(list(procs.values()), flag):
+        frames = {n: srv.grpc_reply_frame_size(proc.port, grpc_body) for n, proc in procs.items()}
+        for r in range(p.rounds):
+            for n in (1, 2) if r % 2 == 0 else (2, 1):
+                url, label = f"http://{procs[n].target}", f"--{flag} {n}"
+                if warm_up and r == 0:
+                    lg.h2load_grpc(url, srv.GRPC_PATH, message, c, None, s.tmp, "warm-up",
+                                   requests=10 * c, connections=conns)  # fmt: skip
+                point = lg.h2load_grpc(url, srv.GRPC_PATH, message, c, p.seconds, s.tmp, label,
+                                       connections=conns)  # fmt: skip
+                if problem := srv.check_reply_bytes(point.extra, frames[n]):
+                    s.failures.append(f"{flag}: h2load {label}: {problem}")
+                found[n].append(s.check(point, flag))
+    for proc in procs.values():
+        proc.stop()
+    rate = {n: ratio(sum(x.ok for x in pts), sum(x.seconds for x in pts))
+            for n, pts in found.items()}  # fmt: skip
+    return found, rate
+
+
+def one_against_two_table(flag: str, found: dict[int, list[lg.Point]],
+                          rate: dict[int, float]) -> dict[str, Any]:  # fmt: skip
+    """:func:`one_against_two`'s figures as the report's table."""
+    return table("Throughput (req/s over all rounds)",
+                 [flag, "req/s", "p50 ms", "p99 ms", f"/ --{flag} 1"],
+                 [[n, fig(rate[n]), fig(lg.percentile([x.p50_ms for x in found[n]], 50)),
+                   fig(max(x.p99_ms for x in found[n])), fig(ratio(rate[n], rate[1]))]
+                  for n in found])  # fmt: skip
+
+
 async def scenario_workers(s: Suite) -> dict[str, Any]:
     """``protoserve serve --workers 1`` against ``--workers 2``: the peers' ModelInfer."""
     p = s.plan
@@ -884,39 +928,14 @@ async def scenario_workers(s: Suite) -> dict[str, Any]:
         print(f"suite: workers: skipped: {why}", file=sys.stderr, flush=True)
         return section("workers", "Server processes: --workers 1 against 2", description,
                        notes=[f"SKIPPED: {why}."])  # fmt: skip
-    grpc_body, _ = srv.write_load_bodies(s.tmp / "oip-bodies", MLP)
-    message = grpc_body.read_bytes()[5:]
-    procs = {n: await s.server(f"workers-{n}", "--workers", str(n), *ACCESS_LOGS)
-             for n in WORKERS}  # fmt: skip
-    found: dict[int, list[lg.Point]] = {n: [] for n in WORKERS}
-    with s.peak_rss(list(procs.values()), "workers"):
-        frames = {n: srv.grpc_reply_frame_size(proc.port, grpc_body) for n, proc in procs.items()}
-        for r in range(p.rounds):
-            for n in WORKERS if r % 2 == 0 else WORKERS[::-1]:
-                url, label = f"http://{procs[n].target}", f"--workers {n}"
-                if r == 0:  # warm-up, not counted: every connection's first calls
-                    lg.h2load_grpc(url, srv.GRPC_PATH, message, c, None, s.tmp, "warm-up",
-                                   requests=10 * c, connections=conns)  # fmt: skip
-                point = lg.h2load_grpc(url, srv.GRPC_PATH, message, c, p.seconds, s.tmp, label,
-                                       connections=conns)  # fmt: skip
-                if problem := srv.check_reply_bytes(point.extra, frames[n]):
-                    s.failures.append(f"workers: h2load {label}: {problem}")
-                found[n].append(s.check(point, "workers"))
-    for proc in procs.values():
-        proc.stop()
-    rate = {n: ratio(sum(x.ok for x in pts), sum(x.seconds for x in pts))
-            for n, pts in found.items()}  # fmt: skip
+    found, rate = await one_against_two(s, "workers", ACCESS_LOGS, warm_up=True)
     value = ratio(rate[2], rate[1])
     return section(
         "workers", "Server processes: --workers 1 against 2", description,
         {"connections": conns, "streams_per_connection": per, "window_s": p.seconds,
          "rounds": p.rounds},
         series=[series(f"--workers {n}", pts) for n, pts in found.items()],
-        tables=[table("Throughput (req/s over all rounds)", ["workers", "req/s", "p50 ms",
-                                                             "p99 ms", "/ --workers 1"],
-                      [[n, fig(rate[n]), fig(lg.percentile([x.p50_ms for x in found[n]], 50)),
-                        fig(max(x.p99_ms for x in found[n])), fig(ratio(rate[n], rate[1]))]
-                       for n in WORKERS])],
+        tables=[one_against_two_table("workers", found, rate)],
         targets=[target(f"ModelInfer throughput, --workers 2 / --workers 1 ({conns} "
                         f"connections x {per} calls; reported, no target)", value, "reported",
                         None, f"{fig(rate[2])} vs {fig(rate[1])} req/s", issue=18)],
@@ -1039,35 +1058,14 @@ async def scenario_instances(s: Suite) -> dict[str, Any]:
         "event loop: what a second copy buys a small model whose calls do not use every "
         f"core, on this machine's {os.cpu_count()} cores (torch's intra-op threads per "
         "copy as set; the load generator shares the cores). Reported, not targeted.")  # fmt: skip
-    grpc_body, _ = srv.write_load_bodies(s.tmp / "oip-bodies", MLP)
-    message = grpc_body.read_bytes()[5:]
-    procs = {n: await s.server(f"instances-{n}", "--instances", str(n)) for n in INSTANCES}
-    found: dict[int, list[lg.Point]] = {n: [] for n in INSTANCES}
-    with s.peak_rss(list(procs.values()), "instances"):
-        frames = {n: srv.grpc_reply_frame_size(proc.port, grpc_body) for n, proc in procs.items()}
-        for r in range(p.rounds):
-            for n in INSTANCES if r % 2 == 0 else INSTANCES[::-1]:
-                url, label = f"http://{procs[n].target}", f"--instances {n}"
-                point = lg.h2load_grpc(url, srv.GRPC_PATH, message, c, p.seconds, s.tmp, label,
-                                       connections=conns)  # fmt: skip
-                if problem := srv.check_reply_bytes(point.extra, frames[n]):
-                    s.failures.append(f"instances: h2load {label}: {problem}")
-                found[n].append(s.check(point, "instances"))
-    for proc in procs.values():
-        proc.stop()
-    rate = {n: ratio(sum(x.ok for x in pts), sum(x.seconds for x in pts))
-            for n, pts in found.items()}  # fmt: skip
+    found, rate = await one_against_two(s, "instances", (), warm_up=False)
     value = ratio(rate[2], rate[1])
     return section(
         "instances", "Model instances: --instances 1 against 2", description,
         {"connections": conns, "streams_per_connection": per, "window_s": p.seconds,
          "rounds": p.rounds},
         series=[series(f"--instances {n}", pts) for n, pts in found.items()],
-        tables=[table("Throughput (req/s over all rounds)",
-                      ["instances", "req/s", "p50 ms", "p99 ms", "/ --instances 1"],
-                      [[n, fig(rate[n]), fig(lg.percentile([x.p50_ms for x in found[n]], 50)),
-                        fig(max(x.p99_ms for x in found[n])), fig(ratio(rate[n], rate[1]))]
-                       for n in INSTANCES])],
+        tables=[one_against_two_table("instances", found, rate)],
         targets=[target(f"ModelInfer throughput, --instances 2 / 1 ({c} calls in flight; "
                         "reported, no target)", value, "reported", None,
                         f"{fig(rate[2])} vs {fig(rate[1])} req/s", issue=20)],
